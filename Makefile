@@ -1,0 +1,42 @@
+# Two commands do everything, set-up included:  make demo  |  make test
+# Set-up is idempotent: .venv, torch (the machine's own if it has one, else torch==2.13.0),
+# and msconv in editable mode with its dev extras, built without build isolation (isolation
+# would pull a multi-GB CUDA torch). Sources changing triggers a rebuild of msconv._C.
+PYTHON ?= python3
+VENV   ?= .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.msconv-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-all bench clean
+
+setup: $(STAMP)
+
+$(VPY):
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  echo "using the machine's torch: $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  $(PYTHON) -m venv $(VENV) && $(VPY) -m pip install -q torch==2.13.0; \
+	fi
+
+$(STAMP): $(VPY) $(SOURCES)
+	$(VPY) -m pip install -q setuptools wheel pybind11 ninja numpy
+	$(VPY) -m pip install -q --no-build-isolation -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m msconv bench transfer --quick
+
+test: $(STAMP)
+	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VPY) -m msconv bench all
+
+clean:
+	rm -rf build dist *.egg-info msconv/_C*.so wheelhouse

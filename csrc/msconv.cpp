@@ -1,0 +1,29 @@
+// Op schemas of the compiled library. Kernels are registered per device in
+// resample2d_cpu.cpp and cuda/resample2d_cuda.cpp; autograd, fake kernels and the
+// public API live in Python (msconv/ops), as in pytorch/extension-cpp.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing msconv._C runs the static registrations below; the module itself is empty
+// apart from the flags Python reads to report what was compiled in.
+static PyModuleDef msconv_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&msconv_module);
+  if (m == nullptr) return nullptr;
+#ifdef MSCONV_WITH_CUDA
+  PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+#endif
+  return m;
+}
+}
+
+TORCH_LIBRARY(msconv, m) {
+  // Successive separable resamplings: level l+1 = A_y[l] · level l · A_x[l]^T, where the
+  // 1-D operators are given as padded sparse rows (tap index, tap weight). Returns every
+  // level after the input. Restriction, prolongation and their adjoints are all instances.
+  //   x: (N, C, H, W); iy[l], wy[l]: (H_{l+1}, Ky) int32 / float32; ix[l], wx[l]: (W_{l+1}, Kx)
+  m.def("resample2d_chain(Tensor x, Tensor[] iy, Tensor[] wy, Tensor[] ix, Tensor[] wx) -> Tensor[]");
+}

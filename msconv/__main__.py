@@ -1,0 +1,3 @@
+from msconv.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""Op schemas, backend choice, autograd and fake registrations, and the functional API."""
+from msconv.ops._backend import BACKENDS, resolve as resolve_backend
+from msconv.ops.transfer import prolong, pyramid, restrict
+
+__all__ = ["BACKENDS", "resolve_backend", "restrict", "prolong", "pyramid"]
