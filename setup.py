@@ -1,7 +1,8 @@
 """Build msconv._C: C++ CPU kernels always, CUDA kernels when torch has CUDA and nvcc exists.
 
 MSCONV_NO_EXT=1 installs the pure-Python package (reference and Triton backends only).
-MSCONV_FORCE_CUDA=1 builds the CUDA kernels even without a visible GPU (needs a CUDA torch).
+MSCONV_FORCE_CUDA=0 skips the CUDA kernels even where a CUDA torch and nvcc are present.
+The C++ standard is the one torch's BuildExtension picks for its own headers.
 """
 import glob
 import os
@@ -18,7 +19,7 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] if os.name != "nt" else ["/O2", "/openmp"]
+    cxx_flags = ["-O3", "-fopenmp"] if os.name != "nt" else ["/O2", "/openmp"]
     want_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     if os.environ.get("MSCONV_FORCE_CUDA") == "0":
         want_cuda = False

@@ -27,6 +27,19 @@ Taps1d taps_of(const at::Tensor& idx, const at::Tensor& w) {
   return {idx.data_ptr<int32_t>(), w.data_ptr<float>(), idx.size(0), idx.size(1)};
 }
 
+// Horizontal pass: out_row[J] = sum_b wx[J,b] * buf[ix[J,b]]; K = 0 means "read tx.k".
+template <int K, typename scalar_t, typename acc_t>
+inline void gather_row(const acc_t* buf, scalar_t* out_row, const Taps1d& tx) {
+  const int64_t k = K > 0 ? K : tx.k;
+  const int32_t* idx = tx.idx;
+  const float* w = tx.w;
+  for (int64_t J = 0; J < tx.n; ++J, idx += k, w += k) {
+    acc_t s = acc_t(0);
+    for (int64_t b = 0; b < k; ++b) s += static_cast<acc_t>(w[b]) * buf[idx[b]];
+    out_row[J] = static_cast<scalar_t>(s);
+  }
+}
+
 // One output row of an NCHW plane. `in` points at the plane, rows `in_sh` apart, unit
 // stride along W. `buf` holds W accumulators.
 template <typename scalar_t, typename acc_t>
@@ -39,12 +52,12 @@ inline void plane_row(const scalar_t* in, int64_t in_sh, int64_t W, scalar_t* ou
     const scalar_t* r = in + static_cast<int64_t>(ty.idx[I * ty.k + a]) * in_sh;
     for (int64_t j = 0; j < W; ++j) buf[j] += wa * static_cast<acc_t>(r[j]);
   }
-  for (int64_t J = 0; J < tx.n; ++J) {
-    acc_t s = acc_t(0);
-    for (int64_t b = 0; b < tx.k; ++b) {
-      s += static_cast<acc_t>(tx.w[J * tx.k + b]) * buf[tx.idx[J * tx.k + b]];
-    }
-    out_row[J] = static_cast<scalar_t>(s);
+  switch (tx.k) {  // a compile-time tap count lets the compiler unroll the gather
+    case 1: return gather_row<1>(buf, out_row, tx);
+    case 2: return gather_row<2>(buf, out_row, tx);
+    case 3: return gather_row<3>(buf, out_row, tx);
+    case 4: return gather_row<4>(buf, out_row, tx);
+    default: return gather_row<0>(buf, out_row, tx);
   }
 }
 

@@ -29,8 +29,9 @@ LAYOUTS = ["contiguous", "channels_last", "sliced"]
 
 
 def _skip_unsupported(backend, dtype):
-    if backend == "triton" and dtype == torch.bfloat16 and _backend.triton_interpret():
-        pytest.skip("the Triton CPU interpreter computes bfloat16 as zeros (numpy has no bf16)")
+    # Every backend handles every dtype (the Triton kernel loads bf16 and accumulates in
+    # fp32, which the interpreter supports); kept as the one place to add a real exception.
+    return None
 
 
 def _make(shape, dtype, layout, n=2, c=3, seed=0):
@@ -235,3 +236,24 @@ def test_info_and_cli():
     out = subprocess.run([sys.executable, "-m", "msconv", "info"], capture_output=True, text=True, check=True,
                          env={**os.environ, "MSCONV_BACKEND": "reference"}).stdout
     assert "compiled CPU ops" in out and "restrict  -> reference" in out
+
+
+def test_missing_extension_falls_back_to_reference_and_says_so_once():
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['msconv._C'] = None  # makes `from msconv import _C` raise ImportError\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch, msconv\n"
+        "    import msconv.ops._backend as b\n"
+        "    x = torch.rand(1, 2, 6, 6)\n"
+        "    y = msconv.restrict(x); msconv.restrict(x)\n"
+        "msgs = [str(m.message) for m in w if issubclass(m.category, b.ExtensionWarning)]\n"
+        "assert len(msgs) == 1 and 'pip install --no-build-isolation' in msgs[0], msgs\n"
+        "assert msconv.info()['cpp_ops'] is False and msconv.info()['backends']['cpu']['restrict'] == 'reference'\n"
+        "assert torch.allclose(y, torch.nn.functional.avg_pool2d(x, 2))\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MSCONV_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr

@@ -1,0 +1,72 @@
+"""Shared benchmark plumbing: timing (CPU: torch.utils.benchmark, GPU: triton.testing.do_bench),
+environment columns, CSV writing and a plain-text table."""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import subprocess
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def env_columns(device: torch.device) -> dict:
+    import msconv
+
+    return {"device": device_name(device), "torch": torch.__version__, "msconv": msconv.__version__, "git": git_sha()}
+
+
+def time_fn(fn, device: torch.device, min_run_time: float = 0.3) -> tuple[float, float, float]:
+    """(p50, p20, p80) in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return p50, p20, p80
+    from torch.utils.benchmark import Timer
+
+    fn()  # warm-up (allocator, caches)
+    m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    t = torch.tensor(m.times) * 1e3
+    return t.median().item(), t.quantile(0.2).item(), t.quantile(0.8).item()
+
+
+def write_csv(rows: list[dict], path: str) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    cells = [[str(r[c]) for c in cols] for r in rows]
+    width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    line = lambda xs: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(xs, width)))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in width]), *map(line, cells)])
