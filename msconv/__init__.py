@@ -1,12 +1,13 @@
 """msconv: multiscale training of convolutional networks.
 
 Public API: the multilevel transfer operators ``restrict``, ``prolong`` and ``pyramid``,
-``info()``, and the reference implementations in ``msconv.reference``.
+``info()``, the reference implementations in ``msconv.reference``, and the large-batch
+optimizers in ``msconv.optim`` (LARS, LAMB, warmup_poly).
 """
 __version__ = "0.1.0"
 
-from msconv import reference
+from msconv import optim, reference
 from msconv._info import info
 from msconv.ops import prolong, pyramid, restrict
 
-__all__ = ["__version__", "info", "reference", "restrict", "prolong", "pyramid"]
+__all__ = ["__version__", "info", "optim", "reference", "restrict", "prolong", "pyramid"]
