@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from msconv import optim, reference
 from msconv._info import info
+from msconv.nn import current_grid_scale, grid_scale
 from msconv.ops import prolong, pyramid, restrict
 
-__all__ = ["__version__", "info", "optim", "reference", "restrict", "prolong", "pyramid"]
+__all__ = ["__version__", "info", "optim", "reference", "restrict", "prolong", "pyramid", "grid_scale", "current_grid_scale"]
