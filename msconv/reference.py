@@ -33,6 +33,8 @@ Kinds:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,9 @@ __all__ = [
     "restrict_ref",
     "prolong_ref",
     "pyramid_ref",
+    "mf_multi_indices",
+    "mf_taps",
+    "mf_jets_ref",
 ]
 
 
@@ -116,3 +121,101 @@ def pyramid_ref(x: torch.Tensor, levels: int, kind: str = "average") -> list[tor
     for _ in range(levels):
         out.append(_restrict_once(out[-1], kind))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh-free convolution (SPEC §2): cell-integrated Gaussian-derivative taps and the jets.
+#
+# Conventions. x is the horizontal (W) axis, y the vertical (H) axis; a is the order of the
+# x-derivative, b of the y-derivative. The jet index m enumerates (a, b) with a + b <= p by
+# total degree, x-derivative first: (0,0), (1,0), (0,1), (2,0), (1,1), (0,2), (3,0), ...
+# (`mf_multi_indices`). Convolution is a true convolution, (g * u)(x) = ∫ g(ξ) u(x − ξ) dξ, so
+# the jet of u(x) = x for (a, b) = (1, 0) is +1.
+#
+# Output grid of a stride-S layer: output cell I covers input cells S·I … S·I + S − 1 (the
+# cell-centred convention of the transfer operators, SPEC §1), so its centre sits
+# δ = (S − 1)/2 input pixels after input cell S·I, and the number of output cells is
+# ceil(H / S). For S = 2 that is exactly the grid `restrict` produces.
+# ---------------------------------------------------------------------------------------------
+
+
+def mf_multi_indices(order: int) -> list[tuple[int, int]]:
+    """The (a, b) derivative orders of the jets, in jet order; length (p+1)(p+2)/2."""
+    return [(d - b, b) for d in range(order + 1) for b in range(d + 1)]
+
+
+def _gauss_primitive(n: int, xi: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """g_n(ξ): the n-th derivative of the 1-D Gaussian of width σ; n = −1 its integral Φ."""
+    z = xi / sigma
+    if n == -1:
+        return 0.5 * (1.0 + torch.special.erf(z / math.sqrt(2.0)))
+    # Probabilists' Hermite: He_0 = 1, He_1 = z, He_{k+1} = z He_k − k He_{k−1};
+    # d^n/dξ^n G = (−1/σ)^n He_n(ξ/σ) G(ξ).
+    he_prev, he = torch.ones_like(z), z
+    if n == 0:
+        he = he_prev
+    else:
+        for k in range(1, n):
+            he_prev, he = he, z * he - k * he_prev
+    gauss = torch.exp(-0.5 * z * z) / (sigma * math.sqrt(2.0 * math.pi))
+    return (-1.0 / sigma) ** n * he * gauss
+
+
+def mf_taps(
+    order: int, sigma: float | torch.Tensor, scale: float, stride: int = 1
+) -> tuple[torch.Tensor, int]:
+    """Cell-integrated 1-D Gaussian-derivative taps on a grid of spacing ``scale``.
+
+    Returns ``(taps, kmin)``: ``taps`` is float64 ``[order + 1, K]`` with
+    ``taps[a, t] = ∫ g_a over [(k − ½)s + δ, (k + ½)s + δ]`` for offset ``k = kmin + t``,
+    where ``δ = (stride − 1)/2 · s`` is the output-centre shift (see the conventions above),
+    so that the a-th jet along one axis is ``J[I] = Σ_k taps[a, k − kmin] · u[S·I − k]``.
+    Offsets are kept while the cell lies within the truncation radius ``r·s``,
+    ``r = ceil(4σ/s + ½)`` (SPEC §2): ``K = 2r + 1`` for stride 1.
+
+    ``sigma`` may be a tensor that requires grad (learnable σ): the taps are differentiable
+    in it. The support is computed from its value.
+    """
+    if order < 0:
+        raise ValueError(f"mf_taps: order must be >= 0, got order={order}")
+    sig_val = float(sigma)
+    if not (sig_val > 0 and math.isfinite(sig_val)):
+        raise ValueError(f"mf_taps: sigma must be finite and > 0, got sigma={sig_val}")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"mf_taps: scale must be finite and > 0, got scale={scale}")
+    if stride < 1:
+        raise ValueError(f"mf_taps: stride must be >= 1, got stride={stride}")
+    r = math.ceil(4.0 * sig_val / scale + 0.5)
+    shift = (stride - 1) / 2.0  # in input pixels
+    kmin, kmax = math.ceil(-r - shift), math.floor(r - shift)
+    sig = sigma.to(torch.float64) if isinstance(sigma, torch.Tensor) else torch.tensor(sig_val, dtype=torch.float64)
+    k = torch.arange(kmin, kmax + 1, dtype=torch.float64)
+    lo = (k - 0.5 + shift) * scale
+    hi = (k + 0.5 + shift) * scale
+    rows = [_gauss_primitive(a - 1, hi, sig) - _gauss_primitive(a - 1, lo, sig) for a in range(order + 1)]
+    return torch.stack(rows), kmin
+
+
+def mf_jets_ref(xp: torch.Tensor, filt: torch.Tensor, order: int, stride: int = 1) -> torch.Tensor:
+    """The jets of a pre-padded field as a plain correlation (what ``msconv::mf_jets`` computes).
+
+    Args:
+        xp: ``[N, C, Hp, Wp]``, already padded.
+        filt: ``[order + 1, K]`` correlation filters, the same on both axes (the flipped taps
+            of :func:`mf_taps`: ``filt = taps.flip(-1)``).
+    Returns:
+        ``[N, C * M, Ho, Wo]`` with ``Ho = (Hp − K) // stride + 1`` (likewise Wo), channel
+        ``c * M + m`` holding, for ``(a, b) = mf_multi_indices(order)[m]``,
+        ``J[n, c·M+m, i, j] = Σ_t Σ_q filt[b, t] · filt[a, q] · xp[n, c, i·S + t, j·S + q]``.
+    """
+    n, c, hp, wp = xp.shape
+    p1, k = filt.shape
+    if p1 != order + 1:
+        raise ValueError(f"mf_jets_ref: filt must have order + 1 = {order + 1} rows, got {filt.shape=}")
+    idx = mf_multi_indices(order)
+    filt = filt.to(xp.dtype)
+    # Vertical pass: one filter per y-order b, then horizontal per (a, b).
+    v = F.conv2d(xp.reshape(n * c, 1, hp, wp), filt.reshape(p1, 1, k, 1), stride=(stride, 1))
+    out = [F.conv2d(v[:, b : b + 1], filt[a].reshape(1, 1, 1, k), stride=(1, stride)) for a, b in idx]
+    j = torch.cat(out, dim=1)
+    return j.reshape(n, c * len(idx), j.shape[-2], j.shape[-1])
