@@ -14,6 +14,14 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _bench_names(bench_dir: str) -> list[str]:
+    """One benchmark per bench/bench_<name>.py, discovered so a new kernel family needs no CLI edit."""
+    import glob
+    import os
+
+    return sorted(os.path.basename(f)[len("bench_"):-3] for f in glob.glob(os.path.join(bench_dir, "bench_*.py")))
+
+
 def _cmd_bench(args) -> int:
     import importlib
     import os
@@ -24,7 +32,11 @@ def _cmd_bench(args) -> int:
         print("msconv bench: the bench/ folder is not next to the package (run from a source checkout)", file=sys.stderr)
         return 2
     sys.path.insert(0, bench_dir)
-    names = ["transfer", "lars"] if args.which == "all" else [args.which]
+    available = _bench_names(bench_dir)
+    if args.which != "all" and args.which not in available:
+        print(f"msconv bench: no benchmark {args.which!r}; available: {', '.join(available)}", file=sys.stderr)
+        return 2
+    names = available if args.which == "all" else [args.which]
     for name in names:
         mod = importlib.import_module(f"bench_{name}")
         rc = mod.main(args.rest)
@@ -40,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--json", action="store_true", help="print as JSON")
     pi.set_defaults(func=_cmd_info)
     pb = sub.add_parser("bench", help="run a kernel microbenchmark and print its table (CSV into bench/results/)")
-    pb.add_argument("which", choices=["transfer", "lars", "all"], help="which benchmark")
+    pb.add_argument("which", help="which benchmark: transfer, mfconv, mge, lars, ... or all")
     pb.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark (see --help there)")
     pb.set_defaults(func=_cmd_bench)
     return p
