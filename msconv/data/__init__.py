@@ -1,0 +1,256 @@
+"""Datasets: the embedded default (scikit-image's bundled photographs) and folders of images.
+
+Nothing is downloaded. Images are held in memory as float32 (C, H, W) tensors in [0, 1];
+training batches are random crops with flips and 90° rotations drawn from a
+``torch.Generator`` by :class:`CropSampler`, whose full state (generator, epoch, position)
+goes into checkpoints so a resumed run draws exactly the batches an uninterrupted one would.
+
+>>> train, val = bundled_split(gray=True, seed=0)
+>>> sampler = CropSampler(train, crop=64, seed=0)
+>>> clean = sampler.next_batch(4)          # (4, 1, 64, 64)
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ImageSet", "ImageReadError", "BUNDLED_PHOTOS", "bundled_images", "bundled_split", "load_image",
+    "load_folder", "load_dataset", "CropSampler", "IMAGE_EXTENSIONS",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# Real photographs only (no synthetic test patterns, logos or binary silhouettes), at least
+# 256 px on the short side so crops of 256² fit. `cat` is left out: it is the same picture
+# as `chelsea`, and keeping both could put one photo on both sides of the split.
+BUNDLED_PHOTOS = (
+    "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass",
+    "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket",
+)
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+@dataclass
+class ImageSet:
+    """Named images, each float32 (C, H, W) in [0, 1], all with the same C."""
+
+    images: list
+    names: list
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def channels(self) -> int:
+        return self.images[0].shape[0]
+
+    def min_side(self) -> int:
+        return min(min(im.shape[1:]) for im in self.images)
+
+
+def _to_tensor(a: np.ndarray, gray: bool, what: str) -> torch.Tensor:
+    a = np.asarray(a)
+    if a.dtype == bool:
+        a = a.astype(np.float32)
+    elif np.issubdtype(a.dtype, np.integer):
+        a = a.astype(np.float32) / float(np.iinfo(a.dtype).max)
+    else:
+        a = a.astype(np.float32)
+        if a.max(initial=0) > 1.0 + 1e-6:
+            a = a / 255.0
+    if a.ndim == 3 and a.shape[2] == 4:  # RGBA: drop alpha
+        a = a[..., :3]
+    if a.ndim == 3 and a.shape[2] == 2:  # gray + alpha
+        a = a[..., :1]
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3):
+        raise ImageReadError(f"{what}: unsupported image shape {a.shape}; need H×W, H×W×1, H×W×3 or H×W×4")
+    t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
+    if gray and t.shape[0] == 3:
+        # ITU-R BT.601 luma, the convention of the DnCNN benchmarks.
+        t = (0.299 * t[0] + 0.587 * t[1] + 0.114 * t[2]).unsqueeze(0)
+    elif not gray and t.shape[0] == 1:
+        t = t.expand(3, -1, -1).contiguous()
+    return t.clamp_(0, 1)
+
+
+def load_image(path: str, gray: bool = True) -> torch.Tensor:
+    """Read one PNG/JPEG/BMP/TIFF file as float32 (C, H, W) in [0, 1]; C = 1 if ``gray`` else 3.
+
+    Raises :class:`ImageReadError` naming the file if it cannot be decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L"):
+                a = np.asarray(im, dtype=np.uint16)
+            elif im.mode == "I":
+                a = np.asarray(im, dtype=np.int64).clip(0, 65535).astype(np.uint16)
+            elif im.mode == "F":
+                a = np.asarray(im, dtype=np.float32)
+            else:
+                a = np.asarray(im.convert("RGB" if im.mode not in ("L", "LA") else "L"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(
+            f"cannot read image file {path!r}: {type(e).__name__}: {e}. Remove or replace the file, or pass "
+            "on_bad_file='skip' (CLI: --skip-bad-files) to skip unreadable files with a warning"
+        ) from e
+    return _to_tensor(a, gray, path)
+
+
+def load_folder(path: str, gray: bool = True, on_bad_file: str = "error", recursive: bool = True) -> ImageSet:
+    """Every PNG/JPEG/BMP/TIFF under ``path`` (sorted by relative path), read into memory.
+
+    ``on_bad_file``: ``"error"`` (default) raises :class:`ImageReadError` naming the file;
+    ``"skip"`` warns and leaves it out.
+    """
+    if on_bad_file not in ("error", "skip"):
+        raise ValueError(f"load_folder: on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"data: {path!r} is not a folder; pass a folder of PNG/JPEG/BMP/TIFF images or 'bundled'")
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+        if not recursive:
+            break
+    files.sort(key=lambda f: os.path.relpath(f, path))
+    images, kept = [], []
+    for f in files:
+        try:
+            images.append(load_image(f, gray))
+            kept.append(os.path.relpath(f, path))
+        except ImageReadError as e:
+            if on_bad_file == "error":
+                raise
+            warnings.warn(f"skipping {e}", stacklevel=2)
+    if not images:
+        raise FileNotFoundError(f"data: no readable images ({', '.join(IMAGE_EXTENSIONS)}) in {path!r}")
+    return ImageSet(images, kept)
+
+
+def bundled_images(gray: bool = True, names=None) -> ImageSet:
+    """scikit-image's bundled photographs that load offline (missing ones are skipped: some
+    scikit-image builds keep a few images in the optional ``pooch`` download cache)."""
+    try:
+        import skimage.data as skd
+    except ImportError as e:
+        raise ImportError("data='bundled' needs scikit-image (pip install scikit-image), or pass a folder of images") from e
+    images, kept = [], []
+    for n in names or BUNDLED_PHOTOS:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                a = getattr(skd, n)()
+        except Exception:  # noqa: BLE001 - a missing optional image is not an error
+            continue
+        images.append(_to_tensor(a, gray, f"skimage.data.{n}"))
+        kept.append(n)
+    if len(images) < 2:
+        raise RuntimeError("data='bundled': fewer than 2 of scikit-image's photographs load offline; pass a folder")
+    return ImageSet(images, kept)
+
+
+def split_by_image(ds: ImageSet, val_fraction: float = 0.2, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """Disjoint train/validation split by whole image, a deterministic function of ``seed``
+    and the sorted names (independent of file-system order)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"split: val_fraction must be in (0, 1), got {val_fraction!r}")
+    if len(ds) < 2:
+        raise ValueError(f"split: need at least 2 images to split, got {len(ds)}; pass --val-data")
+    order = sorted(range(len(ds)), key=lambda i: ds.names[i])
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = [order[p] for p in perm]
+    n_val = min(len(ds) - 1, max(1, round(val_fraction * len(ds))))
+    pick = lambda idx: ImageSet([ds.images[i] for i in idx], [ds.names[i] for i in idx])  # noqa: E731
+    by_name = lambda idx: sorted(idx, key=lambda i: ds.names[i])  # noqa: E731
+    return pick(by_name(order[n_val:])), pick(by_name(order[:n_val]))
+
+
+def bundled_split(gray: bool = True, val_fraction: float = 0.2, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """The embedded default, split by image into (train, validation)."""
+    return split_by_image(bundled_images(gray), val_fraction, seed)
+
+
+def load_dataset(data: str = "bundled", val_data: str | None = None, gray: bool = True,
+                 val_fraction: float = 0.2, split_seed: int = 0, on_bad_file: str = "error"):
+    """(train, val) ImageSets. ``data``: ``"bundled"`` or a folder. Without ``val_data`` the
+    images of ``data`` are split by image (:func:`split_by_image`); with it, all of ``data``
+    trains and ``val_data`` (a folder) validates."""
+    full = bundled_images(gray) if data == "bundled" else load_folder(data, gray, on_bad_file)
+    if val_data is None:
+        return split_by_image(full, val_fraction, split_seed)
+    val = bundled_images(gray) if val_data == "bundled" else load_folder(val_data, gray, on_bad_file)
+    return full, val
+
+
+class CropSampler:
+    """Random crops (crop × crop) with random flips and 90° rotations, drawn from its own
+    generator. Images are visited in a fresh random order every epoch, so every image is used
+    once per epoch and successive draws (e.g. the levels of one MGE step) get different
+    images as far as the data allows.
+
+    ``state_dict()`` holds the generator state, epoch order and position: restoring it makes
+    the sampler continue exactly where it stopped.
+    """
+
+    def __init__(self, ds: ImageSet, crop: int, seed: int = 0, augment: bool = True):
+        if not isinstance(crop, int) or crop < 1:
+            raise ValueError(f"crop must be a positive int, got {crop!r}")
+        small = [(n, tuple(im.shape[1:])) for im, n in zip(ds.images, ds.names) if min(im.shape[1:]) < crop]
+        if small:
+            n, s = small[0]
+            raise ValueError(
+                f"crop={crop} is larger than image {n!r} of size {s} ({len(small)} image(s) too small); "
+                f"use --crop <= {ds.min_side()}"
+            )
+        self.ds, self.crop, self.augment = ds, crop, augment
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+        self.pos = 0
+        self.epoch = 0
+
+    def _next_index(self) -> int:
+        if self.pos >= len(self.order):
+            self.order = torch.randperm(len(self.ds), generator=self.generator).tolist()
+            self.pos = 0
+            self.epoch += 1
+        i = self.order[self.pos]
+        self.pos += 1
+        return i
+
+    def next_batch(self, n: int) -> torch.Tensor:
+        """(n, C, crop, crop) float32 clean crops."""
+        g, c = self.generator, self.crop
+        out = []
+        for _ in range(n):
+            im = self.ds.images[self._next_index()]
+            h, w = im.shape[1:]
+            top = int(torch.randint(0, h - c + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - c + 1, (1,), generator=g))
+            p = im[:, top:top + c, left:left + c]
+            if self.augment:
+                flip, rot = torch.randint(0, 2, (1,), generator=g), torch.randint(0, 4, (1,), generator=g)
+                if int(flip):
+                    p = p.flip(-1)
+                p = torch.rot90(p, int(rot), dims=(1, 2))
+            out.append(p)
+        return torch.stack(out).contiguous()
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": list(self.order), "pos": self.pos, "epoch": self.epoch}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.generator.set_state(s["generator"])
+        self.order, self.pos, self.epoch = list(s["order"]), int(s["pos"]), int(s["epoch"])

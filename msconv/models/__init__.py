@@ -1,0 +1,190 @@
+"""Model zoo for image restoration: DnCNN, the paper's UNet and ResNet, ESPCN (SPEC §5).
+
+Every model is fully convolutional and resolution-agnostic (any H, W; the UNet pads to a
+multiple of its pooling factor internally and crops back), and takes
+``conv="standard"`` (nn.Conv2d) or ``conv="mf"`` (:class:`msconv.MFConv2d`, read lazily so
+the zoo works before that layer is installed). 1×1 convolutions stay nn.Conv2d in both kinds:
+a pointwise map already means the same operator at every grid spacing.
+
+None uses BatchNorm by default: batch statistics couple the samples of a batch, which breaks
+the per-sample weighting the multilevel estimator relies on (DnCNN takes ``batchnorm=True``
+for the classic architecture).
+
+>>> m = build_model("dncnn", in_channels=1, out_channels=1, depth=5, width=16)
+>>> m(torch.rand(2, 1, 40, 40)).shape
+torch.Size([2, 1, 40, 40])
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["make_conv", "DnCNN", "UNet", "ResNet", "ESPCN", "MODELS", "build_model", "mf_available"]
+
+CONV_KINDS = ("standard", "mf")
+
+
+def mf_available() -> bool:
+    """True when :class:`msconv.nn.MFConv2d` can be imported."""
+    try:
+        from msconv.nn import MFConv2d  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_conv(conv: str, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True) -> nn.Module:
+    """A 'same'-padded k×k convolution of the requested kind (``standard`` or ``mf``)."""
+    if conv == "standard":
+        return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+    if conv == "mf":
+        try:
+            from msconv.nn import MFConv2d
+        except ImportError as e:
+            raise ImportError(
+                "conv='mf' needs msconv.nn.MFConv2d, which is not available in this install "
+                f"({e}); use conv='standard' (CLI: --conv standard) or update msconv"
+            ) from e
+        return MFConv2d(in_channels, out_channels, kernel_size, padding="same", bias=bias)
+    raise ValueError(f"conv must be one of {CONV_KINDS}, got {conv!r}")
+
+
+def _residual_base(x: torch.Tensor, out_channels: int) -> torch.Tensor:
+    # The first out_channels input channels are the corrupted picture (inpainting appends its
+    # mask after them), so residual models predict a correction to them.
+    return x[:, :out_channels]
+
+
+class DnCNN(nn.Module):
+    """DnCNN (Zhang et al. 2017): conv-ReLU, (depth − 2) × conv-[BN]-ReLU, conv; residual
+    learning (the network predicts the corruption, the output is ``x − net(x)``).
+
+    Shapes: (N, in_channels, H, W) → (N, out_channels, H, W). Classic: depth=17, width=64.
+    """
+
+    def __init__(self, in_channels=1, out_channels=1, depth=17, width=64, conv="standard", batchnorm=False):
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"DnCNN: depth must be >= 2, got {depth}")
+        layers = [make_conv(conv, in_channels, width), nn.ReLU(inplace=True)]
+        for _ in range(depth - 2):
+            layers += [make_conv(conv, width, width, bias=not batchnorm)]
+            if batchnorm:
+                layers += [nn.BatchNorm2d(width)]
+            layers += [nn.ReLU(inplace=True)]
+        layers += [make_conv(conv, width, out_channels)]
+        self.body = nn.Sequential(*layers)
+        self.out_channels = out_channels
+
+    def forward(self, x):
+        return _residual_base(x, self.out_channels) - self.body(x)
+
+
+class _DoubleConv(nn.Sequential):
+    def __init__(self, conv, cin, cout):
+        super().__init__(make_conv(conv, cin, cout), nn.ReLU(inplace=True), make_conv(conv, cout, cout), nn.ReLU(inplace=True))
+
+
+class UNet(nn.Module):
+    """A small UNet as in the paper's experiments: ``depth`` 2×2 average-pool downsamplings,
+    bilinear upsampling, channel widths ``width·2^k``, skip connections, global residual.
+
+    Shapes: (N, in_channels, H, W) → (N, out_channels, H, W) for any H, W (padded with edge
+    replication to a multiple of 2^depth inside, cropped back).
+    """
+
+    def __init__(self, in_channels=1, out_channels=1, width=16, depth=2, conv="standard"):
+        super().__init__()
+        self.depth, self.out_channels = depth, out_channels
+        chans = [width * 2 ** k for k in range(depth + 1)]
+        self.enc = nn.ModuleList([_DoubleConv(conv, in_channels, chans[0])] +
+                                 [_DoubleConv(conv, chans[k - 1], chans[k]) for k in range(1, depth + 1)])
+        self.dec = nn.ModuleList([_DoubleConv(conv, chans[k + 1] + chans[k], chans[k]) for k in range(depth)])
+        self.head = nn.Conv2d(chans[0], out_channels, 1)
+
+    def forward(self, x):
+        h, w = x.shape[2:]
+        m = 2 ** self.depth
+        ph, pw = (-h) % m, (-w) % m
+        z = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+        skips = []
+        for k, block in enumerate(self.enc):
+            z = block(z if k == 0 else F.avg_pool2d(z, 2))
+            skips.append(z)
+        z = skips.pop()
+        for k in reversed(range(self.depth)):
+            z = F.interpolate(z, scale_factor=2, mode="bilinear", align_corners=False)
+            z = self.dec[k](torch.cat([z, skips.pop()], dim=1))
+        return _residual_base(x, self.out_channels) + self.head(z)[:, :, :h, :w]
+
+
+class ResNet(nn.Module):
+    """A plain residual network as in the paper: head conv, ``blocks`` × (conv-ReLU-conv + skip),
+    tail conv, global residual; no downsampling, so it is resolution-agnostic.
+
+    Shapes: (N, in_channels, H, W) → (N, out_channels, H, W).
+    """
+
+    def __init__(self, in_channels=1, out_channels=1, width=32, blocks=4, conv="standard"):
+        super().__init__()
+        self.out_channels = out_channels
+        self.head = make_conv(conv, in_channels, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(make_conv(conv, width, width), nn.ReLU(inplace=True), make_conv(conv, width, width))
+            for _ in range(blocks)
+        )
+        self.tail = make_conv(conv, width, out_channels)
+
+    def forward(self, x):
+        z = self.head(x)
+        for b in self.blocks:
+            z = z + b(F.relu(z))
+        return _residual_base(x, self.out_channels) + self.tail(F.relu(z))
+
+
+class ESPCN(nn.Module):
+    """ESPCN (Shi et al. 2016): conv5×5-tanh, conv3×3-tanh, conv3×3 to out·r² channels, pixel
+    shuffle by ``upscale`` = r.
+
+    Shapes: (N, in_channels, h, w) → (N, out_channels, r·h, r·w). With ``upscale=1`` it is an
+    image-to-image network (for the non-SR tasks) with a global residual.
+    """
+
+    def __init__(self, in_channels=1, out_channels=1, upscale=2, width=64, conv="standard"):
+        super().__init__()
+        self.upscale, self.out_channels = upscale, out_channels
+        self.body = nn.Sequential(
+            make_conv(conv, in_channels, width, 5), nn.Tanh(),
+            make_conv(conv, width, width // 2, 3), nn.Tanh(),
+            make_conv(conv, width // 2, out_channels * upscale ** 2, 3),
+        )
+        self.shuffle = nn.PixelShuffle(upscale)
+
+    def forward(self, x):
+        y = self.shuffle(self.body(x))
+        if self.upscale == 1:
+            y = y + _residual_base(x, self.out_channels)
+        return y
+
+
+MODELS = {"dncnn": DnCNN, "unet": UNet, "resnet": ResNet, "espcn": ESPCN}
+
+
+def build_model(name: str, in_channels: int, out_channels: int, conv: str = "standard", upscale: int = 1, **kwargs) -> nn.Module:
+    """Build a zoo model by name. ``kwargs`` the model does not take (e.g. ``depth`` for
+    ESPCN) are ignored so one config serves every model; ``upscale`` only applies to ESPCN."""
+    import inspect
+
+    if name not in MODELS:
+        raise ValueError(f"model: unknown model {name!r}; choose one of {sorted(MODELS)}")
+    if conv not in CONV_KINDS:
+        raise ValueError(f"model: conv must be one of {CONV_KINDS}, got {conv!r}")
+    cls = MODELS[name]
+    params = inspect.signature(cls.__init__).parameters
+    kw = {k: v for k, v in kwargs.items() if k in params and v is not None}
+    if "upscale" in params:
+        kw["upscale"] = upscale
+    elif upscale != 1:
+        raise ValueError(f"model: {name!r} keeps the resolution; use upscale=1 (SR with pre-upsampled input) or model='espcn'")
+    return cls(in_channels=in_channels, out_channels=out_channels, conv=conv, **kw)

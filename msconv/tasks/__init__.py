@@ -1,0 +1,283 @@
+"""Image-restoration tasks: forward operators applied at the finest grid (SPEC §5).
+
+Every task maps clean images ``y`` (N, C, H, W) in [0, 1] at the finest grid to a pair
+``(x, y)``: the network input and the target. All randomness comes from the
+``torch.Generator`` passed in, so a run is reproducible and a resumed run redraws exactly
+the same corruptions.
+
+Restriction rule (the same for every task, and what :class:`msconv.MGE` does): the input
+and the target are each restricted with the same operator (``average`` by default), after
+the corruption was applied at the finest grid. Consequences, each tested:
+
+* denoise: the restricted noise has variance σ²/4 per level (cell averages of white noise);
+* deblur: σ is in reference pixels, so ``R(blur(u))`` ≈ ``blur(R u)`` sampled at s = 2;
+* inpaint: the input carries the mask as its last channel, so the restricted mask is the
+  fraction of each coarse cell that was observed;
+* super-resolution: with ``area`` downsampling ``R(down(y)) == down(R y)`` exactly (both are
+  cell averages), with ``bicubic`` approximately.
+
+>>> task = build_task("denoise", noise_sigma=25)
+>>> x, y = task.corrupt(torch.rand(2, 1, 64, 64), torch.Generator().manual_seed(0))
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Task", "Denoise", "Deblur", "Inpaint", "SuperResolution", "TASKS", "build_task",
+    "gaussian_taps", "gaussian_blur", "random_masks",
+]
+
+
+def _check_image(y: torch.Tensor, who: str) -> None:
+    if not isinstance(y, torch.Tensor) or y.dim() != 4 or not y.is_floating_point():
+        got = f"shape={tuple(y.shape)} dtype={y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"{who}: clean images must be a float tensor (N, C, H, W) in [0, 1], got {got}")
+
+
+def _check_generator(g, who: str) -> torch.Generator:
+    if not isinstance(g, torch.Generator):
+        raise TypeError(
+            f"{who}: generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), "
+            f"got {type(g).__name__}; corruptions are drawn from it so runs are reproducible"
+        )
+    return g
+
+
+def _randn(shape, g: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    # Draw on the generator's device, then move: a CPU generator cannot fill a CUDA tensor.
+    return torch.randn(shape, generator=g, device=g.device, dtype=torch.float32).to(like.device, like.dtype)
+
+
+class Task:
+    """Base class. Subclasses implement :meth:`corrupt`; ``restrict_pair`` is shared."""
+
+    name = "task"
+    #: H and W of the finest-grid target must be a multiple of this (times 2**levels).
+    size_multiple = 1
+
+    def in_channels(self, c: int) -> int:
+        return c
+
+    def out_channels(self, c: int) -> int:
+        return c
+
+    def corrupt(self, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def restrict_pair(self, x: torch.Tensor, y: torch.Tensor, levels: int, kind: str = "average"):
+        """``(R^levels x, R^levels y)`` — input and target restricted alike (module docstring)."""
+        from msconv import restrict
+
+        if levels == 0:
+            return x, y
+        return restrict(x, kind, levels), restrict(y, kind, levels)
+
+    def input_for_metrics(self, x: torch.Tensor) -> torch.Tensor:
+        """The corrupted image as a picture (for 'input PSNR' baselines), same size as x."""
+        return x
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+class Denoise(Task):
+    """Additive white Gaussian noise, ``noise_sigma`` on the 0–255 scale (the DnCNN protocol:
+    no clipping, so the noise stays Gaussian)."""
+
+    name = "denoise"
+
+    def __init__(self, noise_sigma: float = 25.0):
+        if not (isinstance(noise_sigma, (int, float)) and noise_sigma >= 0 and math.isfinite(noise_sigma)):
+            raise ValueError(f"denoise: noise_sigma must be >= 0 on the 0-255 scale (e.g. 25), got {noise_sigma!r}")
+        self.noise_sigma = float(noise_sigma)
+
+    def corrupt(self, y, generator):
+        _check_image(y, "denoise")
+        g = _check_generator(generator, "denoise")
+        return y + (self.noise_sigma / 255.0) * _randn(y.shape, g, y), y
+
+
+def gaussian_taps(sigma: float, scale: float = 1.0, dtype=torch.float32) -> torch.Tensor:
+    """1-D taps of a Gaussian of std ``sigma`` reference pixels on a grid of spacing ``scale``.
+
+    Cell-integrated (erf differences over each cell), exact for a field constant on cells,
+    truncated at radius ceil(4σ/scale + ½) and normalised to sum 1 (so constants are kept).
+    Shape (2r + 1,). σ = 0 gives the identity tap ``[1]``.
+    """
+    if sigma < 0 or scale <= 0:
+        raise ValueError(f"gaussian_taps: need sigma >= 0 and scale > 0, got sigma={sigma}, scale={scale}")
+    if sigma == 0:
+        return torch.ones(1, dtype=dtype)
+    r = math.ceil(4 * sigma / scale + 0.5)
+    i = torch.arange(-r, r + 1, dtype=torch.float64)
+    cdf = lambda t: 0.5 * (1 + torch.erf(t / (sigma * math.sqrt(2))))  # noqa: E731
+    w = cdf((i + 0.5) * scale) - cdf((i - 0.5) * scale)
+    return (w / w.sum()).to(dtype)
+
+
+def gaussian_blur(u: torch.Tensor, sigma: float, scale: float = 1.0) -> torch.Tensor:
+    """Separable Gaussian blur of (N, C, H, W), σ in reference pixels, on a grid of spacing
+    ``scale``. Edges replicate (a blurred photo's border continues outward)."""
+    w = gaussian_taps(sigma, scale, u.dtype).to(u.device)
+    r = (w.numel() - 1) // 2
+    if r == 0:
+        return u
+    n, c, h, wd = u.shape
+    v = F.pad(u.reshape(n * c, 1, h, wd), (r, r, r, r), mode="replicate")
+    v = F.conv2d(v, w.view(1, 1, 1, -1))
+    v = F.conv2d(v, w.view(1, 1, -1, 1))
+    return v.reshape(n, c, h, wd)
+
+
+class Deblur(Task):
+    """Gaussian blur (``blur_sigma`` in reference pixels, i.e. finest-grid pixels) plus white
+    noise (``noise_sigma`` on 0–255)."""
+
+    name = "deblur"
+
+    def __init__(self, blur_sigma: float = 1.6, noise_sigma: float = 2.55):
+        if not (isinstance(blur_sigma, (int, float)) and blur_sigma > 0):
+            raise ValueError(f"deblur: blur_sigma must be > 0 reference pixels (e.g. 1.6), got {blur_sigma!r}")
+        if not (isinstance(noise_sigma, (int, float)) and noise_sigma >= 0):
+            raise ValueError(f"deblur: noise_sigma must be >= 0 on the 0-255 scale, got {noise_sigma!r}")
+        self.blur_sigma, self.noise_sigma = float(blur_sigma), float(noise_sigma)
+
+    def corrupt(self, y, generator):
+        _check_image(y, "deblur")
+        g = _check_generator(generator, "deblur")
+        b = gaussian_blur(y, self.blur_sigma, 1.0)
+        return b + (self.noise_sigma / 255.0) * _randn(y.shape, g, y), y
+
+
+def _segment_distance(yy, xx, p0, p1):
+    # Distance of every pixel centre to the segment p0-p1 (all in pixels).
+    d = p1 - p0
+    L2 = float((d * d).sum()) or 1e-12
+    t = (((yy - p0[0]) * d[0] + (xx - p0[1]) * d[1]) / L2).clamp(0, 1)
+    return torch.hypot(yy - (p0[0] + t * d[0]), xx - (p0[1] + t * d[1]))
+
+
+def random_masks(n: int, h: int, w: int, generator: torch.Generator, fraction: float = 0.3,
+                 kind: str = "mixed") -> torch.Tensor:
+    """Masks (n, 1, h, w), 1 = observed, 0 = missing, drawn from ``generator``.
+
+    ``kind``: ``boxes`` (axis-aligned rectangles, sides 1/10–1/3 of the image), ``strokes``
+    (free-form brush strokes: random polylines of width 1/40–1/15 of the image side) or
+    ``mixed`` (each shape is a box or a stroke with equal probability). Shapes are added until
+    at least ``fraction`` of the pixels is missing. Sizes are relative to the image, so a mask
+    means the same region at any resolution.
+    """
+    if kind not in ("boxes", "strokes", "mixed"):
+        raise ValueError(f"random_masks: kind must be 'boxes', 'strokes' or 'mixed', got {kind!r}")
+    if not 0 < fraction < 1:
+        raise ValueError(f"random_masks: fraction must be in (0, 1), got {fraction!r}")
+    g = generator
+    rnd = lambda *s: torch.rand(s, generator=g, device=g.device).cpu()  # noqa: E731
+    yy = torch.arange(h, dtype=torch.float32).view(h, 1) + 0.5
+    xx = torch.arange(w, dtype=torch.float32).view(1, w) + 0.5
+    side = float(min(h, w))
+    out = torch.ones(n, 1, h, w)
+    for k in range(n):
+        missing = torch.zeros(h, w, dtype=torch.bool)
+        for _ in range(200):  # bounded: a pathological draw never loops forever
+            if missing.float().mean() >= fraction:
+                break
+            box = kind == "boxes" or (kind == "mixed" and float(rnd(1)) < 0.5)
+            if box:
+                bh, bw = (0.1 + 0.23 * rnd(2)) * torch.tensor([h, w])
+                y0, x0 = rnd(2) * torch.tensor([h - bh, w - bw])
+                missing |= (yy >= y0) & (yy < y0 + bh) & (xx >= x0) & (xx < x0 + bw)
+            else:
+                width = side * (1 / 40 + (1 / 15 - 1 / 40) * float(rnd(1)))
+                p = rnd(2) * torch.tensor([h, w])
+                for _ in range(1 + int(4 * float(rnd(1)))):
+                    ang = 2 * math.pi * float(rnd(1))
+                    length = side * (0.1 + 0.25 * float(rnd(1)))
+                    q = p + length * torch.tensor([math.sin(ang), math.cos(ang)])
+                    q = torch.stack([q[0].clamp(0, h), q[1].clamp(0, w)])
+                    missing |= _segment_distance(yy, xx, p, q) <= width / 2
+                    p = q
+        out[k, 0][missing] = 0
+    return out
+
+
+class Inpaint(Task):
+    """Random box and stroke masks. Input: ``cat(y * m, m)`` (C + 1 channels, the mask last);
+    target: ``y``. The mask travels as a channel, so it is restricted with the image."""
+
+    name = "inpaint"
+
+    def __init__(self, mask_fraction: float = 0.25, mask_kind: str = "mixed"):
+        if not (isinstance(mask_fraction, (int, float)) and 0 < mask_fraction < 1):
+            raise ValueError(f"inpaint: mask_fraction must be in (0, 1), got {mask_fraction!r}")
+        if mask_kind not in ("boxes", "strokes", "mixed"):
+            raise ValueError(f"inpaint: mask_kind must be 'boxes', 'strokes' or 'mixed', got {mask_kind!r}")
+        self.mask_fraction, self.mask_kind = float(mask_fraction), mask_kind
+
+    def in_channels(self, c):
+        return c + 1
+
+    def corrupt(self, y, generator):
+        _check_image(y, "inpaint")
+        g = _check_generator(generator, "inpaint")
+        m = random_masks(y.shape[0], y.shape[2], y.shape[3], g, self.mask_fraction, self.mask_kind)
+        m = m.to(y.device, y.dtype)
+        return torch.cat([y * m, m], dim=1), y
+
+    def input_for_metrics(self, x):
+        return x[:, :-1]
+
+
+class SuperResolution(Task):
+    """Downsampling by ``scale`` (2 or 4) with ``bicubic`` (antialiased) or ``area`` (cell
+    averages). ``pre_upsample=False`` (ESPCN): the input is the low-resolution image
+    (H/scale, W/scale); ``pre_upsample=True`` (other models): it is bicubic-upsampled back to
+    (H, W) so any image-to-image network applies."""
+
+    name = "sr"
+
+    def __init__(self, scale: int = 2, kernel: str = "bicubic", pre_upsample: bool = False):
+        if scale not in (2, 4):
+            raise ValueError(f"sr: scale must be 2 or 4, got {scale!r}")
+        if kernel not in ("bicubic", "area"):
+            raise ValueError(f"sr: kernel must be 'bicubic' or 'area', got {kernel!r}")
+        self.scale, self.kernel, self.pre_upsample = int(scale), kernel, bool(pre_upsample)
+        self.size_multiple = self.scale
+
+    def downsample(self, y: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "area":
+            return F.avg_pool2d(y, self.scale)
+        return F.interpolate(y, scale_factor=1 / self.scale, mode="bicubic", align_corners=False, antialias=True)
+
+    def corrupt(self, y, generator):
+        _check_image(y, "sr")
+        h, w = y.shape[2:]
+        if h % self.scale or w % self.scale:
+            raise ValueError(f"sr: image size {(h, w)} must be a multiple of scale={self.scale}; crop it first")
+        lr = self.downsample(y)
+        if self.pre_upsample:
+            lr = F.interpolate(lr, size=(h, w), mode="bicubic", align_corners=False)
+        return lr, y
+
+    def input_for_metrics(self, x):
+        return x
+
+
+TASKS = {"denoise": Denoise, "deblur": Deblur, "inpaint": Inpaint, "sr": SuperResolution}
+
+
+def build_task(name: str, **kwargs) -> Task:
+    """``build_task("denoise", noise_sigma=25)``; names: denoise, deblur, inpaint, sr.
+    Keyword arguments the task does not take are ignored so one config serves all tasks."""
+    import inspect
+
+    if name not in TASKS:
+        raise ValueError(f"task: unknown task {name!r}; choose one of {sorted(TASKS)}")
+    cls = TASKS[name]
+    params = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in kwargs.items() if k in params and v is not None})

@@ -1,0 +1,46 @@
+"""Every zoo model at several resolutions with both conv kinds (msconv.models)."""
+import pytest
+import torch
+
+from msconv.models import MODELS, build_model, make_conv, mf_available
+
+SMALL = dict(depth=4, width=8, blocks=2)
+
+
+@pytest.mark.parametrize("conv", ["standard", "mf"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_runs_at_several_resolutions(name, conv):
+    if conv == "mf" and not mf_available():
+        pytest.skip("msconv.nn.MFConv2d is not available yet")
+    torch.manual_seed(0)
+    up = 2 if name == "espcn" else 1
+    kw = dict(SMALL, depth=2) if name == "unet" else SMALL
+    m = build_model(name, in_channels=2, out_channels=1, conv=conv, upscale=up, **kw)
+    for h, w in [(16, 16), (33, 20), (64, 48)]:
+        x = torch.rand(2, 2, h, w, requires_grad=True)
+        y = m(x)
+        assert y.shape == (2, 1, up * h, up * w)
+        y.square().mean().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+        m.zero_grad()
+
+
+def test_residual_models_start_near_identity_on_first_channels():
+    x = torch.rand(1, 2, 24, 24)
+    m = build_model("dncnn", 2, 1, depth=3, width=4)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+    assert torch.equal(m(x), x[:, :1])
+
+
+def test_conv_factory_errors():
+    with pytest.raises(ValueError, match="conv must be one of"):
+        make_conv("dense", 1, 1)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg", 1, 1)
+    with pytest.raises(ValueError, match="espcn"):
+        build_model("dncnn", 1, 1, upscale=2)
+    if not mf_available():
+        with pytest.raises(ImportError, match="--conv standard"):
+            make_conv("mf", 1, 1)
