@@ -1,0 +1,295 @@
+"""MGE estimator (SPEC §3): exact collapse, unbiasedness, fusion, cost accounting, allocation, errors.
+
+References are written out here: the fine loss and its gradient from plain autograd, the
+telescoping sum term by term, FLOPs and work units counted by hand.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import msconv
+from msconv.multilevel import MGE, IndexStream, batch_coupled_modules, mlmc_batch_sizes, paper_batch_sizes
+
+F64 = torch.float64
+
+
+def small_model(seed: int = 0, dtype=F64, bn: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(3, 4, 3, padding=1), nn.Tanh()]
+    if bn:
+        layers.append(nn.BatchNorm2d(4))
+    layers.append(nn.Conv2d(4, 3, 3, padding=1))
+    return nn.Sequential(*layers).to(dtype)
+
+
+def smooth_images(n: int, size: int, seed: int, noise: float = 0.0) -> torch.Tensor:
+    """Band-limited random fields (a few low-frequency waves) plus optional white noise."""
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.arange(size, dtype=F64) + 0.5) / size
+    yy, xx = torch.meshgrid(t, t, indexing="ij")
+    k = torch.randint(1, 3, (n, 3, 2, 2), generator=g).to(F64)
+    ph = torch.rand(n, 3, 2, generator=g, dtype=F64) * 2 * math.pi
+    img = sum(
+        torch.sin(2 * math.pi * (k[:, :, i, 0, None, None] * xx + k[:, :, i, 1, None, None] * yy) + ph[:, :, i, None, None])
+        for i in range(2)
+    )
+    return img + noise * torch.randn(img.shape, generator=g, dtype=F64)
+
+
+def grads(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def mge_grad(est, model, batches, loss_fn=None):
+    model.zero_grad()
+    loss = est.loss(model, loss_fn, batches)
+    loss.backward()
+    return loss.detach(), grads(model)
+
+
+def fine_grad(model, x, y, loss_fn=F.mse_loss):
+    model.zero_grad()
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    return loss.detach(), grads(model)
+
+
+# ------------------------------------------------------------------------- exact collapse
+
+
+@pytest.mark.parametrize("levels", [0, 1, 3])
+@pytest.mark.parametrize("restriction", ["average", "full_weighting", "nearest"])
+@pytest.mark.parametrize("fuse", ["auto", False])
+def test_same_batch_at_every_level_gives_exactly_the_fine_loss_and_gradient(levels, restriction, fuse):
+    model = small_model()
+    x = smooth_images(3, 16, seed=1, noise=0.3)
+    y = torch.tanh(x) + 0.1 * smooth_images(3, 16, seed=2)
+    est = MGE(levels, [3] * (levels + 1), restriction=restriction, fuse=fuse, count_flops=False)
+    loss, g = mge_grad(est, model, [(x, y)] * (levels + 1))
+    loss0, g0 = fine_grad(model, x, y)
+    assert abs(loss.item() - loss0.item()) <= 1e-12
+    torch.testing.assert_close(g, g0, rtol=0, atol=1e-12)
+    assert est.last_cost.fused == (fuse == "auto")
+
+
+def test_collapse_at_a_coarse_base_level_is_the_plain_loss_on_that_grid():
+    # Full-Multiscale stage k: the finest grid is level k; the data still arrives at level 0.
+    model, x = small_model(), smooth_images(2, 16, seed=3)
+    y = x.flip(-1)
+    est = MGE(2, [2, 2, 2], base_level=1, count_flops=False)
+    seen = []
+    hook = model[0].register_forward_pre_hook(lambda m, a: seen.append((msconv.current_grid_scale(), a[0].shape[-1])))
+    loss, g = mge_grad(est, model, [(x, y)] * 3)
+    hook.remove()
+    xr, yr = msconv.restrict(x, levels=1), msconv.restrict(y, levels=1)
+    with msconv.grid_scale(2.0):
+        loss0, g0 = fine_grad(model, xr, yr)
+    assert abs(loss.item() - loss0.item()) <= 1e-12
+    torch.testing.assert_close(g, g0, rtol=0, atol=1e-12)
+    assert seen == [(2.0, 8), (4.0, 4), (8.0, 2)]  # one fused call per grid, each in its grid scale
+
+
+def test_non_image_targets_pass_through_unrestricted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
+    x, labels = smooth_images(4, 8, seed=4), torch.tensor([0, 3, 1, 4])
+    est = MGE(2, 4, count_flops=False)
+    loss, g = mge_grad(est, model, [(x, labels)] * 3, F.cross_entropy)
+    loss0, g0 = fine_grad(model, x, labels, F.cross_entropy)
+    assert abs(loss.item() - loss0.item()) <= 1e-12
+    torch.testing.assert_close(g, g0, rtol=0, atol=1e-12)
+
+
+def test_loss_is_the_telescoping_sum_of_per_level_losses_on_independent_batches():
+    model = small_model()
+    xs = [smooth_images(n, 16, seed=10 + l, noise=0.2) for l, n in enumerate([2, 3, 4])]
+    batches = [(x, 0.5 * x) for x in xs]
+    est = MGE(2, [2, 3, 4], count_flops=False)
+    model.zero_grad()
+    est.loss(model, None, batches).backward()
+    g = grads(model)
+
+    def level_loss(x, y, level):
+        xr, yr = msconv.restrict(x, levels=level), msconv.restrict(y, levels=level)
+        with msconv.grid_scale(2.0**level):
+            return F.mse_loss(model(xr), yr)
+
+    model.zero_grad()
+    (level_loss(*batches[0], 0) - level_loss(*batches[0], 1) + level_loss(*batches[1], 1)
+     - level_loss(*batches[1], 2) + level_loss(*batches[2], 2)).backward()
+    torch.testing.assert_close(g, grads(model), rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------- unbiasedness
+
+
+def test_mean_of_the_estimate_matches_the_fine_gradient_within_its_standard_error():
+    """Over many independent multilevel draws from a finite pool, the mean of ĝ equals the
+    gradient of the mean fine loss over the pool (the exact expectation). Tolerance: 5 standard
+    errors per coordinate, the standard error measured from the draws themselves. The same
+    criterion must reject a biased estimator (the coarsest loss alone), so it has power."""
+    model = small_model(seed=5)
+    pool_x = smooth_images(48, 8, seed=6, noise=0.5)
+    pool_y = smooth_images(48, 8, seed=6)  # clean target: a denoising task
+    _, g_true = fine_grad(model, pool_x, pool_y)
+
+    sizes, draws = [2, 4, 8], 120
+    est = MGE(2, sizes, count_flops=False)
+    coarse_only = MGE(0, 2, base_level=2, count_flops=False)
+    stream = IndexStream(len(pool_x), seed=7)
+    ghat, gbiased = [], []
+    for _ in range(draws):
+        block = stream.take(sum(sizes))
+        idx = [block[:2], block[2:6], block[6:]]
+        _, g = mge_grad(est, model, [(pool_x[i], pool_y[i]) for i in idx])
+        ghat.append(g)
+        _, g = mge_grad(coarse_only, model, [(pool_x[idx[0]], pool_y[idx[0]])])
+        gbiased.append(g)
+    for samples, unbiased in ((torch.stack(ghat), True), (torch.stack(gbiased), False)):
+        se = samples.std(0) / math.sqrt(draws)
+        z = ((samples.mean(0) - g_true).abs() / (se + 1e-15)).max().item()
+        assert (z < 5.0) == unbiased, f"max |z| = {z:.2f} (unbiased={unbiased})"
+
+
+# ------------------------------------------------------------------------- fusion and BatchNorm
+
+
+def test_batchnorm_in_training_mode_is_detected_and_fusion_falls_back_with_a_warning():
+    model = small_model(bn=True)
+    assert batch_coupled_modules(model) == ["2"]
+    x = smooth_images(2, 8, seed=8)
+    est = MGE(1, 2, count_flops=False)
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        est.loss(model, None, [(x, x), (x, x)])
+    assert not est.last_cost.fused and "BatchNorm" in est.last_cost.fusion_note
+    assert [lc.forward_calls for lc in est.last_cost.levels] == [1, 2]
+    with pytest.raises(ValueError, match="fuse=True"):
+        MGE(1, 2, fuse=True).loss(model, None, [(x, x), (x, x)])
+    model.eval()  # running statistics: no coupling, fusion is back
+    assert batch_coupled_modules(model) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MGE(1, 2, count_flops=False).loss(model, None, [(x, x), (x, x)])
+
+
+def test_fused_and_unfused_estimates_agree_on_independent_batches():
+    model = small_model()
+    batches = [(x, x.roll(1, -1)) for x in (smooth_images(n, 16, seed=20 + n) for n in (1, 2, 3))]
+    out = [mge_grad(MGE(2, [1, 2, 3], fuse=f, count_flops=False), model, batches) for f in (True, False)]
+    assert abs(out[0][0].item() - out[1][0].item()) <= 1e-12
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------- cost accounting
+
+
+def test_cost_matches_a_hand_count_for_a_single_conv():
+    """One 3×3 conv, 1→1 channel, no bias, batches of 2 and 4 samples of 8×8, levels=1.
+    Grid 0: 2 samples × 64 px; grid 1: (2 + 4) samples × 16 px.
+    Work units: 2·64/64 + 6·16/64 = 3.5. Forward FLOPs: 2·9 per output pixel (multiply-add)
+    = 18·(128 + 96) = 4032. Backward: only the weight gradient (the input needs none),
+    the same 2·9 per pixel = 4032."""
+    conv = nn.Conv2d(1, 1, 3, padding=1, bias=False).double()
+    b0, b1 = torch.rand(2, 1, 8, 8, dtype=F64), torch.rand(4, 1, 8, 8, dtype=F64)
+    est = MGE(1, [2, 4])
+    loss = est.loss(conv, None, [(b0, b0), (b1, b1)])
+    c = est.last_cost
+    assert c.work_units == 3.5 and est.step_work([2, 4]) == 3.5
+    assert [(lc.level, lc.grid_scale, lc.samples, lc.pixels, lc.work_units) for lc in c.levels] == [
+        (0, 1.0, 2, 128, 2.0), (1, 2.0, 6, 96, 1.5)]
+    assert [lc.flops_forward for lc in c.levels] == [18 * 128, 18 * 96]
+    assert c.flops_forward == 4032 and c.flops_backward == 2 * 4032 and not c.flops_backward_measured
+    est.backward(loss)
+    assert c.flops_backward == 4032 and c.flops_backward_measured and c.flops == 8064
+    assert c.seconds_forward > 0 and c.seconds_backward > 0
+    row = c.as_dict()
+    assert row["work_units_l1"] == 1.5 and row["flops"] == 8064 and row["batch_sizes"] == [2, 4]
+
+
+def test_work_units_are_relative_to_the_grid_the_data_arrives_on():
+    conv = nn.Conv2d(1, 1, 3, padding=1, bias=False).double()
+    x = torch.rand(4, 1, 8, 8, dtype=F64)
+    est = MGE(0, 4, base_level=1, count_flops=False)  # a coarse Full-Multiscale stage: plain loss at level 1
+    est.loss(conv, None, [(x, x)])
+    assert est.last_cost.work_units == 1.0 == est.step_work([4])  # 4 samples at a quarter of the pixels
+
+
+# ------------------------------------------------------------------------- allocation
+
+
+def test_paper_allocation_multiplies_by_four_per_coarser_level():
+    assert MGE(3, 2, allocation="paper").batch_sizes == [2, 8, 32, 128]
+    assert MGE(2, [3, 99, 99], allocation="paper").batch_sizes == [3, 12, 48]
+    assert paper_batch_sizes(3, 2, multiple_of=2) == [4, 12, 48]
+
+
+def test_mlmc_allocation_is_giles_optimum_under_the_budget():
+    v, c, budget = [4.0, 1.0, 0.25], [1.25, 0.3125, 0.0625], 100.0
+    n = mlmc_batch_sizes(v, c, budget)
+    denom = sum(math.sqrt(a * b) for a, b in zip(v, c))
+    expect = [budget * math.sqrt(a / b) / denom for a, b in zip(v, c)]
+    assert n == [round(e) for e in expect]
+    assert abs(sum(a * b for a, b in zip(n, c)) - budget) < max(c)
+    assert mlmc_batch_sizes([0.0, 1.0], [1.0, 0.25], 10.0, minimum=2) == [2, 40]
+    assert mlmc_batch_sizes(v, c, budget, multiple_of=4) == [4 * round(e / 4) for e in expect]
+
+
+def test_mlmc_estimator_reallocates_from_running_level_variances():
+    """The level-difference variance is the variance over samples of ℓ_i(l) − ℓ_i(l+1); after the
+    warm-up the sizes are Giles' optimum for those variances and the per-sample work."""
+    model = small_model()
+    est = MGE(2, [8, 8, 8], allocation="mlmc", warmup_steps=1, variance_decay=0.0, count_flops=False)
+    budget = est.budget
+    assert budget == 8 * (1.25 + 0.3125 + 0.0625)
+    xs = [smooth_images(8, 16, seed=30 + l, noise=0.5) for l in range(3)]
+    batches = [(x, smooth_images(8, 16, seed=30 + l)) for l, x in enumerate(xs)]
+    est.loss(model, None, batches)
+
+    def per_sample(x, y, level):
+        with torch.no_grad(), msconv.grid_scale(2.0**level):
+            xr, yr = msconv.restrict(x, levels=level), msconv.restrict(y, levels=level)
+            return (model(xr) - yr).pow(2).flatten(1).mean(1)
+
+    v = [float((per_sample(*batches[l], l) - per_sample(*batches[l], l + 1)).var()) for l in range(2)]
+    v.append(float(per_sample(*batches[2], 2).var()))
+    torch.testing.assert_close(torch.tensor(est.variance.variance), torch.tensor(v), rtol=1e-9, atol=0)
+    assert est.batch_sizes == mlmc_batch_sizes(v, est.level_work(), budget)
+    assert est.batch_sizes != [8, 8, 8]
+
+
+# ------------------------------------------------------------------------- errors
+
+
+def test_bad_configuration_errors_name_the_argument_and_the_fix():
+    with pytest.raises(ValueError, match=r"levels must be an int >= 0"):
+        MGE(-1, 4)
+    with pytest.raises(ValueError, match=r"batch_sizes has 2 entries but levels=2 needs 3"):
+        MGE(2, [4, 4])
+    with pytest.raises(ValueError, match=r"batch_sizes must be positive ints"):
+        MGE(1, [4, 0])
+    with pytest.raises(ValueError, match=r"batch_sizes must be positive ints"):
+        MGE(1, -2)
+    with pytest.raises(ValueError, match=r"restriction='cubic'.*average"):
+        MGE(1, 4, restriction="cubic")
+    with pytest.raises(ValueError, match=r"allocation='giles'.*mlmc"):
+        MGE(1, 4, allocation="giles")
+    with pytest.raises(ValueError, match=r"fuse must be"):
+        MGE(1, 4, fuse="yes")
+
+    model, x = small_model(), smooth_images(2, 8, seed=9)
+    with pytest.raises(ValueError, match=r"levels \+ 1 = 3 pairs.*got 2 pairs"):
+        MGE(2, 2).loss(model, None, [(x, x)] * 2)
+    with pytest.raises(ValueError, match=r"restricted only 3 time\(s\).*levels=4.*use fewer levels or larger images"):
+        MGE(4, 2).loss(model, None, [(x, x)] * 5)
+    with pytest.raises(ValueError, match=r"batches\[1\]\[0\] must be a floating \(N, C, H, W\)"):
+        MGE(1, 2).loss(model, None, [(x, x), (x[0], x[0])])
+    with pytest.raises(ValueError, match=r"batches\[0\] is empty"):
+        MGE(1, 2).loss(model, None, [(x[:0], x[:0]), (x, x)])
+    with pytest.raises(ValueError, match=r"x and y must hold the same samples"):
+        MGE(1, 2).loss(model, None, [(x, x[:1]), (x, x)])
