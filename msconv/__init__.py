@@ -10,5 +10,6 @@ from msconv import optim, reference
 from msconv._info import info
 from msconv.nn import current_grid_scale, grid_scale
 from msconv.ops import prolong, pyramid, restrict
+from msconv.multilevel import MGE, FullMultiscale  # also binds msconv.multilevel
 
-__all__ = ["__version__", "info", "optim", "reference", "restrict", "prolong", "pyramid", "grid_scale", "current_grid_scale"]
+__all__ = ["__version__", "info", "optim", "reference", "restrict", "prolong", "pyramid", "grid_scale", "current_grid_scale", "multilevel", "MGE", "FullMultiscale"]

@@ -344,7 +344,17 @@ class MGE:
         for l in range(self.levels + 1):
             fine = sample_losses[(l, 1.0)]
             self.variance.update(l, fine - sample_losses[(l, -1.0)] if l < self.levels else fine)
-        if self.steps < self.warmup_steps or not self.variance.ready():
+        if not self.variance.ready():
+            return
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Ranks see different shares; averaging keeps their allocations identical.
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+            v = torch.tensor(self.variance.variance, dtype=torch.float64, device=dev)
+            dist.all_reduce(v)
+            self.variance.variance = (v / dist.get_world_size()).tolist()
+        if self.steps < self.warmup_steps:
             return
         costs = self._level_costs()
         # The budget is in work units; a flops cost measure rescales it to FLOPs per step.
