@@ -11,5 +11,7 @@ from msconv._info import info
 from msconv.nn import current_grid_scale, grid_scale
 from msconv.ops import prolong, pyramid, restrict
 from msconv.multilevel import MGE, FullMultiscale  # also binds msconv.multilevel
+from msconv.nn import MFConv2d, convert
+from msconv.ops.mfconv import mf_conv2d
 
-__all__ = ["__version__", "info", "optim", "reference", "restrict", "prolong", "pyramid", "grid_scale", "current_grid_scale", "multilevel", "MGE", "FullMultiscale"]
+__all__ = ["__version__", "info", "optim", "reference", "restrict", "prolong", "pyramid", "grid_scale", "current_grid_scale", "MFConv2d", "convert", "mf_conv2d", "multilevel", "MGE", "FullMultiscale"]

@@ -51,6 +51,11 @@ __all__ = [
     "mf_multi_indices",
     "mf_taps",
     "mf_jets_ref",
+    "mf_order_of",
+    "mf_padding",
+    "mf_pad",
+    "mf_stencil",
+    "mf_conv2d_ref",
 ]
 
 
@@ -219,3 +224,105 @@ def mf_jets_ref(xp: torch.Tensor, filt: torch.Tensor, order: int, stride: int = 
     out = [F.conv2d(v[:, b : b + 1], filt[a].reshape(1, 1, 1, k), stride=(1, stride)) for a, b in idx]
     j = torch.cat(out, dim=1)
     return j.reshape(n, c * len(idx), j.shape[-2], j.shape[-1])
+
+
+def mf_order_of(m: int) -> int:
+    """The order p with (p+1)(p+2)/2 == m (the jets per channel); ValueError if m is no such count."""
+    p = 0
+    while (p + 1) * (p + 2) // 2 < m:
+        p += 1
+    if (p + 1) * (p + 2) // 2 != m:
+        valid = [(q + 1) * (q + 2) // 2 for q in range(6)]
+        raise ValueError(
+            f"a mesh-free weight's last dimension counts the jets, (p+1)(p+2)/2 for order p, "
+            f"i.e. one of {valid}..., got {m}; build it as [C_out, C_in/groups, (p+1)(p+2)/2]"
+        )
+    return p
+
+
+def mf_padding(n: int, kmin: int, k: int, stride: int) -> tuple[int, int]:
+    """(before, after) padding of an axis of length ``n`` for taps ``(kmin, K)`` from mf_taps.
+
+    After padding, output cell ``I`` of the ``ceil(n / stride)`` cells reads padded entries
+    ``S·I … S·I + K − 1``, i.e. input offsets ``S·I + kmax … S·I + kmin`` (kmax = kmin + K − 1),
+    exactly the sum ``J[I] = Σ_k taps[k] u[S·I − k]``. Either amount can be negative (a crop)
+    when the stride exceeds the stencil.
+    """
+    n_out = -(-n // stride)
+    kmax = kmin + k - 1
+    return kmax, stride * (n_out - 1) - (n - 1) - kmin
+
+
+def mf_pad(x: torch.Tensor, pad_h: tuple[int, int], pad_w: tuple[int, int], mode: str) -> torch.Tensor:
+    """Extend ``x`` (N, C, H, W) by ``pad_h``/``pad_w`` (before, after) cells per ``mode``.
+
+    Modes as nn.Conv2d's ``padding_mode``: ``zeros``, ``reflect`` (mirror without repeating the
+    edge, F.pad's "reflect"), ``replicate``, ``circular``. Unlike F.pad any amount is allowed —
+    pads wider than the image repeat the rule (reflect bounces, circular wraps again) — and
+    negative amounts crop; both happen for wide stencils on coarse grids.
+    """
+    (t, b), (l, r) = pad_h, pad_w
+    h, w = x.shape[-2:]
+    if mode == "zeros":
+        return F.pad(x, (l, r, t, b))
+    fits = {"reflect": lambda p, n: 0 <= p < n, "replicate": lambda p, n: p >= 0, "circular": lambda p, n: 0 <= p <= n}
+    if mode not in fits:
+        raise ValueError(f"mf_pad: unknown mode={mode!r}; use zeros, reflect, replicate or circular")
+    if all(fits[mode](p, n) for p, n in ((t, h), (b, h), (l, w), (r, w))):
+        return F.pad(x, (l, r, t, b), mode=mode)
+
+    def index(n: int, lo: int, hi: int) -> torch.Tensor:
+        i = torch.arange(-lo, n + hi, device=x.device)
+        if mode == "replicate" or n == 1:
+            return i.clamp(0, n - 1)
+        if mode == "circular":
+            return i.remainder(n)
+        i = i.remainder(2 * (n - 1))
+        return torch.where(i < n, i, 2 * (n - 1) - i)
+
+    return x.index_select(-2, index(h, t, b)).index_select(-1, index(w, l, r))
+
+
+def mf_stencil(weight_coeffs: torch.Tensor, sigma: float | torch.Tensor, scale: float, stride: int = 1) -> torch.Tensor:
+    """The dense sampled stencil of a mesh-free layer, ready for ``F.conv2d`` (a correlation).
+
+    Args:
+        weight_coeffs: θ, ``[C_out, C_in/groups, M]``, M = (p+1)(p+2)/2 in jet order.
+    Returns:
+        ``[C_out, C_in/groups, K, K]`` in θ's dtype, ``K = 2r + 1`` for stride 1:
+        ``stencil[o, c, t, q] = Σ_m θ[o, c, m] · filt[b_m, t] · filt[a_m, q]`` with
+        ``filt = mf_taps(...).flip(-1)``; entry ``(t, q)`` multiplies ``u[S·I + t − kmax,
+        S·J + q − kmax]`` (see :func:`mf_padding`). Differentiable in θ and in a tensor σ.
+    """
+    order = mf_order_of(weight_coeffs.shape[-1])
+    taps, _ = mf_taps(order, sigma, scale, stride)
+    filt = taps.flip(-1).to(weight_coeffs.device)
+    basis = torch.stack([filt[b][:, None] * filt[a][None, :] for a, b in mf_multi_indices(order)])
+    stencil = torch.einsum("ocm,mtq->octq", weight_coeffs.to(torch.float64), basis)
+    return stencil.to(weight_coeffs.dtype)
+
+
+def mf_conv2d_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    sigma: float | torch.Tensor,
+    scale: float = 1.0,
+    stride: int = 1,
+    padding_mode: str = "zeros",
+    groups: int = 1,
+) -> torch.Tensor:
+    """Mesh-free convolution as F.conv2d with the dense sampled stencil (the ground truth).
+
+    Args:
+        x: ``[N, C_in, H, W]`` on a grid of spacing ``scale`` reference pixels.
+        weight: θ, ``[C_out, C_in/groups, M]``; bias ``[C_out]`` or None; sigma in reference pixels.
+    Returns:
+        ``[N, C_out, ceil(H/stride), ceil(W/stride)]``; output cell I is centred on input cells
+        ``S·I … S·I + S − 1`` (the cell-centred convention above), whatever the padding mode.
+    """
+    taps, kmin = mf_taps(mf_order_of(weight.shape[-1]), sigma, scale, stride)
+    k = taps.shape[1]
+    stencil = mf_stencil(weight, sigma, scale, stride).to(x.dtype)
+    xp = mf_pad(x, mf_padding(x.shape[-2], kmin, k, stride), mf_padding(x.shape[-1], kmin, k, stride), padding_mode)
+    return F.conv2d(xp, stencil, bias, stride=stride, groups=groups)

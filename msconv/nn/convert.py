@@ -1,0 +1,122 @@
+"""``convert``: swap a model's nn.Conv2d layers for MFConv2d fitted to their weights (SPEC §2)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from msconv import reference
+from msconv.nn.mfconv import MFConv2d
+
+__all__ = ["convert", "fit_mf_weight"]
+
+
+def _window_offsets(conv: nn.Conv2d) -> int | None:
+    """Offset of the conv's first tap from the output position S·I, or None if not "same"-like."""
+    k = conv.kernel_size[0]
+    if conv.padding == "same":
+        return -((k - 1) // 2)  # torch pads the short side first for even k
+    if isinstance(conv.padding, tuple) and conv.padding == (k // 2, k // 2) and k % 2 == 1:
+        return -(k // 2)
+    return None
+
+
+def _why_not(conv: nn.Conv2d) -> str | None:
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} subclasses nn.Conv2d and may change its forward; left as is"
+    if conv.dilation != (1, 1):
+        return f"dilation={conv.dilation} has no mesh-free equivalent"
+    if conv.kernel_size[0] != conv.kernel_size[1] or conv.stride[0] != conv.stride[1]:
+        return f"non-square kernel_size={conv.kernel_size} / stride={conv.stride} (MFConv2d is isotropic)"
+    if _window_offsets(conv) is None:
+        return (
+            f"padding={conv.padding} with kernel_size={conv.kernel_size} changes the output size; "
+            "MFConv2d keeps the 'same' grid, so the model would not run unchanged"
+        )
+    return None
+
+
+def fit_mf_weight(weight: torch.Tensor, first_offset: int, order: int, sigma: float, stride: int = 1):
+    """Least-squares θ whose s = 1 stencil best matches a k×k conv weight; (θ, relative error).
+
+    Args:
+        weight: ``[C_out, C_in/g, k, k]`` (F.conv2d orientation); its tap t multiplies the input
+            at offset ``first_offset + t`` from the output position ``S·I``.
+    Returns:
+        θ ``[C_out, C_in/g, M]`` (float64) and ``‖stencil(θ) − weight‖ / ‖weight‖`` measured on
+        the union of both windows (the mesh-free stencil's tails outside k×k count as error).
+    """
+    k = weight.shape[-1]
+    taps, kmin = reference.mf_taps(order, sigma, 1.0, stride)
+    kk = taps.shape[1]
+    kmax = kmin + kk - 1
+    # MFC correlation entry t ↔ offset t − kmax; conv entry t ↔ offset first_offset + t.
+    lo, hi = min(-kmax, first_offset), max(kk - 1 - kmax, first_offset + k - 1)
+    n = hi - lo + 1
+    filt = taps.flip(-1)
+    basis = torch.zeros(len(reference.mf_multi_indices(order)), n, n, dtype=torch.float64)
+    a0 = -kmax - lo
+    for m, (a, b) in enumerate(reference.mf_multi_indices(order)):
+        basis[m, a0 : a0 + kk, a0 : a0 + kk] = filt[b][:, None] * filt[a][None, :]
+    target = torch.zeros(*weight.shape[:2], n, n, dtype=torch.float64)
+    w0 = first_offset - lo
+    target[..., w0 : w0 + k, w0 : w0 + k] = weight.detach().to("cpu", torch.float64)
+    A = basis.reshape(basis.shape[0], -1).T  # [n², M]
+    rhs = target.reshape(-1, n * n).T  # [n², C_out·C_in/g]
+    theta = torch.linalg.lstsq(A, rhs).solution  # [M, C_out·C_in/g]
+    err = torch.linalg.norm(A @ theta - rhs) / torch.linalg.norm(rhs).clamp_min(1e-300)
+    return theta.T.reshape(*weight.shape[:2], -1), float(err)
+
+
+def convert(model: nn.Module, order: int = 2, sigma: float | None = None, inplace: bool = False):
+    """Replace every nn.Conv2d in ``model`` by an MFConv2d fitted by least squares (at s = 1).
+
+    Each layer keeps its channels, stride, groups, bias and padding_mode; θ minimises the
+    Frobenius distance between the sampled s = 1 stencil and the conv's weights. ``sigma``
+    (reference pixels) defaults to each layer's ``kernel_size / 6``. Layers that MFConv2d cannot
+    honour (dilation ≠ 1, non-square, padding that changes the output size, subclasses of
+    nn.Conv2d) are left in place and reported.
+
+    Returns ``(model, report)``: ``report`` is a list of dicts, one per nn.Conv2d found, with
+    ``name``, ``converted`` (bool), ``rel_error`` (the relative fit error, None if skipped) and
+    ``reason`` (why it was skipped, else ""). ``inplace=False`` converts a deep copy.
+
+    >>> net, report = msconv.convert(torchvision_like_model, order=2)
+    >>> [(r["name"], round(r["rel_error"], 3)) for r in report if r["converted"]]
+    """
+    if isinstance(order, bool) or not isinstance(order, int) or order < 0:
+        raise ValueError(f"convert: order must be an int >= 0, got order={order!r}")
+    if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0):
+        raise ValueError(f"convert: sigma must be a number > 0 in reference pixels or None, got sigma={sigma!r}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    report, swaps = [], []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Conv2d):
+            continue
+        why = _why_not(mod)
+        if why is not None:
+            report.append({"name": name, "converted": False, "rel_error": None, "reason": why})
+            continue
+        k = mod.kernel_size[0]
+        sig = float(sigma) if sigma is not None else k / 6.0
+        theta, err = fit_mf_weight(mod.weight, _window_offsets(mod), order, sig, mod.stride[0])
+        new = MFConv2d(
+            mod.in_channels, mod.out_channels, k, mod.stride[0], groups=mod.groups, bias=mod.bias is not None,
+            padding_mode=mod.padding_mode, device=mod.weight.device, dtype=mod.weight.dtype, order=order, sigma=sig,
+        )
+        with torch.no_grad():
+            new.weight.copy_(theta)
+            if mod.bias is not None:
+                new.bias.copy_(mod.bias)
+        new.train(mod.training)
+        swaps.append((name, new))
+        report.append({"name": name, "converted": True, "rel_error": err, "reason": ""})
+    for name, new in swaps:
+        if name == "":
+            model = new
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model, report

@@ -1,0 +1,198 @@
+"""MFConv2d: the mesh-free convolution layer, a drop-in replacement for nn.Conv2d (SPEC §2)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from msconv import reference
+from msconv.nn.grid import current_grid_scale
+from msconv.ops.mfconv import METHODS, PADDING_MODES, mf_conv2d
+
+__all__ = ["MFConv2d"]
+
+
+def _square(value, name: str) -> int:
+    """An int, or a tuple of two equal ints (what nn.Conv2d's _pair accepts), as one int."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(
+                f"MFConv2d: {name} must be an int or a square pair (k, k), got {name}={tuple(value)}; the "
+                "mesh-free kernel is isotropic (one σ for both axes), so a non-square "
+                f"{name} cannot be honoured — use a square one"
+            )
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"MFConv2d: {name} must be a positive int, got {name}={value!r}")
+    return value
+
+
+class MFConv2d(nn.Module):
+    r"""Mesh-free 2-D convolution: ``bias + Σ_c Σ_{a+b≤p} θ[o,c,(a,b)] ∂x^a ∂y^b G_σ * u_c``.
+
+    The kernel is a function in physical (reference-pixel) coordinates, sampled on the grid of
+    spacing ``s = msconv.current_grid_scale()`` at every call, so the layer is the same operator
+    at every resolution. Arguments are nn.Conv2d's; the differences:
+
+    * ``kernel_size`` only chooses the default ``sigma = kernel_size / 6`` (the ±3σ footprint
+      equals ``kernel_size`` reference pixels at s = 1); the stencil actually sampled has radius
+      ``ceil(4σ/s + ½)`` pixels.
+    * ``padding`` is always "same" on the cell-centred grid: ``"same"`` or the int/pair
+      ``kernel_size // 2`` (odd kernel sizes) are accepted and mean that.
+    * ``stride`` S gives ``ceil(H/S)`` output cells of spacing ``S·s``, each centred on its S×S
+      block of input cells (half a pixel off nn.Conv2d's sample points for even S).
+    * ``dilation`` must be 1 (a dilated kernel has no mesh-free meaning).
+
+    Keyword-only: ``order`` p of the derivative basis (M = (p+1)(p+2)/2 weights per channel
+    pair; 6 for p = 2), ``sigma`` in reference pixels, ``learn_sigma`` (σ a parameter, else a
+    buffer), ``method`` (``auto``, ``separable``, ``fft`` for circular padding, ``dense``).
+
+    Shapes: input ``[N, C_in, H, W]``, output ``[N, C_out, ceil(H/S), ceil(W/S)]``, weight
+    ``[C_out, C_in/groups, M]``, bias ``[C_out]``, sigma ``[]``.
+
+    Example::
+
+        >>> layer = msconv.MFConv2d(3, 16, kernel_size=3)
+        >>> x = torch.randn(1, 3, 64, 64)
+        >>> y1 = layer(x)
+        >>> with msconv.grid_scale(2.0):           # the same layer on a 2× coarser image
+        ...     y2 = layer(msconv.restrict(x))      # ≈ msconv.restrict(y1)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size=3,
+        stride=1,
+        padding="same",
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        order: int = 2,
+        sigma: float | None = None,
+        learn_sigma: bool = False,
+        method: str = "auto",
+    ):
+        super().__init__()
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"MFConv2d: {name} must be a positive int, got {name}={v!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"MFConv2d: in_channels={in_channels} and out_channels={out_channels} must both be divisible "
+                f"by groups={groups}"
+            )
+        k = _square(kernel_size, "kernel_size")
+        stride = _square(stride, "stride")
+        if _square(dilation, "dilation") != 1:
+            raise ValueError(
+                f"MFConv2d: dilation={dilation!r} cannot be honoured: a mesh-free kernel is a smooth function "
+                "sampled on the grid, it has no holes; use dilation=1 and a larger sigma (or kernel_size) "
+                "for a wider receptive field"
+            )
+        if padding != "same":
+            pad = tuple(padding) if isinstance(padding, (tuple, list)) else (padding, padding)
+            if isinstance(padding, str) or k % 2 == 0 or pad != (k // 2, k // 2):
+                raise ValueError(
+                    f"MFConv2d: padding={padding!r} is not supported: MFConv2d always keeps the cell-centred "
+                    f"'same' grid (ceil(H/stride) output cells); pass padding='same' (or kernel_size//2 = {k // 2} "
+                    "for an odd kernel_size)"
+                )
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"MFConv2d: unknown padding_mode={padding_mode!r}; use one of {PADDING_MODES}")
+        if method not in METHODS:
+            raise ValueError(f"MFConv2d: unknown method={method!r}; use one of {METHODS}")
+        if method == "fft" and padding_mode != "circular":
+            raise ValueError("MFConv2d: method='fft' needs padding_mode='circular'; use method='separable' or 'auto'")
+        if isinstance(order, bool) or not isinstance(order, int) or order < 0:
+            raise ValueError(f"MFConv2d: order must be an int >= 0 (the highest derivative order), got order={order!r}")
+        if sigma is None:
+            sigma = k / 6.0
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(
+                f"MFConv2d: sigma must be a finite number > 0 in reference pixels, got sigma={sigma!r}; "
+                "leave it None for kernel_size / 6"
+            )
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.padding, self.dilation = (k, k), (stride, stride), padding, (1, 1)
+        self.padding_mode, self.order, self.method, self.learn_sigma = padding_mode, order, method, learn_sigma
+        m = (order + 1) * (order + 2) // 2
+        fk = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, m, **fk))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **fk))
+        else:
+            self.register_parameter("bias", None)
+        sig = torch.tensor(float(sigma), **fk)
+        if learn_sigma:
+            self.sigma = nn.Parameter(sig)
+        else:
+            self.register_buffer("sigma", sig)
+        # A fixed σ is used as a Python float: exact whatever the module dtype (a float16 buffer
+        # would round it) and free of host syncs and graph breaks under torch.compile.
+        self._sigma = float(sigma)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Conv2d's default output variance, for a white-noise input at s = 1.
+
+        nn.Conv2d draws w ~ U(±1/√fan_in), fan_in = C_in/g·k², so a unit white-noise input gives
+        Var(y) = fan_in·Var(w) = 1/3. Here y = Σ_c Σ_m θ_m J_m and Var(J_m) = G_m = ‖stencil_m‖²
+        (the s = 1 basis stencil's energy, which grows like σ^(−2(a+b)) for derivatives), so
+        θ_m ~ U(±√(3·v_m)) with v_m = 1/(3·C_in/g·M·G_m) gives each of the C_in/g·M terms an
+        equal share and Var(y) = 1/3 again. The bias is nn.Conv2d's, U(±1/√fan_in).
+        """
+        m = self.weight.shape[-1]
+        taps, _ = reference.mf_taps(self.order, self._sigma, 1.0)
+        energy = torch.stack([(taps[a] ** 2).sum() * (taps[b] ** 2).sum() for a, b in reference.mf_multi_indices(self.order)])
+        fan = self.in_channels // self.groups
+        bound = (1.0 / (fan * m * energy)).sqrt().to(device=self.weight.device, dtype=torch.float32)
+        with torch.no_grad():
+            u = torch.rand(self.weight.shape, device=self.weight.device, dtype=torch.float32) * 2 - 1
+            self.weight.copy_(u * bound)
+            if self.bias is not None:
+                b = 1.0 / math.sqrt(fan * self.kernel_size[0] ** 2)
+                nn.init.uniform_(self.bias, -b, b)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "sigma" in state_dict:
+            self._sigma = float(state_dict[prefix + "sigma"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C_in, H, W]`` on the grid of ``current_grid_scale()`` → ``[N, C_out, ceil(H/S), ceil(W/S)]``."""
+        if isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(
+                f"MFConv2d: input must be a floating tensor, got x.dtype={x.dtype}; convert it first, "
+                "e.g. x.float() / 255 for 8-bit images"
+            )
+        sigma = self.sigma if self.learn_sigma else self._sigma
+        return mf_conv2d(
+            x, self.weight, self.bias, sigma, current_grid_scale(), self.stride[0], self.padding_mode,
+            self.groups, self.method,
+        )
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        if self.stride != (1, 1):
+            s += f", stride={self.stride}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        if self.order != 2:
+            s += f", order={self.order}"
+        s += f", sigma={float(self.sigma) if self.learn_sigma else self._sigma:.4g}"
+        if self.learn_sigma:
+            s += ", learn_sigma=True"
+        if self.method != "auto":
+            s += f", method={self.method!r}"
+        return s
