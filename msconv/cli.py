@@ -1,4 +1,10 @@
-"""Command line: ``msconv info`` and ``msconv bench transfer`` (console script and ``python -m msconv``)."""
+"""Command line (console script ``msconv`` and ``python -m msconv``).
+
+- ``msconv train``   — train one model single-scale, with MGE or Full-Multiscale.
+- ``msconv compare`` — the same job under several modes; summary.json / .md and plots.
+- ``msconv bench``   — kernel microbenchmarks (bench/bench_<name>.py).
+- ``msconv info``    — versions, compiled kernels, Triton, and the backend each op uses.
+"""
 from __future__ import annotations
 
 import argparse
@@ -45,9 +51,113 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+_EXIT_CONFIG, _EXIT_NONFINITE, _EXIT_CHECKPOINT = 2, 3, 4
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field; defaults are suppressed so that only options given
+    on the command line override the YAML file."""
+    from msconv.train.config import TrainConfig
+
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (keys as below, '_' or '-'); "
+                   "command-line options override it")
+    for f in TrainConfig.fields():
+        name = "--" + f.name.replace("_", "-")
+        default = f.default
+        helptext = f.metadata["help"] + ("" if default is None else f" (default: {default})")
+        if f.type == "bool":
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
+            continue
+        kw = {"type": {"int": int, "float": float}.get(f.type, str), "default": argparse.SUPPRESS, "help": helptext}
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+        if f.type == "list":
+            kw["metavar"] = "N,N,..."
+        p.add_argument(name, **kw)
+
+
+def _config_from_args(args, **overrides):
+    from msconv.train.config import TrainConfig, load_yaml
+
+    d = load_yaml(args.config) if getattr(args, "config", None) else {}
+    names = {f.name for f in TrainConfig.fields()}
+    d.update({k: v for k, v in vars(args).items() if k in names})
+    for k, v in overrides.items():
+        d.setdefault(k, v)
+    return TrainConfig.from_dict(d, source=args.config or "options")
+
+
+def _run_guarded(fn) -> int:
+    """Known failures print one clear line and an exit code instead of a traceback."""
+    from msconv.data import ImageReadError
+    from msconv.train.config import ConfigError
+    from msconv.train.io import CheckpointError
+    from msconv.train.trainer import NonFiniteError
+
+    try:
+        return fn()
+    except (ConfigError, ImageReadError, FileNotFoundError, ValueError, ImportError) as e:
+        print(f"msconv: error: {e}", file=sys.stderr)
+        return _EXIT_CONFIG
+    except NonFiniteError as e:
+        print(f"msconv: {e}", file=sys.stderr)
+        return _EXIT_NONFINITE
+    except CheckpointError as e:
+        print(f"msconv: error: {e}", file=sys.stderr)
+        return _EXIT_CHECKPOINT
+
+
+def _cmd_train(args) -> int:
+    def go():
+        from msconv.train.trainer import Trainer
+
+        cfg = _config_from_args(args)
+        r = Trainer(cfg).run()
+        state = "finished" if r["complete"] else f"stopped at step {r['iterations']} (resume with --resume)"
+        print(f"{cfg.mode}/{cfg.conv} {state}: val PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}, "
+              f"{r['work_units']:.1f} work units, {r['flops']:.3g} FLOPs, {r['wall_clock_s']:.1f} s, "
+              f"{r['iterations']} steps ({r['skipped_steps']} skipped) -> {cfg.out}")
+        return 0
+
+    return _run_guarded(go)
+
+
+def _cmd_compare(args) -> int:
+    def go():
+        from msconv.train.compare import compare, summary_markdown
+
+        cfg = _config_from_args(args, out="runs/compare")
+        modes = [m for m in args.modes.replace(" ", "").split(",") if m]
+        s = compare(cfg, modes)
+        if not s["runs"]:
+            print(f"compare stopped during mode {s['incomplete']!r} (--max-steps); run again with --resume")
+            return 0
+        print(summary_markdown(s))
+        print(f"wrote {cfg.out}/summary.json, summary.md, psnr_vs_work_units.png, psnr_vs_wall_clock.png")
+        return 0
+
+    return _run_guarded(go)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="msconv", description="Multiscale training of CNNs.")
     sub = p.add_subparsers(dest="command", required=True)
+    pt = sub.add_parser(
+        "train", help="train an image-restoration CNN: single-scale, MGE or Full-Multiscale",
+        description="Train one model on one task. Writes OUT/metrics.csv, OUT/tb (TensorBoard), OUT/checkpoint.pt "
+        "(atomic; --resume continues exactly), OUT/result.json and OUT/model.pt. Exit codes: 2 bad options or data, "
+        "3 stopped on a non-finite loss, 4 unreadable checkpoint.",
+        )
+    _add_config_options(pt)
+    pt.set_defaults(func=_cmd_train)
+    pc = sub.add_parser(
+        "compare", help="run several modes on the same task, data, seed and budget; summary table and plots",
+        description="Run --modes on the same task, data, seed and compute budget (fine-equivalent work units; each "
+        "mode's schedule is scaled to it). Writes OUT/<mode>/ runs, OUT/summary.json, OUT/summary.md and the plots "
+        "OUT/psnr_vs_work_units.png, OUT/psnr_vs_wall_clock.png. Default --out runs/compare.")
+    pc.add_argument("--modes", default="single,mge,fmg", help="comma-separated modes to compare (default: single,mge,fmg)")
+    _add_config_options(pc)
+    pc.set_defaults(func=_cmd_compare)
     pi = sub.add_parser("info", help="versions, compiled kernels, Triton, and the backend each op uses")
     pi.add_argument("--json", action="store_true", help="print as JSON")
     pi.set_defaults(func=_cmd_info)

@@ -25,12 +25,10 @@ def test_model_runs_at_several_resolutions(name, conv):
         m.zero_grad()
 
 
-def test_residual_models_start_near_identity_on_first_channels():
+@pytest.mark.parametrize("name", ["dncnn", "unet", "resnet", "espcn"])
+def test_residual_models_start_as_identity_on_first_channels(name):
     x = torch.rand(1, 2, 24, 24)
-    m = build_model("dncnn", 2, 1, depth=3, width=4)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.zero_()
+    m = build_model(name, 2, 1, **SMALL)
     assert torch.equal(m(x), x[:, :1])
 
 

@@ -134,7 +134,7 @@ def load_folder(path: str, gray: bool = True, on_bad_file: str = "error", recurs
         except ImageReadError as e:
             if on_bad_file == "error":
                 raise
-            warnings.warn(f"skipping {e}", stacklevel=2)
+            warnings.warn(f"skipping unreadable image file {f!r} ({e.__cause__})", stacklevel=2)
     if not images:
         raise FileNotFoundError(f"data: no readable images ({', '.join(IMAGE_EXTENSIONS)}) in {path!r}")
     return ImageSet(images, kept)

@@ -50,6 +50,14 @@ def make_conv(conv: str, in_channels: int, out_channels: int, kernel_size: int =
     raise ValueError(f"conv must be one of {CONV_KINDS}, got {conv!r}")
 
 
+def _zero_init(m: nn.Module) -> nn.Module:
+    # Residual models then start as the identity on the corrupted picture (PSNR = input PSNR)
+    # instead of adding a random image to it, which costs early steps just to undo.
+    for p in m.parameters():
+        nn.init.zeros_(p)
+    return m
+
+
 def _residual_base(x: torch.Tensor, out_channels: int) -> torch.Tensor:
     # The first out_channels input channels are the corrupted picture (inpainting appends its
     # mask after them), so residual models predict a correction to them.
@@ -73,7 +81,7 @@ class DnCNN(nn.Module):
             if batchnorm:
                 layers += [nn.BatchNorm2d(width)]
             layers += [nn.ReLU(inplace=True)]
-        layers += [make_conv(conv, width, out_channels)]
+        layers += [_zero_init(make_conv(conv, width, out_channels))]
         self.body = nn.Sequential(*layers)
         self.out_channels = out_channels
 
@@ -101,7 +109,7 @@ class UNet(nn.Module):
         self.enc = nn.ModuleList([_DoubleConv(conv, in_channels, chans[0])] +
                                  [_DoubleConv(conv, chans[k - 1], chans[k]) for k in range(1, depth + 1)])
         self.dec = nn.ModuleList([_DoubleConv(conv, chans[k + 1] + chans[k], chans[k]) for k in range(depth)])
-        self.head = nn.Conv2d(chans[0], out_channels, 1)
+        self.head = _zero_init(nn.Conv2d(chans[0], out_channels, 1))
 
     def forward(self, x):
         h, w = x.shape[2:]
@@ -134,7 +142,7 @@ class ResNet(nn.Module):
             nn.Sequential(make_conv(conv, width, width), nn.ReLU(inplace=True), make_conv(conv, width, width))
             for _ in range(blocks)
         )
-        self.tail = make_conv(conv, width, out_channels)
+        self.tail = _zero_init(make_conv(conv, width, out_channels))
 
     def forward(self, x):
         z = self.head(x)
@@ -159,6 +167,8 @@ class ESPCN(nn.Module):
             make_conv(conv, width, width // 2, 3), nn.Tanh(),
             make_conv(conv, width // 2, out_channels * upscale ** 2, 3),
         )
+        if upscale == 1:
+            _zero_init(self.body[-1])
         self.shuffle = nn.PixelShuffle(upscale)
 
     def forward(self, x):

@@ -1,0 +1,148 @@
+"""``msconv compare``: the same task, data, seed and budget under several modes, side by side.
+
+Writes ``OUT/<mode>/…`` (each a full ``msconv train`` run), ``OUT/summary.json``,
+``OUT/summary.md`` and the plots ``OUT/psnr_vs_work_units.png`` and
+``OUT/psnr_vs_wall_clock.png``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from msconv.train.config import MODES, ConfigError, TrainConfig
+from msconv.train.trainer import Trainer
+
+__all__ = ["compare", "summarize", "to_single_quality", "QUALITY_TOLERANCE_DB"]
+
+QUALITY_TOLERANCE_DB = 0.1
+
+
+def to_single_quality(history: list[dict], target_psnr: float | None, tol: float = QUALITY_TOLERANCE_DB):
+    """(work units, wall-clock s) spent until validation PSNR first came within ``tol`` dB of
+    ``target_psnr``; (None, None) if it never did."""
+    if target_psnr is None:
+        return None, None
+    for rec in history:
+        if rec["psnr"] is not None and rec["psnr"] >= target_psnr - tol:
+            return rec["work_units"], rec["wall_clock_s"]
+    return None, None
+
+
+def summarize(cfg: TrainConfig, results: list[dict], out: str) -> dict:
+    """Build and write summary.json / summary.md / plots from per-mode results."""
+    single = next((r for r in results if r["mode"] == "single"), None)
+    target = single["psnr"] if single else None
+    runs = []
+    for r in results:
+        wu, t = to_single_quality(r["val_history"], target)
+        runs.append({
+            "mode": r["mode"], "conv": r["conv"], "psnr": r["psnr"], "ssim": r["ssim"],
+            "work_units": r["work_units"], "flops": r["flops"], "wall_clock_s": r["wall_clock_s"],
+            "iterations": r["iterations"], "work_units_to_single_quality": wu, "wall_clock_to_single_quality_s": t,
+        })
+    config = {k: v for k, v in cfg.to_dict().items() if k not in ("resume", "progress", "out", "max_steps")}
+    config.update(modes=[r["mode"] for r in results], quality_tolerance_db=QUALITY_TOLERANCE_DB,
+                  engine=results[0].get("engine") if results else None)
+    summary = {"config": config, "runs": runs}
+    with open(os.path.join(out, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=2)
+    md = summary_markdown(summary)
+    with open(os.path.join(out, "summary.md"), "w") as fh:
+        fh.write(md)
+    plot(results, out)
+    return summary
+
+
+def _fmt(v, spec):
+    return "—" if v is None else format(v, spec)
+
+
+def _ratio(a, b):
+    return None if (a is None or b is None or b == 0) else a / b
+
+
+def summary_markdown(summary: dict) -> str:
+    """A Markdown table; ratios are single-scale's figure divided by the mode's (× less)."""
+    runs = summary["runs"]
+    single = next((r for r in runs if r["mode"] == "single"), None)
+    c = summary["config"]
+    lines = [
+        f"# msconv compare: {c['task']} with {c['model']} ({c['conv']} conv), budget {c['budget']:g} work units",
+        "",
+        f"Validation on {c['data']!r} data, crops {c['crop']}², seed {c['seed']}. Ratios are single-scale's figure "
+        f"over the mode's (so > 1 means the mode needs less); 'to quality' = spent until validation PSNR was within "
+        f"{c['quality_tolerance_db']} dB of single-scale's final PSNR.",
+        "",
+        "| mode | PSNR (dB) | ΔPSNR vs single | SSIM | work units | FLOPs | wall-clock (s) | iterations "
+        "| work to quality | × less work | time to quality (s) | × less time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        dp = None if (single is None or r["psnr"] is None or single["psnr"] is None) else r["psnr"] - single["psnr"]
+        lines.append(
+            f"| {r['mode']} | {_fmt(r['psnr'], '.2f')} | {_fmt(dp, '+.2f')} | {_fmt(r['ssim'], '.4f')} "
+            f"| {r['work_units']:.1f} | {r['flops']:.3g} | {r['wall_clock_s']:.1f} | {r['iterations']} "
+            f"| {_fmt(r['work_units_to_single_quality'], '.1f')} "
+            f"| {_fmt(_ratio(single and single['work_units_to_single_quality'], r['work_units_to_single_quality']), '.2f')} "
+            f"| {_fmt(r['wall_clock_to_single_quality_s'], '.1f')} "
+            f"| {_fmt(_ratio(single and single['wall_clock_to_single_quality_s'], r['wall_clock_to_single_quality_s']), '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], out: str) -> list[str]:
+    """Validation PSNR against work units and against wall-clock, one line per mode (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, label, name in (("work_units", "fine-equivalent work units", "psnr_vs_work_units.png"),
+                             ("wall_clock_s", "training wall-clock (s)", "psnr_vs_wall_clock.png")):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        for r in results:
+            h = r["val_history"]
+            ax.plot([p[key] for p in h], [p["psnr"] for p in h], marker="o", ms=3, label=f"{r['mode']} ({r['conv']})")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation PSNR (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out, name)
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def compare(cfg: TrainConfig, modes=MODES, data=None, on_step=None) -> dict:
+    """Run each mode under ``cfg`` (same seed and budget) into ``cfg.out/<mode>``; summarise.
+
+    With ``cfg.resume``, modes that already finished are read back and unfinished ones resume.
+    """
+    modes = list(modes)
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ConfigError(f"--modes: {bad or modes!r} not valid; give a comma-separated subset of {list(MODES)}")
+    os.makedirs(cfg.out, exist_ok=True)
+    if data is None:
+        from msconv.data import load_dataset
+
+        data = load_dataset(cfg.data, cfg.val_data, cfg.gray, cfg.val_fraction, cfg.split_seed,
+                            "skip" if cfg.skip_bad_files else "error")
+    results = []
+    for mode in modes:
+        sub = cfg.replace(mode=mode, out=os.path.join(cfg.out, mode))
+        done = os.path.join(sub.out, "result.json")
+        if cfg.resume and os.path.exists(done):
+            with open(done) as fh:
+                results.append(json.load(fh))
+            continue
+        if cfg.resume and not os.path.exists(os.path.join(sub.out, "checkpoint.pt")):
+            sub = sub.replace(resume=False)
+        r = Trainer(sub, on_step=on_step, data=data).run()
+        if not r["complete"]:  # stopped early on purpose (max_steps): nothing to summarise yet
+            return {"config": cfg.to_dict(), "runs": [], "incomplete": mode}
+        results.append(r)
+    return summarize(cfg, results, cfg.out)

@@ -1,0 +1,196 @@
+"""Training configuration: one dataclass that is the YAML schema and the CLI options.
+
+Precedence: defaults < ``--config FILE.yaml`` < options given on the command line. Every
+field is a CLI option ``--field-name`` and a YAML key ``field_name``; unknown YAML keys are
+an error naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+__all__ = ["TrainConfig", "load_yaml", "ConfigError", "MODES"]
+
+MODES = ("single", "mge", "fmg")
+OPTIMIZERS = ("adam", "sgd", "lars", "lamb")
+DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "lars": 1.0, "lamb": 1e-2}
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the option and the fix."""
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- task
+    task: str = _f("denoise", "denoise | deblur | inpaint | sr", choices=("denoise", "deblur", "inpaint", "sr"))
+    noise_sigma: float = _f(None, "noise std on the 0-255 scale (default: 25 for denoise, 2.55 for deblur)")
+    blur_sigma: float = _f(1.6, "deblur: Gaussian blur std in reference (finest-grid) pixels")
+    mask_fraction: float = _f(0.25, "inpaint: fraction of pixels missing")
+    mask_kind: str = _f("mixed", "inpaint: boxes | strokes | mixed", choices=("boxes", "strokes", "mixed"))
+    sr_scale: int = _f(2, "sr: upscaling factor 2 or 4", choices=(2, 4))
+    sr_kernel: str = _f("bicubic", "sr: downsampling kernel bicubic | area", choices=("bicubic", "area"))
+    # --- model
+    model: str = _f("dncnn", "dncnn | unet | resnet | espcn", choices=("dncnn", "unet", "resnet", "espcn"))
+    conv: str = _f("standard", "standard (nn.Conv2d) | mf (msconv.MFConv2d)", choices=("standard", "mf"))
+    depth: int = _f(None, "dncnn: layers (default 17); unet: poolings (default 2)")
+    width: int = _f(None, "channels of the first layer (model default if unset)")
+    blocks: int = _f(None, "resnet: residual blocks (default 4)")
+    # --- multiscale
+    mode: str = _f("single", "single | mge | fmg", choices=MODES)
+    levels: int = _f(2, "coarser levels below the finest grid (mge, fmg)")
+    batch_size: int = _f(4, "fine-level batch size (single; level 0 of mge)")
+    batch_sizes: list = _f(None, "mge: per-level batch sizes, finest first, e.g. 4,4,4 (default: batch_size at every level)")
+    allocation: str = _f("fixed", "mge batch allocation: fixed | paper | mlmc", choices=("fixed", "paper", "mlmc"))
+    restriction: str = _f("average", "restriction of inputs and targets: average | full_weighting | bilinear | nearest",
+                          choices=("average", "full_weighting", "bilinear", "nearest"))
+    fmg_iteration_ratio: float = _f(2.0, "fmg: each coarser stage runs this many times the iterations of the next finer one")
+    fmg_batch_ratio: float = _f(2.0, "fmg: each coarser stage multiplies the batch sizes by this")
+    # --- data
+    data: str = _f("bundled", "'bundled' (scikit-image's photographs) or a folder of PNG/JPEG/BMP/TIFF images")
+    val_data: str = _f(None, "validation folder (default: a split of --data by image)")
+    val_fraction: float = _f(0.2, "fraction of the images held out for validation when --val-data is not given")
+    gray: bool = _f(True, "train on grayscale (else RGB)")
+    crop: int = _f(128, "training crop size in pixels (finest grid)")
+    val_crop: int = _f(256, "validation images are centre-cropped to at most this side (0: full images)")
+    skip_bad_files: bool = _f(False, "skip unreadable image files with a warning instead of stopping")
+    # --- optimisation
+    optimizer: str = _f("adam", "adam | sgd | lars | lamb", choices=OPTIMIZERS)
+    lr: float = _f(None, "peak learning rate (default: adam 1e-3, sgd 1e-2, lars 1.0, lamb 1e-2)")
+    weight_decay: float = _f(0.0, "weight decay")
+    momentum: float = _f(0.9, "sgd / lars momentum")
+    warmup: float = _f(0.05, "linear warm-up, as a fraction of all steps")
+    lr_power: float = _f(1.0, "polynomial decay power after warm-up (0: constant)")
+    budget: float = _f(400.0, "compute budget in fine-equivalent work units (one fine sample forward+backward = 1)")
+    iterations: int = _f(None, "total optimizer steps instead of --budget (fmg: over all stages)")
+    # --- run
+    seed: int = _f(0, "seed of model init, sampling and corruption")
+    split_seed: int = _f(0, "seed of the train/validation split")
+    out: str = _f("runs/train", "output folder (metrics.csv, tb/, checkpoint.pt, result.json)")
+    resume: bool = _f(False, "continue from OUT/checkpoint.pt")
+    val_points: int = _f(10, "validations spread evenly over the budget (plus one at the start)")
+    ckpt_every: int = _f(25, "checkpoint every this many steps (and at every stage end)")
+    on_nonfinite: str = _f("skip", "non-finite loss or gradient: skip the step | stop the run", choices=("skip", "stop"))
+    max_skips: int = _f(10, "stop after this many consecutive skipped steps")
+    progress: bool = _f(True, "show a progress bar")
+    tensorboard: bool = _f(True, "write TensorBoard event files to OUT/tb")
+    count_flops: bool = _f(True, "count FLOPs (once per distinct step shape, with torch.utils.flop_counter)")
+    threads: int = _f(None, "torch intra-op threads (default: torch's choice)")
+    max_steps: int = _f(None, "stop after this many steps with a checkpoint (a planned interruption; --resume continues)")
+    inject_nan_at: list = _f(None, "testing hook: make the loss NaN at these steps, e.g. 3,7")
+
+    # ------------------------------------------------------------------ helpers
+    @classmethod
+    def fields(cls):
+        return dataclasses.fields(cls)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        names = {f.name for f in cls.fields()}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {unknown}; valid options: {sorted(names)}")
+        return cls(**{k: _coerce(k, v, source) for k, v in d.items()}).validated()
+
+    def replace(self, **kw) -> "TrainConfig":
+        return dataclasses.replace(self, **kw).validated()
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    @property
+    def resolved_noise_sigma(self) -> float:
+        if self.noise_sigma is not None:
+            return self.noise_sigma
+        return 2.55 if self.task == "deblur" else (25.0 if self.task == "denoise" else 0.0)
+
+    def validated(self) -> "TrainConfig":
+        for f in self.fields():
+            choices = f.metadata.get("choices")
+            v = getattr(self, f.name)
+            if choices and v not in choices:
+                raise ConfigError(f"--{_opt(f.name)}: {v!r} is not one of {list(choices)}")
+        pos = ["levels", "batch_size", "crop", "val_points", "ckpt_every", "max_skips"]
+        for name in pos:
+            v = getattr(self, name)
+            minimum = 0 if name == "levels" else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+                raise ConfigError(f"--{_opt(name)} must be an int >= {minimum}, got {v!r}")
+        for name in ("budget", "fmg_iteration_ratio", "fmg_batch_ratio"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"--{_opt(name)} must be > 0, got {v!r}")
+        if self.iterations is not None and (not isinstance(self.iterations, int) or self.iterations < 1):
+            raise ConfigError(f"--iterations must be an int >= 1, got {self.iterations!r}")
+        if self.mode == "single" and self.levels and self.batch_sizes:
+            pass  # batch_sizes are ignored by single-scale training
+        if self.mode != "single" and self.levels == 0:
+            raise ConfigError(f"--mode {self.mode} needs --levels >= 1 (levels=0 is single-scale training; use --mode single)")
+        if self.batch_sizes is not None:
+            if len(self.batch_sizes) != self.levels + 1 or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+                raise ConfigError(
+                    f"--batch-sizes must be {self.levels + 1} positive ints (one per level, finest first, for "
+                    f"--levels {self.levels}), got {self.batch_sizes!r}"
+                )
+        mult = 2 ** (self.levels if self.mode != "single" else 0) * (self.sr_scale if self.task == "sr" else 1)
+        if self.crop % mult:
+            raise ConfigError(
+                f"--crop {self.crop} must be a multiple of {mult} (2**levels"
+                f"{' x sr_scale' if self.task == 'sr' else ''}) so every level has whole pixels; e.g. --crop {self.crop // mult * mult or mult}"
+            )
+        if self.val_crop and self.val_crop < 8:
+            raise ConfigError(f"--val-crop must be 0 (full images) or >= 8, got {self.val_crop}")
+        if self.warmup < 0 or self.warmup >= 1:
+            raise ConfigError(f"--warmup is a fraction of all steps in [0, 1), got {self.warmup}")
+        if self.data != "bundled" and not os.path.isdir(self.data):
+            raise ConfigError(f"--data {self.data!r} is neither 'bundled' nor a folder of images")
+        if self.val_data not in (None, "bundled") and not os.path.isdir(self.val_data):
+            raise ConfigError(f"--val-data {self.val_data!r} is not a folder of images")
+        return self
+
+
+def _opt(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(name: str, v, source: str):
+    """YAML and CLI values to the field's type; lists may be given as '4,4,4'."""
+    if name in ("batch_sizes", "inject_nan_at") and v is not None:
+        if isinstance(v, str):
+            try:
+                v = [int(s) for s in v.replace(" ", "").split(",") if s]
+            except ValueError as e:
+                raise ConfigError(f"{source}: {name} must be comma-separated ints like 4,4,4, got {v!r}") from e
+        elif isinstance(v, int):
+            v = [v]
+        if not isinstance(v, (list, tuple)) or not all(isinstance(i, int) for i in v):
+            raise ConfigError(f"{source}: {name} must be a list of ints, got {v!r}")
+        return list(v)
+    return v
+
+
+def load_yaml(path: str) -> dict:
+    """The mapping in a YAML config file (keys = TrainConfig fields, '-' or '_')."""
+    import yaml
+
+    try:
+        with open(path) as fh:
+            d = yaml.safe_load(fh)
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path!r}: {e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path!r} is not valid YAML: {e}") from e
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config: {path!r} must hold a mapping of option: value, got {type(d).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in d.items()}

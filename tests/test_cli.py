@@ -1,0 +1,99 @@
+"""`msconv train | compare | info` end to end on a tiny configuration, through the real CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from msconv.cli import main
+
+from _photo_data import photo_dir  # noqa: F401 - the fixture (tests/_photo_data.py)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_args(photo_dir, out):
+    return ["--data", photo_dir, "--crop", "32", "--depth", "3", "--width", "4", "--batch-size", "2",
+            "--val-crop", "32", "--val-points", "3", "--no-progress", "--threads", "1", "--out", str(out)]
+
+
+def test_train_writes_its_files_and_resumes(photo_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--mode", "fmg", "--iterations", "6", "--max-steps", "4"] + tiny_args(photo_dir, out)) == 0
+    assert "stopped at step 4" in capsys.readouterr().out
+    assert not (out / "result.json").exists()
+    assert main(["train", "--mode", "fmg", "--iterations", "6", "--resume"] + tiny_args(photo_dir, out)) == 0
+    assert "fmg/standard finished" in capsys.readouterr().out
+    for f in ["metrics.csv", "checkpoint.pt", "result.json", "model.pt", "config.json"]:
+        assert (out / f).exists(), f
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "tb"))
+    r = json.loads((out / "result.json").read_text())
+    assert r["iterations"] == 6 and r["mode"] == "fmg" and [s["base_level"] for s in r["stages"]] == [2, 1, 0]
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("step,stage,level,loss") and len(lines) == 1 + 1 + 6
+
+
+def test_yaml_config_and_command_line_precedence(photo_dir, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("task: inpaint\nmodel: unet\nmode: mge\nlevels: 1\niterations: 2\nwidth: 8\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--width", "4"] + tiny_args(photo_dir, out)) == 0
+    c = json.loads((out / "config.json").read_text())
+    assert (c["task"], c["model"], c["mode"], c["levels"], c["width"]) == ("inpaint", "unet", "mge", 1, 4)
+
+
+def test_compare_cli(photo_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--modes", "single,mge,fmg", "--budget", "10"] + tiny_args(photo_dir, out)) == 0
+    printed = capsys.readouterr().out
+    assert "| single |" in printed and "| fmg |" in printed
+    s = json.loads((out / "summary.json").read_text())
+    assert [r["mode"] for r in s["runs"]] == ["single", "mge", "fmg"] and s["config"]["budget"] == 10
+    for f in ["summary.md", "psnr_vs_work_units.png", "psnr_vs_wall_clock.png", "single/metrics.csv", "fmg/result.json"]:
+        assert (out / f).exists(), f
+
+
+def test_corrupt_image_file_is_named(photo_dir, tmp_path, capsys):
+    bad = tmp_path / "data"
+    bad.mkdir()
+    for f in os.listdir(photo_dir):
+        (bad / f).write_bytes((open(os.path.join(photo_dir, f), "rb")).read())
+    (bad / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00 truncated")
+    args = tiny_args(str(bad), tmp_path / "run") + ["--iterations", "1"]
+    assert main(["train"] + args) == 2
+    assert "broken.png" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="broken.png"):
+        assert main(["train", "--skip-bad-files"] + args) == 0
+
+
+def test_bad_checkpoint_and_nan_exit_codes(photo_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"garbage")
+    assert main(["train", "--resume", "--iterations", "2"] + tiny_args(photo_dir, out)) == 4
+    assert "checkpoint.pt" in capsys.readouterr().err
+    out2 = tmp_path / "nan"
+    rc = main(["train", "--iterations", "3", "--inject-nan-at", "2", "--on-nonfinite", "stop"] + tiny_args(photo_dir, out2))
+    assert rc == 3 and "not finite" in capsys.readouterr().err
+
+
+def test_bad_options_are_clear(photo_dir, tmp_path, capsys):
+    assert main(["train", "--mode", "mge", "--crop", "30", "--data", photo_dir, "--out", str(tmp_path)]) == 2
+    assert "--crop" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--optimizer", "adagrad"])
+
+
+@pytest.mark.parametrize("cmd", ["train", "compare", "bench", "info"])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0 and "usage: msconv" in capsys.readouterr().out
+
+
+def test_info_runs_as_a_module():
+    p = subprocess.run([sys.executable, "-m", "msconv", "info"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0 and "torch" in p.stdout.lower()

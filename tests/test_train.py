@@ -1,0 +1,226 @@
+"""The training driver: schedules, resume equality, non-finite handling, checkpoints, logs."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from msconv.data import load_dataset
+from msconv.train.compare import compare, to_single_quality
+from msconv.train.config import ConfigError, TrainConfig, load_yaml
+from msconv.train.io import CheckpointError, ScalarWriter, crc32c, load_checkpoint, masked_crc, save_atomic
+from msconv.train.schedule import plan_stages, step_work
+from msconv.train.trainer import NonFiniteError, Trainer
+
+from _photo_data import photo_dir  # noqa: F401 - the fixture (tests/_photo_data.py)
+
+
+def tiny(photo_dir, out, **kw):
+    base = dict(data=photo_dir, crop=32, depth=3, width=4, blocks=1, batch_size=2, levels=2, iterations=8,
+                val_crop=32, val_points=4, ckpt_every=100, progress=False, tensorboard=False, out=str(out),
+                lr=3e-3, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_step_work_and_budget_scaling():
+    assert step_work([4], 0) == 4
+    assert step_work([4, 8, 16], 0) == 4 * 1.25 + 8 * (1 / 4 + 1 / 16) + 16 / 16
+    single = plan_stages(TrainConfig(budget=100, batch_size=4))
+    assert [(s.base_level, s.levels, s.batch_sizes, s.iterations) for s in single] == [(0, 0, [4], 25)]
+    mge = plan_stages(TrainConfig(mode="mge", budget=130, batch_size=4, levels=2))
+    assert mge[0].batch_sizes == [4, 4, 4] and mge[0].iterations == 20  # 6.5 work units per step
+    fmg = plan_stages(TrainConfig(mode="fmg", budget=165, batch_size=4, levels=2))
+    # Coarsest first; iterations halve and batches halve per finer stage (SPEC §3 defaults).
+    assert [s.base_level for s in fmg] == [2, 1, 0]
+    assert [s.batch_sizes for s in fmg] == [[16], [8, 8], [4, 4, 4]]
+    assert [s.iterations for s in fmg] == [40, 20, 10]
+    assert abs(sum(s.iterations * s.work_per_step for s in fmg) - 165) < 1e-9
+    fixed = plan_stages(TrainConfig(mode="fmg", iterations=14, levels=2))
+    assert sum(s.iterations for s in fixed) == 14
+
+
+def test_config_errors_name_the_option(tmp_path):
+    with pytest.raises(ConfigError, match="--crop 90 must be a multiple of 4"):
+        TrainConfig(mode="mge", crop=90).validated()
+    with pytest.raises(ConfigError, match="--batch-sizes must be 3"):
+        TrainConfig(mode="mge", batch_sizes=[4, 4]).validated()
+    with pytest.raises(ConfigError, match="unknown option"):
+        TrainConfig.from_dict({"learning_rate": 1})
+    with pytest.raises(ConfigError, match="--mode mge needs --levels >= 1"):
+        TrainConfig(mode="mge", levels=0).validated()
+    p = tmp_path / "c.yaml"
+    p.write_text("task: deblur\nbatch-sizes: 2,4,8\nlr: 0.01\n")
+    cfg = TrainConfig.from_dict(load_yaml(str(p)))
+    assert cfg.task == "deblur" and cfg.batch_sizes == [2, 4, 8] and cfg.resolved_noise_sigma == 2.55
+    p.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_yaml(str(p))
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return [{k: v for k, v in r.items() if k != "wall_clock_s"} for r in csv.DictReader(fh)]
+
+
+@pytest.mark.parametrize("mode", ["mge", "fmg"])
+def test_resume_after_interruption_is_exact(photo_dir, tmp_path, mode):
+    data = load_dataset(photo_dir)
+    full = Trainer(tiny(photo_dir, tmp_path / "full", mode=mode), data=data)
+    full.run()
+
+    class Killed(Exception):
+        pass
+
+    def kill(trainer, step):
+        if step == 4:  # between checkpoints: step 4 is lost and must be redone identically
+            raise Killed
+
+    cfg = tiny(photo_dir, tmp_path / "cut", mode=mode, ckpt_every=3)
+    with pytest.raises(Killed):
+        Trainer(cfg, on_step=kill, data=data).run()
+    assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["step"] == 3
+    resumed = Trainer(cfg.replace(resume=True), data=data)
+    r = resumed.run()
+    assert r["complete"] and r["iterations"] == 8
+    for k, v in _weights(full.model).items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert r["work_units"] == full.work_units and r["flops"] == full.flops
+    assert [h["psnr"] for h in r["val_history"]] == [h["psnr"] for h in full.val_history]
+    assert _rows(tmp_path / "cut" / "metrics.csv") == _rows(tmp_path / "full" / "metrics.csv")
+    assert torch.equal(full.optimizer.state_dict()["state"][0]["exp_avg"],
+                       resumed.optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_nan_loss_is_skipped_without_touching_the_weights(photo_dir, tmp_path):
+    seen = {}
+    tr = Trainer(tiny(photo_dir, tmp_path, mode="single", inject_nan_at=[3]),
+                 on_step=lambda t, s: seen.__setitem__(s, _weights(t.model)))
+    r = tr.run()
+    assert r["complete"] and r["skipped_steps"] == 1 and r["iterations"] == 8
+    for k in seen[2]:
+        assert torch.equal(seen[2][k], seen[3][k])  # the NaN step changed nothing
+        assert not torch.equal(seen[3][k], seen[4][k]) or "bias" in k  # training went on
+    assert all(torch.isfinite(v).all() for v in tr.model.state_dict().values())
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [r["skipped"] for r in rows if r["step"] == "3"] == ["1"]
+    assert all(torch.isfinite(v).all() for v in tr.optimizer.state_dict()["state"][0].values())
+
+
+def test_nan_loss_stops_with_a_message_and_a_good_checkpoint(photo_dir, tmp_path):
+    seen = {}
+    tr = Trainer(tiny(photo_dir, tmp_path, mode="mge", inject_nan_at=[4], on_nonfinite="stop"),
+                 on_step=lambda t, s: seen.__setitem__(s, _weights(t.model)))
+    with pytest.raises(NonFiniteError, match=r"step 4: .*not finite.*--on-nonfinite stop.*checkpoint\.pt"):
+        tr.run()
+    ck = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert ck["step"] == 4 and ck["skipped_total"] == 1
+    for k, v in ck["model"].items():
+        assert torch.isfinite(v).all() and torch.equal(v, seen[3][k])
+
+
+def test_too_many_consecutive_skips_stop(photo_dir, tmp_path):
+    tr = Trainer(tiny(photo_dir, tmp_path, inject_nan_at=[1, 2, 3], max_skips=3))
+    with pytest.raises(NonFiniteError, match="3 consecutive skipped steps"):
+        tr.run()
+
+
+def test_unreadable_and_foreign_checkpoints(photo_dir, tmp_path):
+    cfg = tiny(photo_dir, tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        Trainer(cfg).run()
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*checkpoint\.pt.*start fresh"):
+        Trainer(cfg).run()
+    Trainer(cfg.replace(resume=False, max_steps=2)).run()
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(good[: len(good) // 2])  # torn write (what atomic saving prevents)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        Trainer(cfg).run()
+    (tmp_path / "checkpoint.pt").write_bytes(good)
+    with pytest.raises(CheckpointError, match="different run.*task"):
+        Trainer(cfg.replace(task="deblur")).run()
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = str(tmp_path / "ck.pt")
+    save_atomic({"format": "msconv-train-1", "v": 1}, path)
+
+    def broken(obj, fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_atomic({"format": "msconv-train-1", "v": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["v"] == 1
+    assert os.listdir(tmp_path) == ["ck.pt"]
+
+
+def test_event_file_records_are_valid(tmp_path, monkeypatch):
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tb(name, *a, **k):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("no tensorboard")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_tb)
+    w = ScalarWriter(str(tmp_path))
+    w.add_scalar("val/psnr", 27.5, 3)
+    w.close()
+    (f,) = os.listdir(tmp_path)
+    buf = (tmp_path / f).read_bytes()
+    import struct
+
+    recs, i = [], 0
+    while i < len(buf):
+        (n,) = struct.unpack("<Q", buf[i:i + 8])
+        assert struct.unpack("<I", buf[i + 8:i + 12])[0] == masked_crc(buf[i:i + 8])
+        data = buf[i + 12:i + 12 + n]
+        assert struct.unpack("<I", buf[i + 12 + n:i + 16 + n])[0] == masked_crc(data)
+        recs.append(data)
+        i += 16 + n
+    assert len(recs) == 2 and b"brain.Event:2" in recs[0]
+    assert b"val/psnr" in recs[1] and struct.pack("<f", 27.5) in recs[1]
+
+
+def test_to_single_quality():
+    h = [{"psnr": 20.0, "work_units": 0, "wall_clock_s": 0}, {"psnr": 25.95, "work_units": 10, "wall_clock_s": 1.5},
+         {"psnr": 26.5, "work_units": 20, "wall_clock_s": 3.0}]
+    assert to_single_quality(h, 26.0) == (10, 1.5)
+    assert to_single_quality(h, 27.0) == (None, None)
+
+
+@pytest.mark.parametrize("task,model", [("deblur", "resnet"), ("inpaint", "unet"), ("sr", "espcn"), ("sr", "dncnn")])
+def test_every_task_trains_with_mge(photo_dir, tmp_path, task, model):
+    r = Trainer(tiny(photo_dir, tmp_path, task=task, model=model, mode="mge", iterations=2, levels=1,
+                     val_points=1)).run()
+    assert r["complete"] and np.isfinite(r["psnr"]) and r["work_units"] > 0
+
+
+def test_compare_writes_summary(photo_dir, tmp_path):
+    s = compare(tiny(photo_dir, tmp_path, iterations=None, budget=12, count_flops=True))
+    assert [r["mode"] for r in s["runs"]] == ["single", "mge", "fmg"]
+    keys = {"mode", "conv", "psnr", "ssim", "work_units", "flops", "wall_clock_s", "iterations",
+            "work_units_to_single_quality", "wall_clock_to_single_quality_s"}
+    on_disk = json.load(open(tmp_path / "summary.json"))
+    assert set(on_disk) == {"config", "runs"} and all(set(r) == keys for r in on_disk["runs"])
+    for r in on_disk["runs"]:
+        assert abs(r["work_units"] - 12) <= 3 and r["flops"] > 0
+    single = on_disk["runs"][0]
+    assert single["work_units_to_single_quality"] is not None  # single reaches its own final PSNR
+    md = (tmp_path / "summary.md").read_text()
+    assert md.count("\n| ") == 4 and "× less work" in md
+    for png in ("psnr_vs_work_units.png", "psnr_vs_wall_clock.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
