@@ -224,3 +224,14 @@ def test_compare_writes_summary(photo_dir, tmp_path):
     assert md.count("\n| ") == 4 and "× less work" in md
     for png in ("psnr_vs_work_units.png", "psnr_vs_wall_clock.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fmg_adaptive_moves_on_when_validation_stalls(photo_dir, tmp_path):
+    # lr = 0: the weights never change, so the stage-grid validation never improves and every
+    # stage but the finest ends after `patience` validations without improvement.
+    tr = Trainer(tiny(photo_dir, tmp_path, mode="fmg", lr=0.0, fmg_adaptive=True, fmg_validate_every=1,
+                      fmg_patience=1))
+    r = tr.run()
+    assert [s["iterations"] for s in r["stages"]] == [5, 2, 1]
+    assert [st.steps_run for st in tr.fmg.stages] == [2, 2, 1] and tr.fmg.stages[0].advanced_early
+    assert r["complete"] and r["iterations"] == 5 and r["work_units"] < tr.planned_work

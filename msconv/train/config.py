@@ -51,6 +51,9 @@ class TrainConfig:
                           choices=("average", "full_weighting", "bilinear", "nearest"))
     fmg_iteration_ratio: float = _f(2.0, "fmg: each coarser stage runs this many times the iterations of the next finer one")
     fmg_batch_ratio: float = _f(2.0, "fmg: each coarser stage multiplies the batch sizes by this")
+    fmg_adaptive: bool = _f(False, "fmg: end a stage early when validation on its grid stops improving")
+    fmg_validate_every: int = _f(20, "fmg --fmg-adaptive: validate every this many steps of a stage")
+    fmg_patience: int = _f(3, "fmg --fmg-adaptive: validations without improvement before moving to the next stage")
     # --- data
     data: str = _f("bundled", "'bundled' (scikit-image's photographs) or a folder of PNG/JPEG/BMP/TIFF images")
     val_data: str = _f(None, "validation folder (default: a split of --data by image)")
@@ -119,7 +122,7 @@ class TrainConfig:
             v = getattr(self, f.name)
             if choices and v not in choices:
                 raise ConfigError(f"--{_opt(f.name)}: {v!r} is not one of {list(choices)}")
-        pos = ["levels", "batch_size", "crop", "val_points", "ckpt_every", "max_skips"]
+        pos = ["levels", "batch_size", "crop", "val_points", "ckpt_every", "max_skips", "fmg_validate_every", "fmg_patience"]
         for name in pos:
             v = getattr(self, name)
             minimum = 0 if name == "levels" else 1

@@ -72,8 +72,6 @@ class Trainer:
         self.stages = plan_stages(cfg)
         self.total_steps = sum(s.iterations for s in self.stages)
         self.planned_work = sum(s.iterations * s.work_per_step for s in self.stages)
-        self.estimators = [make_estimator(s.levels, s.batch_sizes, cfg.restriction, cfg.allocation, s.base_level)
-                           for s in self.stages]
         self.optimizer = self._make_optimizer()
         from msconv.optim import WarmupPolyLR
 
@@ -82,6 +80,25 @@ class Trainer:
         self.sampler = CropSampler(train_set, cfg.crop, seed=cfg.seed)
         self.corrupt_rng = torch.Generator().manual_seed(cfg.seed + 1)
         self.val_pairs = self._make_val_pairs()
+        self.fmg = None
+        if cfg.mode == "fmg":
+            # The coarse-to-fine schedule is msconv.FullMultiscale: it owns the stages' MGE
+            # estimators, steps the LR schedule (one schedule over all stages) and, with
+            # --fmg-adaptive, ends a stage early when validation on its grid stops improving.
+            from msconv.multilevel import FullMultiscale
+
+            self.fmg = FullMultiscale(
+                cfg.levels, [s.iterations for s in self.stages], [s.batch_sizes for s in self.stages],
+                cfg.restriction, cfg.allocation, sample_batches=self._draw, scheduler=self.scheduler,
+                validate=self._stage_val_loss if cfg.fmg_adaptive else None,
+                validate_every=cfg.fmg_validate_every, patience=cfg.fmg_patience,
+                estimator_kwargs={"count_flops": False},
+            )
+            self.estimators = [st.estimator for st in self.fmg.stages]
+        else:
+            self.estimators = [make_estimator(s.levels, s.batch_sizes, cfg.restriction, cfg.allocation, s.base_level)
+                               for s in self.stages]
+        self.finished = False
 
         self.step = 0
         self.work_units = 0.0
@@ -134,6 +151,20 @@ class Trainer:
             out.append(self.task.corrupt(clean, self.corrupt_rng))
         return out
 
+    def _stage_val_loss(self) -> float:
+        """Validation MSE on the current Full-Multiscale stage's grid (the adaptive rule's signal)."""
+        from msconv import grid_scale
+
+        level = self.fmg.stage.level
+        self.model.eval()
+        total = 0.0
+        with torch.no_grad(), grid_scale(2.0 ** level):
+            for x, y in self.val_pairs:
+                xs, ys = self.task.restrict_pair(x, y, level, self.cfg.restriction)
+                total += float(F.mse_loss(self.model(xs), ys))
+        self.model.train()
+        return total / len(self.val_pairs)
+
     def validate(self) -> tuple[float, float]:
         from msconv import grid_scale
 
@@ -178,6 +209,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
             "corrupt_rng": self.corrupt_rng.get_state(), "torch_rng": torch.get_rng_state(),
             "estimators": [e.state_dict() for e in self.estimators],
+            "fmg": self.fmg.state_dict() if self.fmg is not None else None, "finished": self.finished,
         }
 
     def save(self) -> None:
@@ -200,27 +232,52 @@ class Trainer:
             self.sampler.load_state_dict(ck["sampler"])
             self.corrupt_rng.set_state(ck["corrupt_rng"])
             torch.set_rng_state(ck["torch_rng"])
-            for e, s in zip(self.estimators, ck["estimators"]):
-                e.load_state_dict(s)
+            if self.fmg is not None:
+                self.fmg.load_state_dict(ck["fmg"])
+            else:
+                for e, s in zip(self.estimators, ck["estimators"]):
+                    e.load_state_dict(s)
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"--resume: {self.ckpt_path!r} is incomplete or incompatible ({e}); start fresh") from e
         self.step, self.work_units, self.flops = int(ck["step"]), float(ck["work_units"]), int(ck["flops"])
         self.wall, self.skipped_total = float(ck["wall_clock_s"]), int(ck["skipped_total"])
         self.consecutive_skips, self.val_history = int(ck["consecutive_skips"]), list(ck["val_history"])
         self.next_val, self.flops_cache = int(ck["next_val"]), dict(ck["flops_cache"])
+        self.finished = bool(ck["finished"])
 
     # ------------------------------------------------------------------ the loop
-    def _one_step(self):
-        """Run one step; returns (loss value, skipped, stage index, cost dict)."""
+    def _step_source(self):
+        """Yields (stage index, estimator, batches, seconds spent drawing) for every step to run."""
+        if self.fmg is not None:
+            it = iter(self.fmg)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    st = next(it)  # draws the batches (and steps the LR schedule for the previous step)
+                except StopIteration:
+                    return
+                yield st.stage.index, st.estimator, st.batches, time.perf_counter() - t0
+        while self.step < self.total_steps:
+            k = self.stage_of(self.step)
+            est = self.estimators[k]
+            t0 = time.perf_counter()
+            batches = self._draw(list(est.batch_sizes))
+            yield k, est, batches, time.perf_counter() - t0
+
+    def _stage_done(self, k: int) -> bool:
+        if self.fmg is not None:
+            st = self.fmg.stages[k]
+            return st.steps_run >= st.iterations
+        return self.step == sum(s.iterations for s in self.stages[: k + 1])
+
+    def _one_step(self, k, est, batches, draw_seconds):
+        """Run one step; returns (loss value, skipped, batch sizes)."""
         cfg = self.cfg
-        k = self.stage_of(self.step)
-        est = self.estimators[k]
-        sizes = list(est.batch_sizes)
+        sizes = [x.shape[0] for x, _ in batches]
         key = f"{k}:{sizes}"
         measure = cfg.count_flops and key not in self.flops_cache
         est.count_flops = measure
-        t0 = time.perf_counter()
-        batches = self._draw(sizes)
+        t0 = time.perf_counter() - draw_seconds
         self.optimizer.zero_grad(set_to_none=True)
         loss = est.loss(self.model, F.mse_loss, batches)
         if cfg.inject_nan_at and self.step + 1 in cfg.inject_nan_at:  # 1-based, as logged
@@ -231,7 +288,8 @@ class Trainer:
         finite = bool(torch.isfinite(norms).all())
         if finite:
             self.optimizer.step()
-            self.scheduler.step()
+            if self.fmg is None:  # FullMultiscale steps the schedule itself
+                self.scheduler.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
         self.wall += time.perf_counter() - t0
@@ -240,7 +298,7 @@ class Trainer:
             self.flops_cache[key] = int(cost.flops)
         self.work_units += float(cost.work_units)
         self.flops += self.flops_cache.get(key, 0)
-        return float(loss.detach()), not finite, k, sizes
+        return float(loss.detach()), not finite, sizes
 
     def run(self) -> dict:
         """Train to the end of the schedule (or ``max_steps``); returns the result dict that is
@@ -251,7 +309,7 @@ class Trainer:
         if cfg.resume:
             self.load()
         with open(os.path.join(cfg.out, "config.json"), "w") as fh:
-            json.dump({**cfg.to_dict(), "engine": ENGINE, "stages": [s.as_dict() for s in self.stages]}, fh, indent=2)
+            json.dump({**cfg.to_dict(), "engine": self.result()["engine"], "stages": [s.as_dict() for s in self.stages]}, fh, indent=2)
         log = CsvLog(os.path.join(cfg.out, "metrics.csv"), self.step if cfg.resume else None)
         writer = ScalarWriter(os.path.join(cfg.out, "tb"), cfg.tensorboard)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
@@ -264,8 +322,13 @@ class Trainer:
                            "val_ssim": self.val_history[-1]["ssim"], "stage": 0,
                            "level": self.stages[0].base_level})
             stop_at = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
+            source = self._step_source() if not self.finished else iter(())
             while self.step < stop_at:
-                loss, skipped, k, sizes = self._one_step()
+                nxt = next(source, None)
+                if nxt is None:
+                    break
+                k = nxt[0]
+                loss, skipped, sizes = self._one_step(*nxt)
                 stage = self.stages[k]
                 self.step += 1
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -292,12 +355,13 @@ class Trainer:
                 writer.add_scalar("train/loss", loss if math.isfinite(loss) else float("nan"), self.step)
                 writer.add_scalar("train/work_units", self.work_units, self.step)
                 writer.add_scalar("train/lr", lr, self.step)
-                if self._val_due() or self.step == self.total_steps:
+                stage_end = self._stage_done(k)
+                self.finished = stage_end and k == len(self.stages) - 1
+                if self._val_due() or self.finished:
                     rec = self._record_val(writer, log)
                     last_psnr = rec["psnr"]
                     row.update(val_psnr=rec["psnr"], val_ssim=rec["ssim"])
                 log.write(row)
-                stage_end = self.step == sum(s.iterations for s in self.stages[: k + 1])
                 if self.step % cfg.ckpt_every == 0 or stage_end or self.step == stop_at:
                     self.save()
                 bar.set_postfix_str(
@@ -310,7 +374,7 @@ class Trainer:
             bar.close()
             writer.close()
         result = self.result()
-        if self.step >= self.total_steps:
+        if self.finished:
             with open(os.path.join(cfg.out, "result.json"), "w") as fh:
                 json.dump(result, fh, indent=2)
             torch.save(self.model.state_dict(), os.path.join(cfg.out, "model.pt"))
@@ -321,7 +385,8 @@ class Trainer:
         return {
             "mode": self.cfg.mode, "conv": self.cfg.conv, "psnr": final["psnr"], "ssim": final["ssim"],
             "work_units": self.work_units, "flops": self.flops, "wall_clock_s": self.wall, "iterations": self.step,
-            "skipped_steps": self.skipped_total, "complete": self.step >= self.total_steps, "engine": ENGINE,
+            "skipped_steps": self.skipped_total, "complete": self.finished,
+            "engine": "msconv.multilevel.FullMultiscale (stages of msconv.multilevel.MGE)" if self.fmg is not None else ENGINE,
             "stages": [s.as_dict() for s in self.stages], "val_history": self.val_history,
         }
 
