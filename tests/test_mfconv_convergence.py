@@ -79,27 +79,32 @@ def _grad_difference_stats(layer, draws=32, noise=0.5):
     """Per fine level s = ½, ¼, ⅛: (Σ variance, ‖mean‖) over noise draws of ∇θ ℓ(s) − ∇θ ℓ(2s).
 
     The fine input is the smooth field plus white noise of fixed per-pixel variance; the coarse
-    input (and target) is its `average` restriction, so both terms see the same noise.
+    input (and target) is its `average` restriction, so both terms see the same noise. ℓ is the
+    mean squared error over channels and pixels. All draws run in one call as ``groups=draws``
+    with one copy of the layer's weight per group, so each copy's gradient is one draw's.
     """
-    def grad(u, t, s):
-        layer.zero_grad()
-        with msconv.grid_scale(s):
-            loss = (layer(u) - t).square().mean()
-        loss.backward()
-        return layer.weight.grad.flatten().clone()
+    c_in, c_out = layer.in_channels, layer.out_channels
+    if isinstance(layer, msconv.MFConv2d):
+        def apply(u, w, s):
+            return msconv.mf_conv2d(u, w, None, layer.sigma.item(), s, 1, "circular", groups=draws)
+    else:
+        def apply(u, w, s):  # a fixed stencil ignores the grid scale
+            return nn.functional.conv2d(nn.functional.pad(u, (1, 1, 1, 1), mode="circular"), w, groups=draws)
+
+    def grads(u, t, s):
+        w = layer.weight.detach().repeat(draws, *([1] * (layer.weight.dim() - 1))).requires_grad_()
+        per_draw = (apply(u, w, s) - t).square().mean(dim=(0, 2, 3)).view(draws, c_out).mean(1)
+        (g,) = torch.autograd.grad(per_draw.sum(), w)
+        return g.view(draws, -1)
 
     stats = []
     for lev in (1, 2, 3):
         n, s = L << lev, 2.0**-lev
-        u0 = _field(n)
-        t_fine = cell_averages(n, TARGET).expand(1, 3, n, n)
-        t_coarse = msconv.restrict(t_fine)
         g = torch.Generator().manual_seed(100 + lev)
-        diffs = []
-        for _ in range(draws):
-            u = u0 + noise * torch.randn(u0.shape, generator=g, dtype=torch.float64)
-            diffs.append(grad(u, t_fine, s) - grad(msconv.restrict(u), t_coarse, 2 * s))
-        dd = torch.stack(diffs)
+        u = _field(n).repeat(1, draws, 1, 1)
+        u = u + noise * torch.randn(u.shape, generator=g, dtype=torch.float64)  # [1, draws·C_in, n, n]
+        t_fine = cell_averages(n, TARGET).expand(1, draws * c_out, n, n)
+        dd = grads(u, t_fine, s) - grads(msconv.restrict(u), msconv.restrict(t_fine), 2 * s)
         stats.append((dd.var(0).sum().item(), dd.mean(0).norm().item()))
     return stats
 

@@ -37,9 +37,16 @@ METHODS = ("auto", "separable", "fft", "dense")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _OP = "mf_conv2d"
 
-# Relative cost per multiply-add of each path's work on CPU, fitted to bench/bench_mfconv.py
-# (see the comment in _method_costs for the measurements).
-_EFF = {"separable_jets": 1.0, "mix": 1.0, "dense": 1.0, "fft": 1.0}
+# Relative time per multiply-add of each kind of work, 1 = a GEMM-backed convolution (mkldnn /
+# cuDNN). Fitted to bench/bench_mfconv.py --quick and single-thread timings on the 2-core
+# development CPU (N=2, 64×64, σ=½, p=2, float32): the 1×1 mix and the dense stencil conv run
+# at ~30-40 GMAC/s, the compiled jets kernel at ~3 GMAC/s (12× slower per MAC: a short
+# separable filter is memory-bound), the FFT jets at ~3 GMAC/s of the modelled FFT work, the
+# plain-PyTorch jets (a 1×K conv per plane) at ~0.1-0.5 GMAC/s. With these factors the model
+# picks what was fastest in that run: dense at s=1 with 16 channels, separable at s=1…⅛ with
+# 64 channels and at s=½…⅛ with 16, fft for circular padding at s=⅛ (K=35) but not at s=¼.
+# GPU factors are not measured yet (no GPU here): the CPU ones stand in.
+_EFF = {"jets": 12.0, "jets_reference": 100.0, "mix": 1.0, "dense": 1.0, "fft": 12.0}
 
 
 def _load_jets_op():
@@ -47,10 +54,12 @@ def _load_jets_op():
 
     Resolved once at import: dynamo cannot trace an import inside a compiled forward.
     """
+    global _JETS_LIMITS
     try:
-        import msconv.ops.mf_jets  # noqa: F401  (registers the op)
+        import msconv.ops.mf_jets as mod  # registers the op
     except ImportError:
         return None
+    _JETS_LIMITS = (getattr(mod, "MAX_ORDER", 8), getattr(mod, "MAX_TAPS", 256))
     return getattr(torch.ops.msconv, "mf_jets", None)
 
 
@@ -63,6 +72,7 @@ def _jets_op():
 
 _UNSET = object()
 _JETS_OP = _UNSET
+_JETS_LIMITS = (8, 256)  # (max order, max taps)
 
 
 _TAPS_CACHE: dict = {}
@@ -105,19 +115,21 @@ def _static_float(v):
     return float.fromhex(float(v).hex())
 
 
-def _method_costs(n, c_in, c_out, groups, order, k, h, w, stride, padding_mode) -> dict:
+def _method_costs(n, c_in, c_out, groups, order, k, h, w, stride, padding_mode, jets_backend="cpp") -> dict:
     """Estimated cost (weighted multiply-adds) of each path; ``auto`` takes the smallest.
 
     Per path: separable = jets (vertical pass on every S-th row of the padded width, then one
     horizontal pass per jet) + mix; dense = the (K×K) stencil conv; fft = forward rFFT of each
     input plane, one product and one inverse rFFT per jet at all H×W positions, + mix.
+    ``jets_backend`` is the backend the separable jets would run on (``reference`` = PyTorch).
     """
     m = (order + 1) * (order + 2) // 2
     ho, wo = -(-h // stride), -(-w // stride)
     wp = stride * (wo - 1) + k
     mix = n * ho * wo * c_out * (c_in // groups) * m * _EFF["mix"]
+    jets_eff = _EFF["jets_reference" if jets_backend == "reference" else "jets"]
     costs = {
-        "separable": n * c_in * ((order + 1) * k * ho * wp + m * k * ho * wo) * _EFF["separable_jets"] + mix,
+        "separable": n * c_in * ((order + 1) * k * ho * wp + m * k * ho * wo) * jets_eff + mix,
         "dense": n * ho * wo * c_out * (c_in // groups) * k * k * _EFF["dense"],
     }
     if padding_mode == "circular":
@@ -178,7 +190,8 @@ def _separable(x, filt, kmin, order, stride, padding_mode, backend):
         x, reference.mf_padding(x.shape[-2], kmin, k, stride), reference.mf_padding(x.shape[-1], kmin, k, stride), padding_mode
     )
     op = _jets_op() if backend != "reference" else None
-    if op is None:
+    # The kernels' limits (msconv.ops.mf_jets): wider stencils or higher orders run in PyTorch.
+    if op is None or k > _JETS_LIMITS[1] or order > _JETS_LIMITS[0]:
         return reference.mf_jets_ref(xp, filt, order, stride)
     return op(xp, filt, order, stride, backend)
 
@@ -259,7 +272,8 @@ def mf_conv2d(
     filt_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     filt, kmin = _taps(order, sigma, float(scale), stride, filt_dtype, x.device)
     if method == "auto":
-        costs = _method_costs(n, c_in, c_out, groups, order, filt.shape[1], h, w, stride, padding_mode)
+        jb = b if _jets_op() is not None and filt.shape[1] <= _JETS_LIMITS[1] and order <= _JETS_LIMITS[0] else "reference"
+        costs = _method_costs(n, c_in, c_out, groups, order, filt.shape[1], h, w, stride, padding_mode, jb)
         method = min(costs, key=costs.get)
         if method == "dense":
             return reference.mf_conv2d_ref(x, weight, bias, sigma, scale, stride, padding_mode, groups).to(out_dtype)
