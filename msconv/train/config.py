@@ -84,6 +84,7 @@ class TrainConfig:
     tensorboard: bool = _f(True, "write TensorBoard event files to OUT/tb")
     count_flops: bool = _f(True, "count FLOPs (once per distinct step shape, with torch.utils.flop_counter)")
     threads: int = _f(None, "torch intra-op threads (default: torch's choice)")
+    device: str = _f("auto", "where the model trains: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     max_steps: int = _f(None, "stop after this many steps with a checkpoint (a planned interruption; --resume continues)")
     inject_nan_at: list = _f(None, "testing hook: make the loss NaN at these steps, e.g. 3,7")
 
@@ -150,6 +151,8 @@ class TrainConfig:
                 f"--crop {self.crop} must be a multiple of {mult} (2**levels"
                 f"{' x sr_scale' if self.task == 'sr' else ''}) so every level has whole pixels; e.g. --crop {self.crop // mult * mult or mult}"
             )
+        if not (self.device in ("auto", "cpu") or str(self.device).startswith("cuda")):
+            raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.val_crop and self.val_crop < 8:
             raise ConfigError(f"--val-crop must be 0 (full images) or >= 8, got {self.val_crop}")
         if self.warmup < 0 or self.warmup >= 1:

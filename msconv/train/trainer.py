@@ -26,7 +26,16 @@ from msconv.train.schedule import plan_stages
 __all__ = ["Trainer", "train", "NonFiniteError"]
 
 # Fields that change what a run computes; a checkpoint only resumes a run that agrees on them.
-_RUN_ONLY = {"out", "resume", "progress", "tensorboard", "threads", "max_steps", "ckpt_every", "inject_nan_at"}
+_RUN_ONLY = {"out", "resume", "progress", "tensorboard", "threads", "max_steps", "ckpt_every", "inject_nan_at", "device"}
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available in this torch build/machine; use --device cpu")
+    return dev
 
 
 class NonFiniteError(RuntimeError):
@@ -69,6 +78,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, self.task.in_channels(c), self.task.out_channels(c), cfg.conv, upscale,
                                  depth=cfg.depth, width=cfg.width, blocks=cfg.blocks)
+        self.device = _resolve_device(cfg.device)
+        self.model.to(self.device)
         self.stages = plan_stages(cfg)
         self.total_steps = sum(s.iterations for s in self.stages)
         self.planned_work = sum(s.iterations * s.work_per_step for s in self.stages)
@@ -132,7 +143,7 @@ class Trainer:
         for im in self.val_set.images:
             y = _centre_crop(im, self.cfg.val_crop, self.task.size_multiple).unsqueeze(0)
             x, y = self.task.corrupt(y, g)
-            pairs.append((x, y))
+            pairs.append((x.to(self.device), y.to(self.device)))
         return pairs
 
     # ------------------------------------------------------------------ pieces of a step
@@ -148,7 +159,9 @@ class Trainer:
         out = []
         for n in sizes:
             clean = self.sampler.next_batch(n)
-            out.append(self.task.corrupt(clean, self.corrupt_rng))
+            # Corruption runs on the CPU generator (reproducible on any device), then moves.
+            x, y = self.task.corrupt(clean, self.corrupt_rng)
+            out.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
         return out
 
     def _stage_val_loss(self) -> float:
