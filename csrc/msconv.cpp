@@ -1,5 +1,5 @@
 // Op schemas of the compiled library. Kernels are registered per device in
-// resample2d_cpu.cpp and cuda/resample2d_cuda.cpp; autograd, fake kernels and the
+// *_cpu.cpp and cuda/*_cuda.cpp; autograd, fake kernels and the
 // public API live in Python (msconv/ops), as in pytorch/extension-cpp.
 #include <Python.h>
 #include <torch/library.h>
@@ -26,4 +26,10 @@ TORCH_LIBRARY(msconv, m) {
   // level after the input. Restriction, prolongation and their adjoints are all instances.
   //   x: (N, C, H, W); iy[l], wy[l]: (H_{l+1}, Ky) int32 / float32; ix[l], wx[l]: (W_{l+1}, Kx)
   m.def("resample2d_chain(Tensor x, Tensor[] iy, Tensor[] wy, Tensor[] ix, Tensor[] wx) -> Tensor[]");
+  // Mesh-free convolution jets of a pre-padded field (msconv/reference.py:mf_jets_ref) and their
+  // adjoint. xp: (N, C, Hp, Wp); filt: (order+1, K); out: (N, C*M, Ho, Wo), Ho = (Hp-K)//stride+1.
+  // mf_jets_adj maps a gradient of that shape back to (N, C, hp, wp). Autograd, fake kernels and
+  // the backend switch are in msconv/ops/mf_jets.py (op msconv::mf_jets).
+  m.def("mf_jets_fwd(Tensor xp, Tensor filt, int order, int stride) -> Tensor");
+  m.def("mf_jets_adj(Tensor grad, Tensor filt, int order, int stride, int hp, int wp) -> Tensor");
 }

@@ -5,7 +5,7 @@ import torch
 
 from msconv.ops import _backend
 
-OPS = ("restrict", "prolong", "pyramid")
+OPS = ("restrict", "prolong", "pyramid", "mf_jets")
 
 
 def info() -> dict:
