@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from msconv.data import load_dataset
+from msconv.models import mf_available
 from msconv.train.compare import compare, to_single_quality
 from msconv.train.config import ConfigError, TrainConfig, load_yaml
 from msconv.train.io import CheckpointError, ScalarWriter, crc32c, load_checkpoint, masked_crc, save_atomic
@@ -202,9 +203,13 @@ def test_to_single_quality():
     assert to_single_quality(h, 27.0) == (None, None)
 
 
-@pytest.mark.parametrize("task,model", [("deblur", "resnet"), ("inpaint", "unet"), ("sr", "espcn"), ("sr", "dncnn")])
-def test_every_task_trains_with_mge(photo_dir, tmp_path, task, model):
-    r = Trainer(tiny(photo_dir, tmp_path, task=task, model=model, mode="mge", iterations=2, levels=1,
+@pytest.mark.parametrize("task,model,conv", [("deblur", "resnet", "standard"), ("inpaint", "unet", "standard"),
+                                             ("sr", "espcn", "standard"), ("sr", "dncnn", "standard"),
+                                             ("denoise", "dncnn", "mf")])
+def test_every_task_trains_with_mge(photo_dir, tmp_path, task, model, conv):
+    if conv == "mf" and not mf_available():
+        pytest.skip("msconv.nn.MFConv2d is not available")
+    r = Trainer(tiny(photo_dir, tmp_path, task=task, model=model, conv=conv, mode="mge", iterations=2, levels=1,
                      val_points=1)).run()
     assert r["complete"] and np.isfinite(r["psnr"]) and r["work_units"] > 0
 
@@ -235,3 +240,15 @@ def test_fmg_adaptive_moves_on_when_validation_stalls(photo_dir, tmp_path):
     assert [s["iterations"] for s in r["stages"]] == [5, 2, 1]
     assert [st.steps_run for st in tr.fmg.stages] == [2, 2, 1] and tr.fmg.stages[0].advanced_early
     assert r["complete"] and r["iterations"] == 5 and r["work_units"] < tr.planned_work
+
+
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "BSD68")), reason="../shared/data/BSD68 not present")
+def test_trains_on_the_shared_benchmarks_by_path(tmp_path):
+    r = Trainer(TrainConfig(data=os.path.join(SHARED, "Train400"), val_data=os.path.join(SHARED, "BSD68"),
+                            mode="fmg", crop=64, depth=4, width=8, batch_size=4, iterations=6, val_crop=64,
+                            val_points=1, progress=False, tensorboard=False, out=str(tmp_path))).run()
+    assert r["complete"] and r["psnr"] > 15
