@@ -252,3 +252,13 @@ def test_trains_on_the_shared_benchmarks_by_path(tmp_path):
                             mode="fmg", crop=64, depth=4, width=8, batch_size=4, iterations=6, val_crop=64,
                             val_points=1, progress=False, tensorboard=False, out=str(tmp_path))).run()
     assert r["complete"] and r["psnr"] > 15
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars", "lamb"])
+def test_optimizers_train_and_resume(photo_dir, tmp_path, optimizer):
+    cfg = tiny(photo_dir, tmp_path, optimizer=optimizer, lr=None, mode="mge", allocation="paper", batch_size=1,
+               iterations=3, val_points=1)
+    first = Trainer(cfg.replace(max_steps=2))
+    first.run()
+    r = Trainer(cfg.replace(resume=True)).run()
+    assert r["complete"] and np.isfinite(r["psnr"]) and r["stages"][0]["batch_sizes"] == [1, 4, 16]

@@ -107,7 +107,9 @@ class Trainer:
             )
             self.estimators = [st.estimator for st in self.fmg.stages]
         else:
-            self.estimators = [make_estimator(s.levels, s.batch_sizes, cfg.restriction, cfg.allocation, s.base_level)
+            # Single-scale (levels = 0) has nothing to allocate across levels.
+            self.estimators = [make_estimator(s.levels, s.batch_sizes, cfg.restriction,
+                                              cfg.allocation if s.levels else "fixed", s.base_level)
                                for s in self.stages]
         self.finished = False
 
