@@ -240,11 +240,11 @@ def test_mlmc_allocation_is_giles_optimum_under_the_budget():
     assert mlmc_batch_sizes(v, c, budget, multiple_of=4) == [4 * round(e / 4) for e in expect]
 
 
-def test_mlmc_estimator_reallocates_from_running_level_variances():
-    """The level-difference variance is the variance over samples of ℓ_i(l) − ℓ_i(l+1); after the
+def test_mlmc_estimator_reallocates_from_running_loss_difference_variances():
+    """variance="loss": V_l is the variance over samples of ℓ_i(l) − ℓ_i(l+1); after the
     warm-up the sizes are Giles' optimum for those variances and the per-sample work."""
     model = small_model()
-    est = MGE(2, [8, 8, 8], allocation="mlmc", warmup_steps=1, variance_decay=0.0, count_flops=False)
+    est = MGE(2, [8, 8, 8], allocation="mlmc", warmup_steps=1, variance_decay=0.0, count_flops=False, variance="loss")
     budget = est.budget
     assert budget == 8 * (1.25 + 0.3125 + 0.0625)
     xs = [smooth_images(8, 16, seed=30 + l, noise=0.5) for l in range(3)]
@@ -261,6 +261,34 @@ def test_mlmc_estimator_reallocates_from_running_level_variances():
     torch.testing.assert_close(torch.tensor(est.variance.variance), torch.tensor(v), rtol=1e-9, atol=0)
     assert est.batch_sizes == mlmc_batch_sizes(v, est.level_work(), budget)
     assert est.batch_sizes != [8, 8, 8]
+
+
+def test_mlmc_gradient_variance_is_the_half_batch_estimate_of_the_level_terms_covariance_trace():
+    """variance="gradient": V_l = m/2 · ‖∇(Δℓ_A − Δℓ_B)‖², A and B the halves (m samples) of
+    level l's batch, Δℓ = ℓ(level l) − ℓ(level l+1) (ℓ(level L) on the coarsest); its extra
+    backward is booked in the step's cost."""
+    model = small_model()
+    est = MGE(1, [4, 6], allocation="mlmc", warmup_steps=1, variance_decay=0.0)
+    batches = [(x, 0.5 * x) for x in (smooth_images(4, 8, seed=40, noise=0.3), smooth_images(6, 8, seed=41, noise=0.3))]
+    est.loss(model, None, batches)
+
+    def lvl(x, y, level):
+        with msconv.grid_scale(2.0**level):
+            return F.mse_loss(model(msconv.restrict(x, levels=level)), msconv.restrict(y, levels=level))
+
+    def sqnorm_grad(loss):
+        model.zero_grad()
+        loss.backward()
+        return float(grads(model).pow(2).sum())
+
+    (x0, y0), (x1, y1) = batches
+    v0 = 2 / 2 * sqnorm_grad(lvl(x0[:2], y0[:2], 0) - lvl(x0[:2], y0[:2], 1) - lvl(x0[2:], y0[2:], 0) + lvl(x0[2:], y0[2:], 1))
+    v1 = 3 / 2 * sqnorm_grad(lvl(x1[:3], y1[:3], 1) - lvl(x1[3:], y1[3:], 1))
+    torch.testing.assert_close(torch.tensor(est.variance.variance, dtype=F64), torch.tensor([v0, v1], dtype=F64), rtol=1e-9, atol=0)
+    assert est.batch_sizes == mlmc_batch_sizes([v0, v1], est.level_work(), est.budget, minimum=2)
+    c = est.last_cost
+    assert c.work_units_variance == pytest.approx(2 / 3 * (4 + 10 * 0.25)) and c.flops_variance > 0
+    assert c.work_units == pytest.approx(4 + 10 * 0.25 + c.work_units_variance)
 
 
 # ------------------------------------------------------------------------- errors
@@ -293,3 +321,31 @@ def test_bad_configuration_errors_name_the_argument_and_the_fix():
         MGE(1, 2).loss(model, None, [(x[:0], x[:0]), (x, x)])
     with pytest.raises(ValueError, match=r"x and y must hold the same samples"):
         MGE(1, 2).loss(model, None, [(x, x[:1]), (x, x)])
+
+
+# ------------------------------------------------------------------------- benchmark script
+
+
+def test_bench_mge_writes_a_row_per_estimator_and_level_difference(tmp_path):
+    import csv
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_mge.py"
+    spec = importlib.util.spec_from_file_location("bench_mge", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "mge.csv"
+    assert bench.main(["--draws", "2", "--crop", "8", "--levels", "1", "--width", "2", "--noise", "50",
+                       "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    models = ["conv2d"] + (["mfconv2d"] if hasattr(msconv, "MFConv2d") else [])
+    assert [(r["model"], r["input"], r["estimator"]) for r in rows] == [
+        (m, "noise50", e) for m in models for e in ("single", "fixed", "paper", "mlmc", "diff")]
+    for r in rows:
+        if r["estimator"] == "single":
+            assert float(r["efficiency"]) == 1.0 and float(r["work_units"]) == 4.0
+        if r["estimator"] == "paper":
+            assert r["batch_sizes"] == "4/16" and float(r["work_units"]) == 4 * 1.25 + 16 * 0.25
+        assert float(r["grad_var"]) > 0
+    assert (tmp_path / "mge.png").stat().st_size > 0

@@ -7,15 +7,24 @@
   ``Σ V_l / N_l`` at a fixed cost ``Σ N_l C_l = budget`` gives
   ``N_l = budget · sqrt(V_l / C_l) / Σ_k sqrt(V_k C_k)``.
 
-What ``V_l`` measures. The exact quantity is the per-sample variance of the gradient
-*difference* of level l, ``E‖Δg_i − E Δg‖²``; it needs one gradient per sample, which costs
-more than the step it would tune. msconv tracks instead the variance over samples of the
-per-sample *loss* difference ``Δℓ_i = ℓ_i(level l) − ℓ_i(level l+1)`` (``ℓ_i(level L)`` on the
-coarsest level), read off the predictions the step computes anyway. Both are driven by the same
-thing — how far the coarse model output is from the restricted fine one — and decay at the same
-rate as the grid is refined, which is all the optimum needs: ``N_l`` depends only on the ratios
-``V_l / V_k``. The estimate is an exponential moving average across steps
-(:class:`RunningVariance`), so one noisy batch does not swing the allocation.
+What ``V_l`` measures (``MGE(variance=...)``).
+
+* ``"gradient"`` (default): the per-sample variance of the level-l gradient term itself,
+  ``tr Cov[Δg_i]`` with ``Δg_i = ∇ℓ_i(level l) − ∇ℓ_i(level l+1)`` (``∇ℓ_i(level L)`` on the
+  coarsest level) — exactly the V_l of Giles' optimum. Per-sample gradients would cost more than
+  the step they tune; instead the level's batch is split into halves A and B of m samples and
+  ``tr Cov = m/2 · E‖Δḡ_A − Δḡ_B‖²``, where ``Δḡ_A − Δḡ_B`` is the gradient of one scalar
+  (the half-batch loss differences), so it costs one extra backward pass through the graph the
+  step already built, per level. It runs every step during the warm-up and every
+  ``variance_every`` steps after it; its cost is booked in the step's cost.
+* ``"loss"``: the variance over samples of the per-sample *loss* difference
+  ``ℓ_i(level l) − ℓ_i(level l+1)``, read off the predictions the step computes anyway (free).
+  Both are driven by how far the coarse model output is from the restricted fine one, but the
+  loss proxy measures it in output space and tends to under-weight the fine levels (see
+  bench/bench_mge.py), so it is the cheap option, not the default.
+
+Either estimate is an exponential moving average across steps (:class:`RunningVariance`), so
+one noisy batch does not swing the allocation.
 """
 from __future__ import annotations
 
@@ -81,7 +90,10 @@ class RunningVariance:
         if values.numel() < 2:
             return
         var, mean = torch.var_mean(values)
-        var, mean = float(var), float(mean)
+        self.update_variance(level, float(var), float(mean))
+
+    def update_variance(self, level: int, var: float, mean: float = 0.0) -> None:
+        """Fold in a variance measured some other way (e.g. from gradients of half batches)."""
         if self.variance[level] is None:
             self.variance[level], self.mean[level] = var, mean
         else:

@@ -71,16 +71,20 @@ class StepCost:
     batch_sizes: list[int] = field(default_factory=list)
     fused: bool = False
     fusion_note: str = ""
+    work_units_variance: float = 0.0
+    flops_variance: int = 0
+    seconds_variance: float = 0.0
     levels: list[LevelCost] = field(default_factory=list)
 
     @property
     def flops(self) -> int:
-        """Forward + backward FLOPs (backward estimated unless ``flops_backward_measured``)."""
-        return self.flops_forward + self.flops_backward
+        """Forward + backward (+ mlmc variance measurement) FLOPs; backward estimated unless
+        ``flops_backward_measured``."""
+        return self.flops_forward + self.flops_backward + self.flops_variance
 
     @property
     def seconds(self) -> float:
-        return self.seconds_forward + self.seconds_backward
+        return self.seconds_forward + self.seconds_backward + self.seconds_variance
 
     def as_dict(self) -> dict:
         """Flat figures for logs and CSV rows (per-level work as ``work_units_l<k>``)."""
@@ -95,6 +99,7 @@ class StepCost:
             "seconds_backward": self.seconds_backward,
             "batch_sizes": list(self.batch_sizes),
             "fused": self.fused,
+            "work_units_variance": self.work_units_variance,
         }
         for lc in self.levels:
             out[f"work_units_l{lc.level}"] = lc.work_units

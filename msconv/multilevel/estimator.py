@@ -96,11 +96,17 @@ class MGE:
             ``batch_sizes``.
         warmup_steps: ``mlmc`` only: steps with the initial sizes before the first reallocation.
         variance_decay: ``mlmc`` only: EMA factor of the running level variances.
+        variance: ``mlmc`` only: what V_l measures, ``"gradient"`` (the level term's gradient
+            variance from half batches; one extra backward per level when it runs) or ``"loss"``
+            (per-sample loss differences; free); see msconv.multilevel.allocation.
+        variance_every: ``mlmc`` with ``variance="gradient"``: measure every this many steps
+            after the warm-up (every step during it).
         cost_measure: ``mlmc`` only: the per-sample cost C_l, ``"work"`` (pixels; default, exact
             for convolutional models and deterministic) or ``"flops"`` (measured).
         multiple_of: batch sizes from ``paper``/``mlmc`` are rounded to multiples of it; default
             the torch.distributed world size (each rank takes an equal share of every level).
-        min_batch: smallest batch ``mlmc`` gives a level.
+        min_batch: smallest batch ``mlmc`` gives a level (at least 2 per rank, so that every
+            level's variance can still be measured).
 
     ``est.batch_sizes`` is the current allocation (what the next step's batches should hold;
     :class:`msconv.multilevel.MultilevelBatchSampler` reads it when given the estimator).
@@ -128,6 +134,8 @@ class MGE:
         budget: float | None = None,
         warmup_steps: int = 2,
         variance_decay: float = 0.9,
+        variance: str = "gradient",
+        variance_every: int = 10,
         cost_measure: str = "work",
         multiple_of: int | None = None,
         min_batch: int = 1,
@@ -148,11 +156,18 @@ class MGE:
         self.count_flops, self.cost_measure = count_flops, cost_measure
         self.multiple_of = _check_int(multiple_of if multiple_of is not None else _default_multiple_of(), "multiple_of", 1)
         self.min_batch = _check_int(min_batch, "min_batch", 1)
+        if allocation == "mlmc":
+            # A level's variance needs two samples on every rank (the halves, or a sample variance).
+            self.min_batch = max(self.min_batch, 2 * self.multiple_of)
         self.warmup_steps = _check_int(warmup_steps, "warmup_steps", 0)
         self.batch_sizes = self._initial_sizes(batch_sizes)
         self.budget = float(budget) if budget is not None else self.step_work(self.batch_sizes)
         if self.budget <= 0:
             raise ValueError(f"MGE: budget must be > 0 work units per step, got budget={budget}")
+        if variance not in ("gradient", "loss"):
+            raise ValueError(f"MGE: variance must be 'gradient' or 'loss', got variance={variance!r}")
+        self.variance_source = variance
+        self.variance_every = _check_int(variance_every, "variance_every", 1)
         self.variance = RunningVariance(self.levels, variance_decay)
         self.steps = 0
         self.last_cost: StepCost | None = None
@@ -284,7 +299,10 @@ class MGE:
                 grids[l + 1].append((l, -1.0, xs[1], ys[1]))
 
         mlmc = self.allocation == "mlmc"
+        grad_var = mlmc and self.variance_source == "gradient" and (
+            self.steps < self.warmup_steps or self.steps % self.variance_every == 0)
         sample_losses: dict[tuple[int, float], torch.Tensor] = {}
+        outputs: dict[tuple[int, float], tuple] = {}
         cost = StepCost(batch_sizes=[x.shape[0] for x, _ in batches], fused=fused, fusion_note=note)
         device = batches[0][0].device
         total = None
@@ -302,7 +320,9 @@ class MGE:
                 for (l, sign, x, y), pred in zip(group, preds):
                     term = loss_fn(pred, y)
                     total = sign * term if total is None else total + sign * term
-                    if mlmc:
+                    if grad_var:
+                        outputs[(l, sign)] = (pred, y)
+                    elif mlmc:
                         sample_losses[(l, sign)] = per_sample_loss(loss_fn, pred, y)
             lc.flops_forward, lc.seconds_forward = counted
             for l, _, x, _ in group:
@@ -318,9 +338,15 @@ class MGE:
         cost.flops_backward = 2 * cost.flops_forward
         cost.seconds_forward = sum(lc.seconds_forward for lc in cost.levels)
         self.last_cost = cost
+        if grad_var:
+            self._measure_gradient_variance(model, loss_fn, outputs, device)
+        elif mlmc:
+            for l in range(self.levels + 1):
+                fine = sample_losses[(l, 1.0)]
+                self.variance.update(l, fine - sample_losses[(l, -1.0)] if l < self.levels else fine)
         self.steps += 1
         if mlmc:
-            self._update_allocation(sample_losses)
+            self._update_allocation()
         return total
 
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
@@ -340,10 +366,35 @@ class MGE:
             return [f[l] + (f[l + 1] if l < self.levels else 0.0) for l in range(self.levels + 1)]
         return self.level_work()
 
-    def _update_allocation(self, sample_losses: dict) -> None:
-        for l in range(self.levels + 1):
-            fine = sample_losses[(l, 1.0)]
-            self.variance.update(l, fine - sample_losses[(l, -1.0)] if l < self.levels else fine)
+    def _measure_gradient_variance(self, model: nn.Module, loss_fn: Callable, outputs: dict, device) -> None:
+        """V_l = m/2 · ‖∇(Δℓ_A − Δℓ_B)‖² from the two halves A, B (m samples each) of level l's batch."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        cost = self.last_cost
+        with count_flops(self.count_flops, device) as counted:
+            for l in range(self.levels + 1):
+                pred, y = outputs[(l, 1.0)]
+                m = pred.shape[0] // 2
+                if m == 0:
+                    continue
+
+                def half(key, sl):
+                    p, t = outputs[key]
+                    return loss_fn(p[sl], t[sl] if isinstance(t, torch.Tensor) and t.shape[:1] == p.shape[:1] else t)
+
+                a, b = slice(0, m), slice(m, 2 * m)
+                diff = half((l, 1.0), a) - half((l, 1.0), b)
+                if l < self.levels:
+                    diff = diff - half((l, -1.0), a) + half((l, -1.0), b)
+                grads = torch.autograd.grad(diff, params, retain_graph=True, allow_unused=True)
+                sq = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+                self.variance.update_variance(l, m * sq / 2)
+        # One backward through each level's graph: about 2/3 of a forward+backward work unit.
+        cost.work_units_variance = (2.0 / 3.0) * sum(
+            lc.work_units for lc in cost.levels)
+        cost.work_units += cost.work_units_variance
+        cost.flops_variance, cost.seconds_variance = counted
+
+    def _update_allocation(self) -> None:
         if not self.variance.ready():
             return
         import torch.distributed as dist
