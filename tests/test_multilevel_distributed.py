@@ -1,6 +1,7 @@
 """Distributed MGE (SPEC §3): 2 processes, gloo on CPU, each rank its share of every level.
 
-Each rank trains (a) a DistributedDataParallel model and (b) a plain model whose gradients go
+Each rank trains (a) a DistributedDataParallel model (whose all-reduces are counted with a
+communication hook) and (b) a plain model whose gradients go
 through ``allreduce_gradients``, on ``multilevel_loader`` shares, and writes its parameters; the
 parent checks both ranks agree and match one process trained on the combined batches. A third
 estimator uses ``mlmc`` allocation: the ranks must keep identical batch sizes.
@@ -58,6 +59,15 @@ def _worker(rank, world, port, out_dir):
     try:
         model, opt = model_and_opt()
         ddp = nn.parallel.DistributedDataParallel(model)
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        reductions = []
+
+        def counting_allreduce(state, bucket):  # counts DDP's gradient all-reduces
+            reductions.append(bucket.buffer().numel())
+            return default_hooks.allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, counting_allreduce)
         seen = []
         p_ddp = train(ddp, opt, None, None, shapes=seen)  # rank and world size from torch.distributed
         model, opt = model_and_opt()
@@ -68,7 +78,8 @@ def _worker(rank, world, port, out_dir):
         for batches in multilevel_loader(SmoothImages(48, size=8), est, steps=3, seed=SEED):
             est.loss(model, None, batches).backward()
             sizes.append(list(est.batch_sizes))
-        torch.save({"ddp": p_ddp, "flat": p_flat, "mlmc_sizes": sizes, "seen": seen}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"ddp": p_ddp, "flat": p_flat, "mlmc_sizes": sizes, "seen": seen,
+                    "reductions": reductions}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -93,6 +104,9 @@ def test_two_gloo_ranks_agree_and_match_one_process_with_the_combined_batch(tmp_
         for a, b, c in zip(r0[key], r1[key], single):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
             torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
+    # One all-reduce per step, carrying every gradient, although MGE made 3 forward calls per step.
+    n_params = sum(p.numel() for p in single)
+    assert r0["reductions"] == r1["reductions"] == [n_params] * STEPS
     assert r0["mlmc_sizes"] == r1["mlmc_sizes"]
     assert all(n % 2 == 0 for s in r0["mlmc_sizes"] for n in s)  # multiples of the world size
     assert r0["mlmc_sizes"][-1] != SIZES

@@ -15,9 +15,10 @@ Why this is the combined-batch gradient: every rank walks the same seeded index 
 agree on each step's block, and takes the r-th contiguous share ``N_l / world`` of every level's
 batch. Its loss weights its share by ``1 / (N_l / world)``; DDP averages the gradients over the
 ranks, ``(1/world) Σ_r (world/N_l) Σ_{i∈share_r} = (1/N_l) Σ_{i∈B_l}``: exactly ĝ of the
-combined batch, with one gradient all-reduce per step (DDP buckets it and overlaps it with the
-backward). MGE runs several forward calls (one per grid) before the single backward; DDP
-accepts that since every parameter's gradient is accumulated once per backward.
+combined batch, with one gradient all-reduce per step (per DDP bucket: a model under DDP's
+25 MB ``bucket_cap_mb`` is one bucket; tests/test_multilevel_distributed.py counts them with a
+communication hook). MGE runs several forward calls (one per grid) before the single backward;
+DDP accepts that since every parameter's gradient is accumulated once per backward.
 
 Without DDP (e.g. a model DDP cannot wrap), call :func:`allreduce_gradients` after
 ``backward()``: one flat all-reduce of every gradient.
