@@ -321,6 +321,9 @@ def test_bad_configuration_errors_name_the_argument_and_the_fix():
         MGE(1, 2).loss(model, None, [(x[:0], x[:0]), (x, x)])
     with pytest.raises(ValueError, match=r"x and y must hold the same samples"):
         MGE(1, 2).loss(model, None, [(x, x[:1]), (x, x)])
+    valid = nn.Conv2d(3, 3, 3).double()  # no padding: the output is 2 pixels smaller than the target
+    with pytest.raises(ValueError, match=r"level 0 the model output has shape \(2, 3, 6, 6\).*\(2, 3, 8, 8\)"):
+        MGE(1, 2).loss(valid, None, [(x, x), (x, x)])
 
 
 # ------------------------------------------------------------------------- benchmark script

@@ -318,6 +318,13 @@ class MGE:
                     preds = [model(x) for _, _, x, _ in group]
                     lc.forward_calls = len(group)
                 for (l, sign, x, y), pred in zip(group, preds):
+                    if _is_image(y) and isinstance(pred, torch.Tensor) and pred.shape != y.shape:
+                        # mse_loss would broadcast and silently compare the wrong pixels.
+                        raise ValueError(
+                            f"MGE.loss: on level {level} the model output has shape {tuple(pred.shape)} but the "
+                            f"restricted target batches[{l}][1] has {tuple(y.shape)}; the model must map every grid to "
+                            "the target's grid (use padding='same'-style layers), or give non-image targets"
+                        )
                     term = loss_fn(pred, y)
                     total = sign * term if total is None else total + sign * term
                     if grad_var:
