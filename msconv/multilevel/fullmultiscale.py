@@ -308,7 +308,7 @@ class FullMultiscale:
             if finite:
                 optimizer.step()
             record = {"step": step.global_step, "stage": step.stage.index, "level": step.stage.level,
-                      "loss": loss.item(), "skipped": not finite, "lr": optimizer.param_groups[0]["lr"],
+                      "loss": loss.item(), "skipped": not finite, "lr": float(optimizer.param_groups[0]["lr"]),
                       **step.last_cost.as_dict()}
             history.append(record)
             if on_step is not None:
