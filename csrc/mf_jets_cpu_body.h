@@ -13,61 +13,82 @@ struct Vec;
 template <>
 struct Vec<float> {
   typedef float type __attribute__((vector_size(32)));
+  typedef float unaligned __attribute__((vector_size(32), aligned(4), may_alias));
   static constexpr int lanes = 8;
 };
 template <>
 struct Vec<double> {
   typedef double type __attribute__((vector_size(32)));
+  typedef double unaligned __attribute__((vector_size(32), aligned(8), may_alias));
   static constexpr int lanes = 4;
 };
 
+// Loads and stores by value through an unaligned vector type: nothing takes the address of
+// the accumulators, so they live in registers.
 template <typename acc_t, typename TS>
-inline __attribute__((always_inline)) void load_lanes(typename Vec<acc_t>::type& v, const TS* p) {
+inline __attribute__((always_inline)) typename Vec<acc_t>::type load_lanes(const TS* p) {
   if constexpr (std::is_same_v<TS, acc_t>) {
-    __builtin_memcpy(&v, p, sizeof(v));
+    return *reinterpret_cast<const typename Vec<acc_t>::unaligned*>(p);
   } else {
+    typename Vec<acc_t>::type v;
     for (int l = 0; l < Vec<acc_t>::lanes; ++l) v[l] = static_cast<acc_t>(p[l]);
+    return v;
   }
 }
 
 template <typename acc_t, typename TD>
 inline __attribute__((always_inline)) void store_lanes(TD* p, int64_t stride,
-                                                       const typename Vec<acc_t>::type& v) {
+                                                       typename Vec<acc_t>::type v) {
   if constexpr (std::is_same_v<TD, acc_t>) {
     if (stride == 1) {
-      __builtin_memcpy(p, &v, sizeof(v));
+      *reinterpret_cast<typename Vec<acc_t>::unaligned*>(p) = v;
       return;
     }
   }
   for (int l = 0; l < Vec<acc_t>::lanes; ++l) p[l * stride] = static_cast<TD>(v[l]);
 }
 
-// dst[b][e * dstride] = sum_{k < nsrc} w[b * nsrc + k] * src[k][e] for b < NB, e < len.
-// NV vectors of accumulators per b: NB * NV <= 8 keeps them (plus the loads) in 16 registers.
+// dst[b][e * dstride] = sum_{k < nsrc} w[b * nsrc + k] * src[k][e] for b < NB, e in [e0, e1),
+// NV vectors at a time; returns where it stopped (the remainder is shorter than NV vectors).
+// NB * NV ~ 8 independent accumulators hide the FMA latency and stay in 16 registers.
 template <int NB, int NV, typename TS, typename TD, typename acc_t>
-void wsum(int64_t nsrc, const TS* const* src, const acc_t* w, TD* const* dst, int64_t dstride,
-          int64_t len) {
+inline int64_t wsum_blocks(int64_t nsrc, const TS* const* src, const acc_t* w, TD* const* dst,
+                           int64_t dstride, int64_t e0, int64_t e1) {
   using V = typename Vec<acc_t>::type;
   constexpr int L = Vec<acc_t>::lanes;
   constexpr int EB = NV * L;
-  int64_t e0 = 0;
-  for (; e0 + EB <= len; e0 += EB) {
+  for (; e0 + EB <= e1; e0 += EB) {
     V acc[NB][NV];
+#pragma GCC unroll 8
     for (int b = 0; b < NB; ++b)
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[b][v] = V{};
     for (int64_t k = 0; k < nsrc; ++k) {
       const TS* s = src[k] + e0;
       V x[NV];
-      for (int v = 0; v < NV; ++v) load_lanes<acc_t>(x[v], s + v * L);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) x[v] = load_lanes<acc_t>(s + v * L);
+#pragma GCC unroll 8
       for (int b = 0; b < NB; ++b) {
         const acc_t wk = w[b * nsrc + k];
+#pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[b][v] += wk * x[v];
       }
     }
+#pragma GCC unroll 8
     for (int b = 0; b < NB; ++b)
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v)
         store_lanes<acc_t>(dst[b] + (e0 + v * L) * dstride, dstride, acc[b][v]);
   }
+  return e0;
+}
+
+template <int NB, int NV, typename TS, typename TD, typename acc_t>
+void wsum(int64_t nsrc, const TS* const* src, const acc_t* w, TD* const* dst, int64_t dstride,
+          int64_t len) {
+  int64_t e0 = wsum_blocks<NB, NV>(nsrc, src, w, dst, dstride, 0, len);
+  e0 = wsum_blocks<NB, 1>(nsrc, src, w, dst, dstride, e0, len);
   for (; e0 < len; ++e0) {
     acc_t acc[NB];
     for (int b = 0; b < NB; ++b) acc[b] = acc_t(0);
@@ -88,9 +109,9 @@ void wsum_any(int64_t nb, int64_t nsrc, const TS* const* src, const acc_t* w, TD
     const acc_t* wb = w + b0 * nsrc;
     TD* const* db = dst + b0;
     switch (std::min<int64_t>(4, nb - b0)) {
-      case 1: wsum<1, 4, TS, TD, acc_t>(nsrc, src, wb, db, dstride, len); break;
-      case 2: wsum<2, 3, TS, TD, acc_t>(nsrc, src, wb, db, dstride, len); break;
-      case 3: wsum<3, 2, TS, TD, acc_t>(nsrc, src, wb, db, dstride, len); break;
+      case 1: wsum<1, 8, TS, TD, acc_t>(nsrc, src, wb, db, dstride, len); break;
+      case 2: wsum<2, 4, TS, TD, acc_t>(nsrc, src, wb, db, dstride, len); break;
+      case 3: wsum<3, 3, TS, TD, acc_t>(nsrc, src, wb, db, dstride, len); break;
       default: wsum<4, 2, TS, TD, acc_t>(nsrc, src, wb, db, dstride, len); break;
     }
   }
