@@ -33,6 +33,9 @@ def _backends():
 
 
 BACKENDS = _backends()
+# Triton runs under the (slow) interpreter on CPU: its full matrix is marked slow; one quick
+# case (test_triton_quick) always runs.
+BACKEND_PARAMS = [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in BACKENDS]
 
 
 def _methods(mode, auto=False):
@@ -124,7 +127,7 @@ def test_pad_wider_than_image(mode):
 # Every path and backend against the reference, forward and all gradients (float64)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("order", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("stride", [1, 2, 3])
 @pytest.mark.parametrize("mode", MODES)
@@ -145,7 +148,16 @@ def test_paths_match_reference(order, stride, mode, backend):
                 _close(a, r, torch.float64, f"{method}/{backend} s={scale} {name}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton (or msconv.triton.mf_jets) here")
+def test_triton_quick():
+    x, wt, b = _data(1, 2, 4, 2, 2, 6, 7, seed=11)
+    ref = _run_with_grads(_ref(0.5, 2, "reflect", 2), x, wt, b, 0.4)
+    fn = lambda x, w, b, s: msconv.mf_conv2d(x, w, b, s, 0.5, 2, "reflect", 2, "separable", "triton")  # noqa: E731
+    for name, a, r in zip(("y", "grad x", "grad weight", "grad bias", "grad sigma"), _run_with_grads(fn, x, wt, b, 0.4), ref):
+        _close(a, r, torch.float64, f"triton {name}")
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["zeros", "circular"])
 def test_dtypes(dtype, mode, backend):

@@ -47,6 +47,8 @@ class MFConv2d(nn.Module):
     Keyword-only: ``order`` p of the derivative basis (M = (p+1)(p+2)/2 weights per channel
     pair; 6 for p = 2), ``sigma`` in reference pixels, ``learn_sigma`` (σ a parameter, else a
     buffer), ``method`` (``auto``, ``separable``, ``fft`` for circular padding, ``dense``).
+    A learnable σ sets the stencil support from its current value, one host read per call (a
+    graph break under torch.compile); a fixed σ is a Python constant and compiles fully.
 
     Shapes: input ``[N, C_in, H, W]``, output ``[N, C_out, ceil(H/S), ceil(W/S)]``, weight
     ``[C_out, C_in/groups, M]``, bias ``[C_out]``, sigma ``[]``.

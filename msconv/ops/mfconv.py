@@ -14,7 +14,8 @@ Three ways to compute the same discrete operator (msconv.reference.mf_conv2d_ref
   equal to rounding), an inverse FFT per jet, the output cells ``S·I`` picked out (exact for
   every stride: the periodic output at the cell-centred positions, sizes not divisible by S
   included), then the same 1×1 mix. Cost independent of σ/s: the path for very wide stencils.
-* ``dense`` — F.conv2d with the dense (2r+1)² sampled stencil (the reference; benchmarks).
+* ``dense`` — F.conv2d with the dense (2r+1)² sampled stencil (what the reference computes);
+  cheapest for few channels and small stencils, where a GEMM-backed conv beats the jets.
 
 ``auto`` picks by the cost model in :func:`_method_costs`.
 """
@@ -184,11 +185,22 @@ def _check_args(x, weight, bias, sigma, scale, stride, padding_mode, groups, met
     return order
 
 
+def _pad(x, kmin, k, stride, padding_mode):
+    """x extended so that a K-tap correlation with ``stride`` gives the ceil(H/S) output cells."""
+    pad_h = reference.mf_padding(x.shape[-2], kmin, k, stride)
+    return reference.mf_pad(x, pad_h, reference.mf_padding(x.shape[-1], kmin, k, stride), padding_mode)
+
+
+def _dense(x, weight, bias, filt, kmin, order, stride, padding_mode, groups):
+    """msconv.reference.mf_conv2d_ref's dense-stencil conv, built from the cached taps."""
+    basis = torch.stack([filt[b][:, None] * filt[a][None, :] for a, b in reference.mf_multi_indices(order)])
+    stencil = torch.einsum("ocm,mtq->octq", weight, basis.to(weight.dtype))
+    return F.conv2d(_pad(x, kmin, filt.shape[1], stride, padding_mode), stencil, bias, stride=stride, groups=groups)
+
+
 def _separable(x, filt, kmin, order, stride, padding_mode, backend):
     k = filt.shape[1]
-    xp = reference.mf_pad(
-        x, reference.mf_padding(x.shape[-2], kmin, k, stride), reference.mf_padding(x.shape[-1], kmin, k, stride), padding_mode
-    )
+    xp = _pad(x, kmin, k, stride, padding_mode)
     op = _jets_op() if backend != "reference" else None
     # The kernels' limits (msconv.ops.mf_jets): wider stencils or higher orders run in PyTorch.
     if op is None or k > _JETS_LIMITS[1] or order > _JETS_LIMITS[0]:
@@ -260,8 +272,6 @@ def mf_conv2d(
     order = _check_args(x, weight, bias, sigma, scale, stride, padding_mode, groups, method)
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
-    if method == "dense":
-        return reference.mf_conv2d_ref(x, weight, bias, sigma, scale, stride, padding_mode, groups)
     b = _backend.resolve(_OP, x.device, backend)
     # CPU half-precision convolutions and FFTs are slow or missing: compute in float32 (the
     # fp32 accumulation every kernel uses) and round once at the end.
@@ -275,8 +285,8 @@ def mf_conv2d(
         jb = b if _jets_op() is not None and filt.shape[1] <= _JETS_LIMITS[1] and order <= _JETS_LIMITS[0] else "reference"
         costs = _method_costs(n, c_in, c_out, groups, order, filt.shape[1], h, w, stride, padding_mode, jb)
         method = min(costs, key=costs.get)
-        if method == "dense":
-            return reference.mf_conv2d_ref(x, weight, bias, sigma, scale, stride, padding_mode, groups).to(out_dtype)
+    if method == "dense":
+        return _dense(x, weight, bias, filt, kmin, order, stride, padding_mode, groups).to(out_dtype)
     if method == "fft":
         jets = _fft_jets(x if x.dtype == filt_dtype else x.float(), filt, kmin, order, stride).to(x.dtype)
     else:
