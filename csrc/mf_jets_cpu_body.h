@@ -198,55 +198,73 @@ void jets_adjoint(const JetGeom& g, const scalar_t* grad, GOff g_off, int64_t g_
   const int64_t row_work = Kq * (g.M * g.Wo * Cv + P1 * g.Wp * Cv) + 1;
   const int64_t grain = std::max<int64_t>(1, 65536 / row_work);
   at::parallel_for(0, g.units * g.Hp, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<acc_t> ubuf(P1 * ulen, acc_t(0)), phase(S > 1 ? phase_len : 0);
-    std::vector<const scalar_t*> gsrc(g.M * Kq);
-    std::vector<acc_t> gw(g.M * Kq);
+    // kRows input rows at a time share the loads of the gradient rows they read (they weigh
+    // them with different taps, zero outside [0, K)).
+    constexpr int64_t kRows = 4;
+    const int64_t win = Kq + kRows;
+    std::vector<acc_t> ubuf(kRows * P1 * ulen, acc_t(0)), phase(S > 1 ? phase_len : 0);
+    std::vector<const scalar_t*> gsrc(g.M * win);
+    std::vector<acc_t> gw(kRows * g.M * win);
+    std::vector<acc_t*> udst(kRows);
     std::vector<const acc_t*> hsrc(P1 * Kq);
     std::vector<acc_t> hw(P1 * Kq);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t u = r / g.Hp, y = r % g.Hp;
-      // Output rows i with 0 <= y - i*S < K, 0 <= i < Ho.
-      const int64_t i_hi = std::min(g.Ho - 1, y / S);
-      const int64_t i_lo = y >= K ? (y - K + S) / S : 0;  // ceil((y - K + 1) / S)
+    for (int64_t r = r0; r < r1;) {
+      const int64_t u = r / g.Hp, y0 = r % g.Hp;
+      const int64_t R = std::min(std::min(kRows, r1 - r), g.Hp - y0);
+      // Output rows i with 0 <= y - i*S < K for some y in [y0, y0 + R), 0 <= i < Ho.
+      const int64_t i_hi = std::min(g.Ho - 1, (y0 + R - 1) / S);
+      const int64_t i_lo = y0 >= K ? (y0 - K + S) / S : 0;  // ceil((y0 - K + 1) / S)
+      const int64_t ni = std::max<int64_t>(0, i_hi - i_lo + 1);
       for (int64_t a = 0; a < P1; ++a) {
-        int64_t n = 0;
+        int64_t nm = 0;
+        for (int64_t m = 0; m < g.M; ++m) nm += g.ja[m] == a;
+        const int64_t n = nm * ni;
+        int64_t k = 0;
         for (int64_t m = 0; m < g.M; ++m) {
           if (g.ja[m] != a) continue;
           const scalar_t* gm = grad + g_off(u, m);
-          for (int64_t i = i_lo; i <= i_hi; ++i) {
-            gsrc[n] = gm + i * g_sh;
-            gw[n++] = filt[g.jb[m] * K + (y - i * S)];
+          for (int64_t i = i_lo; i <= i_hi; ++i, ++k) {
+            gsrc[k] = gm + i * g_sh;
+            for (int64_t rr = 0; rr < R; ++rr) {
+              const int64_t t = y0 + rr - i * S;
+              gw[rr * n + k] = (t >= 0 && t < K) ? filt[g.jb[m] * K + t] : acc_t(0);
+            }
           }
         }
-        acc_t* ua = ubuf.data() + a * ulen + pad * Cv;
+        for (int64_t rr = 0; rr < R; ++rr) udst[rr] = ubuf.data() + (rr * P1 + a) * ulen + pad * Cv;
         if (n == 0) {
-          std::fill(ua, ua + g.Wo * Cv, acc_t(0));
+          for (int64_t rr = 0; rr < R; ++rr) std::fill(udst[rr], udst[rr] + g.Wo * Cv, acc_t(0));
         } else {
-          wsum_any<scalar_t, acc_t, acc_t>(1, n, gsrc.data(), gw.data(), &ua, 1, g.Wo * Cv);
+          wsum_any<scalar_t, acc_t, acc_t>(R, n, gsrc.data(), gw.data(), udst.data(), 1, g.Wo * Cv);
         }
       }
-      scalar_t* orow = out + out_base(u) + y * o_sh;
-      for (int64_t ph = 0; ph < S; ++ph) {
-        // Phase x = ph + S*v reads U_a[v - k] with tap filt[a, ph + S*k].
-        const int64_t kr = (K - ph + S - 1) / S;
-        const int64_t nv = (g.Wp - ph + S - 1) / S;
-        if (nv <= 0) continue;
-        int64_t n = 0;
-        for (int64_t a = 0; a < P1; ++a)
-          for (int64_t k = 0; k < kr; ++k) {
-            hsrc[n] = ubuf.data() + a * ulen + (pad - k) * Cv;
-            hw[n++] = filt[a * K + ph + S * k];
+      for (int64_t rr = 0; rr < R; ++rr) {
+        const int64_t y = y0 + rr;
+        const acc_t* urow = ubuf.data() + rr * P1 * ulen;
+        scalar_t* orow = out + out_base(u) + y * o_sh;
+        for (int64_t ph = 0; ph < S; ++ph) {
+          // Phase x = ph + S*v reads U_a[v - k] with tap filt[a, ph + S*k].
+          const int64_t kr = (K - ph + S - 1) / S;
+          const int64_t nv = (g.Wp - ph + S - 1) / S;
+          if (nv <= 0) continue;
+          int64_t n = 0;
+          for (int64_t a = 0; a < P1; ++a)
+            for (int64_t k = 0; k < kr; ++k) {
+              hsrc[n] = urow + a * ulen + (pad - k) * Cv;
+              hw[n++] = filt[a * K + ph + S * k];
+            }
+          if (S == 1) {
+            wsum_any<acc_t, scalar_t, acc_t>(1, n, hsrc.data(), hw.data(), &orow, 1, nv * Cv);
+          } else {
+            acc_t* pp = phase.data();
+            wsum_any<acc_t, acc_t, acc_t>(1, n, hsrc.data(), hw.data(), &pp, 1, nv * Cv);
+            for (int64_t v = 0; v < nv; ++v)
+              for (int64_t c = 0; c < Cv; ++c)
+                orow[(ph + S * v) * Cv + c] = static_cast<scalar_t>(pp[v * Cv + c]);
           }
-        if (S == 1) {
-          wsum_any<acc_t, scalar_t, acc_t>(1, n, hsrc.data(), hw.data(), &orow, 1, nv * Cv);
-        } else {
-          acc_t* pp = phase.data();
-          wsum_any<acc_t, acc_t, acc_t>(1, n, hsrc.data(), hw.data(), &pp, 1, nv * Cv);
-          for (int64_t v = 0; v < nv; ++v)
-            for (int64_t c = 0; c < Cv; ++c)
-              orow[(ph + S * v) * Cv + c] = static_cast<scalar_t>(pp[v * Cv + c]);
         }
       }
+      r += R;
     }
   });
 }
