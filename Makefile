@@ -30,7 +30,7 @@ $(STAMP): $(VPY) $(SOURCES)
 # crops of 256^2, a small DnCNN, the same budget of 80 work units each.
 demo: $(STAMP)
 	$(VPY) -m msconv compare --task denoise --noise-sigma 25 --model dncnn --depth 6 --width 16 \
-	  --crop 256 --batch-size 1 --budget 80 --lr 3e-3 --threads 2 --out runs/demo
+	  --crop 256 --batch-size 1 --budget 80 --lr 2e-3 --threads 2 --out runs/demo
 
 test: $(STAMP)
 	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -88,12 +88,17 @@ def _config_from_args(args, **overrides):
 
 
 def _run_guarded(fn) -> int:
-    """Known failures print one clear line and an exit code instead of a traceback."""
+    """Known failures print one clear line and an exit code instead of a traceback
+    (``MSCONV_DEBUG=1`` shows the traceback)."""
+    import os
+
     from msconv.data import ImageReadError
     from msconv.train.config import ConfigError
     from msconv.train.io import CheckpointError
     from msconv.train.trainer import NonFiniteError
 
+    if os.environ.get("MSCONV_DEBUG"):
+        return fn()
     try:
         return fn()
     except (ConfigError, ImageReadError, FileNotFoundError, ValueError, ImportError) as e:
