@@ -39,14 +39,16 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _OP = "mf_conv2d"
 
 # Relative time per multiply-add of each kind of work, 1 = a GEMM-backed convolution (mkldnn /
-# cuDNN). Fitted to bench/bench_mfconv.py --quick and single-thread timings on the 2-core
-# development CPU (N=2, 64×64, σ=½, p=2, float32): the 1×1 mix and the dense stencil conv run
-# at ~30-40 GMAC/s, the compiled jets kernel at ~3 GMAC/s (12× slower per MAC: a short
-# separable filter is memory-bound), the FFT jets at ~3 GMAC/s of the modelled FFT work, the
-# plain-PyTorch jets (a 1×K conv per plane) at ~0.1-0.5 GMAC/s. With these factors the model
-# picks what was fastest in that run: dense at s=1 with 16 channels, separable at s=1…⅛ with
-# 64 channels and at s=½…⅛ with 16, fft for circular padding at s=⅛ (K=35) but not at s=¼.
-# GPU factors are not measured yet (no GPU here): the CPU ones stand in.
+# cuDNN), for forward+backward (training). Fitted to bench/bench_mfconv.py --quick and repeated
+# single-thread timings on the shared 2-core development CPU (N=2, 64×64, σ=½, p=2, float32):
+# the 1×1 mix and the dense stencil conv run at ~25-50 GMAC/s, the compiled jets kernel with
+# its adjoint at ~12× the time per MAC (short separable filters are memory-bound; forward alone
+# is ~4×), the FFT jets likewise ~12× per modelled FFT MAC, the plain-PyTorch jets (a 1×K conv
+# per plane) ~100×. The model then picks what measured fastest forward+backward: dense at s=1
+# with 16 channels (15.6 vs 22.8 ms), separable at s=1 with 32/64 channels (60 vs 93, 100 vs
+# 222 ms) and at s=½…⅛ with zeros padding, fft for circular padding at s=⅛ (K=35: 26 vs 37 ms
+# at 16 channels, 48 vs 178 ms at 64). Timings on that machine vary ±50% with its load.
+# GPU factors are not measured (no GPU here): the CPU ones stand in.
 _EFF = {"jets": 12.0, "jets_reference": 100.0, "mix": 1.0, "dense": 1.0, "fft": 12.0}
 
 
