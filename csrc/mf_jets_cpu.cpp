@@ -7,7 +7,9 @@
 // they are in L1/L2; V is never materialised for the whole image. The adjoint is a gather over
 // the output rows that touched each input row: no atomics, deterministic. NCHW runs per plane;
 // channels_last (NHWC) runs per image with the C channels of a pixel as one contiguous vector,
-// so neither layout is copied. Half types accumulate in float, double in double. Parallel over
+// so the input is not copied (measured, 2x96x96 K=19 p=2, one thread: NHWC-native forward is
+// 0.7-0.8x the NCHW time for C = 3..64, where copying to NCHW and back costs 1.4-3x; the NHWC
+// adjoint permutes grad once and runs 1.2-1.6x the NCHW time). Half types accumulate in float, double in double. Parallel over
 // (plane or image) x rows with at::parallel_for. Kernel bodies: mf_jets_cpu_body.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
