@@ -70,7 +70,7 @@ class TrainConfig:
     warmup: float = _f(0.05, "linear warm-up, as a fraction of all steps")
     lr_power: float = _f(1.0, "polynomial decay power after warm-up (0: constant)")
     budget: float = _f(400.0, "compute budget in fine-equivalent work units (one fine sample forward+backward = 1)")
-    iterations: int = _f(None, "total optimizer steps instead of --budget (fmg: over all stages)")
+    iterations: int = _f(None, "total optimizer steps instead of --budget (fmg: split over the stages by --fmg-iteration-ratio, at least one each)")
     # --- run
     seed: int = _f(0, "seed of model init, sampling and corruption")
     split_seed: int = _f(0, "seed of the train/validation split")
