@@ -107,6 +107,39 @@ def test_reference_derivative_of_linear_field():
     torch.testing.assert_close(y[0, 0, 10, 5:15], 2 * torch.arange(5, 15, dtype=torch.float64) + 0.5, atol=0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("stride", [1, 2, 3, 7])
+def test_reference_is_the_defining_sum(stride):
+    # y[I, J] = Σ_m θ_m Σ_{k,l} w_b[k] w_a[l] u[S·I − k, S·J − l] (u = 0 outside), straight
+    # from the definition in mf_taps — including stride 7 on a coarse grid, where the padding
+    # before the image is negative (a crop).
+    g = torch.Generator().manual_seed(stride)
+    u = torch.randn(9, 8, generator=g, dtype=torch.float64)
+    theta = torch.randn(3, generator=g, dtype=torch.float64)
+    scale = 2.0 if stride == 7 else 0.5
+    taps, kmin = reference.mf_taps(1, 0.5, scale, stride)
+    ho, wo = -(-9 // stride), -(-8 // stride)
+    want = torch.zeros(ho, wo, dtype=torch.float64)
+    for i, j in itertools.product(range(ho), range(wo)):
+        for m, (a, b) in enumerate(reference.mf_multi_indices(1)):
+            for k, l in itertools.product(range(taps.shape[1]), repeat=2):
+                r, c = stride * i - (k + kmin), stride * j - (l + kmin)
+                if 0 <= r < 9 and 0 <= c < 8:
+                    want[i, j] += theta[m] * taps[b, k] * taps[a, l] * u[r, c]
+    got = reference.mf_conv2d_ref(u[None, None], theta[None, None], None, 0.5, scale, stride)
+    torch.testing.assert_close(got[0, 0], want)
+
+
+def test_reference_smoothing_preserves_constants():
+    # The (0,0) jet integrates the Gaussian over the cells: a constant stays constant (to the
+    # 4σ truncation) at every scale and stride, with replicate padding also at the border.
+    u = torch.full((1, 1, 7, 6), 3.0, dtype=torch.float64)
+    w = torch.zeros(1, 1, 6, dtype=torch.float64)
+    w[0, 0, 0] = 1
+    for scale, stride in itertools.product(SCALES, (1, 2, 3)):
+        y = reference.mf_conv2d_ref(u, w, None, 0.7, scale, stride, "replicate")
+        torch.testing.assert_close(y, torch.full_like(y, 3.0), atol=0, rtol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
 def test_pad_wider_than_image(mode):
     # Wide stencils on coarse grids pad more than the image size: the rule repeats.
