@@ -246,6 +246,8 @@ def test_auto_picks_cheapest_and_fft_for_wide_circular():
 
 def test_compile_fullgraph():
     torch._dynamo.reset()
+    with msconv.grid_scale(2.0):  # the scale now lives in thread-local state that dynamo reads
+        pass
     layer = msconv.MFConv2d(3, 4, 3, stride=2, padding_mode="reflect")
     x = torch.randn(2, 3, 11, 10, requires_grad=True)
     ref_y = layer(x)
