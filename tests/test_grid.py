@@ -73,3 +73,7 @@ def test_compile_sees_each_scale():
         assert f(x).tolist() == [2.0] * 3
     assert f(x).tolist() == [1.0] * 3
     assert len(compiles) == 2  # one graph per distinct scale, reused when it comes back
+    with msconv.grid_scale(4.0):
+        assert f(x).tolist() == [4.0] * 3
+    assert len(compiles) == 3
+

@@ -6,8 +6,10 @@ sets it per level with :func:`grid_scale`. Layers never infer it from tensor siz
 
 The value lives in a ``threading.local``: two threads (e.g. data-parallel replicas or a
 validation thread) may run at different scales at once. Under ``torch.compile`` the value
-read while tracing is a Python float baked into the graph and guarded on, so entering a
-different scale recompiles once per distinct scale rather than silently reusing a graph.
+is a constant of the graph, guarded on: a new scale compiles once, a scale seen before reuses
+its graph. (Left alone, dynamo would turn a float that changed between compiles into a
+symbolic input — ``specialize_float=False`` — and code that sizes a stencil from it could not
+be traced; :func:`current_grid_scale` rebuilds the float so dynamo specialises on it.)
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ _state = threading.local()
 
 def current_grid_scale() -> float:
     """The grid spacing s set by the innermost active :func:`grid_scale` (1.0 outside any)."""
-    return getattr(_state, "scale", 1.0)
+    # float.fromhex(x.hex()) is the identity on values; to dynamo it is a constant-folded
+    # call, which makes the result a specialised (guarded) constant rather than a SymFloat.
+    return float.fromhex(getattr(_state, "scale", 1.0).hex())
 
 
 @contextlib.contextmanager
