@@ -45,6 +45,7 @@ __all__ = [
     "RESTRICT_KINDS",
     "PROLONG_KINDS",
     "coarse_size",
+    "max_levels",
     "restrict_ref",
     "prolong_ref",
     "pyramid_ref",
@@ -62,6 +63,14 @@ __all__ = [
 def coarse_size(n: int) -> int:
     """Length of a dimension one level coarser: ``ceil(n / 2)``."""
     return (n + 1) // 2
+
+
+def max_levels(h: int, w: int) -> int:
+    """How many factor-2 restrictions an H×W grid allows: each needs H >= 2 and W >= 2."""
+    levels = 0
+    while h >= 2 and w >= 2:
+        h, w, levels = coarse_size(h), coarse_size(w), levels + 1
+    return levels
 
 
 def _pad_to_even(x: torch.Tensor) -> torch.Tensor:

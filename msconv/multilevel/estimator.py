@@ -30,7 +30,7 @@ from msconv.multilevel.allocation import ALLOCATIONS, RunningVariance, mlmc_batc
 from msconv.multilevel.cost import LevelCost, StepCost, count_flops, work_units
 from msconv.nn.grid import grid_scale
 from msconv.ops.transfer import pyramid
-from msconv.reference import RESTRICT_KINDS, coarse_size
+from msconv.reference import RESTRICT_KINDS, max_levels
 
 __all__ = ["MGE", "batch_coupled_modules", "per_sample_loss"]
 
@@ -248,15 +248,13 @@ class MGE:
                 raise ValueError(f"MGE.loss: batches[{l}] has x.shape={tuple(x.shape)} but y.shape={tuple(y.shape)}; "
                                  "x and y must hold the same samples")
             depth = self.base_level + l + (1 if l < self.levels else 0)
-            h, w = x.shape[2], x.shape[3]
-            for k in range(depth):
-                if h < 2 or w < 2:
-                    raise ValueError(
-                        f"MGE.loss: batches[{l}][0].shape={tuple(x.shape)} can be restricted only {k} time(s) (each level "
-                        f"halves H and W and needs H, W >= 2), but level {l} of levels={self.levels} with "
-                        f"base_level={self.base_level} needs {depth}; use fewer levels or larger images"
-                    )
-                h, w = coarse_size(h), coarse_size(w)
+            allowed = max_levels(x.shape[2], x.shape[3])
+            if depth > allowed:
+                raise ValueError(
+                    f"MGE.loss: batches[{l}][0].shape={tuple(x.shape)} can be restricted only {allowed} time(s) (each level "
+                    f"halves H and W and needs H, W >= 2), but level {l} of levels={self.levels} with "
+                    f"base_level={self.base_level} needs {depth}; use fewer levels or larger images"
+                )
             out.append((x, y))
         return out
 

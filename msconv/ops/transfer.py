@@ -19,7 +19,7 @@ from msconv import reference
 from msconv.ops import _backend
 from msconv.ops._common import check_choice, check_image, check_int, empty_like_format
 from msconv.ops._taps import taps
-from msconv.reference import PROLONG_KINDS, RESTRICT_KINDS, coarse_size
+from msconv.reference import PROLONG_KINDS, RESTRICT_KINDS, coarse_size, max_levels
 
 __all__ = ["restrict", "prolong", "pyramid"]
 
@@ -121,14 +121,12 @@ _pyramid.register_autograd(_pyramid_backward, setup_context=_pyramid_setup)
 
 
 def _check_levels(x: torch.Tensor, levels: int, op: str) -> None:
-    h, w = x.shape[2], x.shape[3]
-    for l in range(levels):
-        if h < 2 or w < 2:
-            raise ValueError(
-                f"{op}: x.shape={tuple(x.shape)} allows at most {l} level(s) (each level halves H and W, "
-                f"which needs H >= 2 and W >= 2), got levels={levels}; use fewer levels or a larger image"
-            )
-        h, w = coarse_size(h), coarse_size(w)
+    allowed = max_levels(x.shape[2], x.shape[3])
+    if levels > allowed:
+        raise ValueError(
+            f"{op}: x.shape={tuple(x.shape)} allows at most {allowed} level(s) (each level halves H and W, "
+            f"which needs H >= 2 and W >= 2), got levels={levels}; use fewer levels or a larger image"
+        )
 
 
 def restrict(x: torch.Tensor, kind: str = "average", levels: int = 1, *, backend: str | None = None) -> torch.Tensor:

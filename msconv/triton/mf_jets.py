@@ -22,15 +22,7 @@ import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the package works without Triton; only this backend is missing
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from msconv.triton import HAS_TRITON, tl, triton
 
 __all__ = ["HAS_TRITON", "mf_jets_fwd_triton", "mf_jets_adj_triton"]
 
