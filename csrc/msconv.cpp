@@ -32,4 +32,11 @@ TORCH_LIBRARY(msconv, m) {
   // the backend switch are in msconv/ops/mf_jets.py (op msconv::mf_jets).
   m.def("mf_jets_fwd(Tensor xp, Tensor filt, int order, int stride) -> Tensor");
   m.def("mf_jets_adj(Tensor grad, Tensor filt, int order, int stride, int hp, int wp) -> Tensor");
+  // The whole stride-1 mesh-free convolution, jets and mix fused per row tile (no jets in
+  // memory): x (N, C, H, W) unpadded, theta (C_out, C/groups, M), filt (order+1, K); `pad` rows
+  // and columns before the image, the rest after (K-1 in all), per `mode` (0 zeros, 1 reflect,
+  // 2 replicate, 3 circular). mf_conv_bwd returns (grad x, grad theta), each empty when not
+  // asked for. Autograd and fake kernels: msconv/ops/mf_conv_fused.py (op msconv::mf_conv2d_fused).
+  m.def("mf_conv_fwd(Tensor x, Tensor theta, Tensor? bias, Tensor filt, int order, int pad, int mode, int groups) -> Tensor");
+  m.def("mf_conv_bwd(Tensor grad, Tensor x, Tensor theta, Tensor filt, int order, int pad, int mode, int groups, bool need_x, bool need_theta) -> (Tensor, Tensor)");
 }

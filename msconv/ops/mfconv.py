@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from msconv import reference
 from msconv.nn.grid import current_grid_scale
 from msconv.ops import _backend
+from msconv.ops import mf_conv_fused as _fused
 from msconv.ops._common import check_choice, check_image
 
 __all__ = ["mf_conv2d", "METHODS", "PADDING_MODES"]
@@ -210,6 +211,11 @@ def _separable(x, filt, kmin, order, stride, padding_mode, backend):
     return op(xp, filt, order, stride, backend)
 
 
+def _use_fused(x, order, k, stride, backend) -> bool:
+    """The fused stride-1 kernel (msconv.ops.mf_conv_fused) runs the separable path on CPU."""
+    return stride == 1 and backend == "cpp" and _fused.available(x, order, k)
+
+
 def _fft_jets(x, filt, kmin, order, stride):
     """Jets of the periodic field at the output cells, [N, C·M, ceil(H/S), ceil(W/S)]."""
     n, c, h, w = x.shape
@@ -289,6 +295,10 @@ def mf_conv2d(
         method = min(costs, key=costs.get)
     if method == "dense":
         return _dense(x, weight, bias, filt, kmin, order, stride, padding_mode, groups).to(out_dtype)
+    k = filt.shape[1]
+    if method == "separable" and _use_fused(x, order, k, stride, b):
+        y = _fused.mf_conv2d_fused(x, weight, bias, filt.to(x.dtype), kmin + k - 1, padding_mode, groups)
+        return y.to(out_dtype)
     if method == "fft":
         jets = _fft_jets(x if x.dtype == filt_dtype else x.float(), filt, kmin, order, stride).to(x.dtype)
     else:
