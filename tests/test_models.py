@@ -32,6 +32,21 @@ def test_residual_models_start_as_identity_on_first_channels(name):
     assert torch.equal(m(x), x[:, :1])
 
 
+def test_mf_sigma_sizes_every_mesh_free_layer_for_the_coarsest_grid():
+    if not mf_available():
+        pytest.skip("msconv.nn.MFConv2d is not available")
+    from msconv.nn import MFConv2d
+
+    m = build_model("espcn", 1, 1, "mf", upscale=2, mf_sigma=2.0, mf_order=1, width=4)
+    layers = [l for l in m.modules() if isinstance(l, MFConv2d)]
+    assert layers and all(l.order == 1 for l in layers)
+    assert sorted({round(l._sigma, 6) for l in layers}) == [2.0, round(2.0 * 5 / 3, 6)]  # 3x3 and the 5x5 head
+    assert all(l._sigma == 0.5 for l in build_model("dncnn", 1, 1, "mf", depth=3, width=4).modules()
+               if isinstance(l, MFConv2d))
+    with pytest.raises(ValueError, match="mf_sigma"):
+        build_model("dncnn", 1, 1, "mf", mf_sigma=-1.0, depth=3, width=4)
+
+
 def test_conv_factory_errors():
     with pytest.raises(ValueError, match="conv must be one of"):
         make_conv("dense", 1, 1)

@@ -78,6 +78,31 @@ def test_same_batch_at_every_level_gives_exactly_the_fine_loss_and_gradient(leve
     assert est.last_cost.fused == (fuse == "auto")
 
 
+@pytest.mark.parametrize("levels", [1, 2])
+def test_a_task_pyramid_keeps_the_collapse_exact_and_reaches_every_level(levels):
+    # Denoise(preserve) makes coarse inputs that are not restrictions of the fine one; the
+    # telescoping sum still collapses to the fine gradient when every level gets the same batch.
+    from msconv.tasks import Denoise
+
+    task = Denoise(25, noise_restriction="preserve")
+    model = small_model()
+    y = smooth_images(3, 16, seed=4)
+    x, _ = task.corrupt(y, torch.Generator().manual_seed(0))
+    x = x.to(y.dtype)
+    est = MGE(levels, [3] * (levels + 1), count_flops=False, pyramid_fn=task.pyramid_pair)
+    seen = []
+    hook = model[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    loss, g = mge_grad(est, model, [(x, y)] * (levels + 1))
+    hook.remove()
+    loss0, g0 = fine_grad(model, x, y)
+    assert abs(loss.item() - loss0.item()) <= 1e-12
+    torch.testing.assert_close(g, g0, rtol=0, atol=1e-12)
+    xs, _ = task.pyramid_pair(x, y, levels)
+    assert torch.equal(seen[-1][-3:], xs[levels])  # the coarsest grid got the task's input
+    with pytest.raises(TypeError, match="pyramid_fn"):
+        MGE(1, 2, pyramid_fn="preserve")
+
+
 def test_collapse_at_a_coarse_base_level_is_the_plain_loss_on_that_grid():
     # Full-Multiscale stage k: the finest grid is level k; the data still arrives at level 0.
     model, x = small_model(), smooth_images(2, 16, seed=3)

@@ -26,6 +26,23 @@ def test_denoise_noise_level_and_restriction():
     assert abs((xr - yr).std().item() - 25 / 255 / 4) < 0.05 * 25 / 255 / 4
 
 
+def test_denoise_preserve_keeps_the_noise_level_on_every_grid_with_the_same_draw():
+    y = torch.full((8, 1, 128, 128), 0.5)
+    task = Denoise(25, noise_restriction="preserve")
+    x, _ = task.corrupt(y, torch.Generator().manual_seed(0))
+    xs, ys = task.pyramid_pair(x, y, 3)
+    plain_x, plain_y = Denoise(25).pyramid_pair(x, y, 3)
+    assert torch.equal(xs[0], x) and all(torch.equal(a, b) for a, b in zip(ys, plain_y))  # fine grid untouched
+    for l in range(1, 4):
+        # The same draw: exactly 2^l times the restricted noise, so per-pixel std is σ again.
+        torch.testing.assert_close(xs[l] - ys[l], 2.0**l * (plain_x[l] - plain_y[l]))
+        assert abs((xs[l] - ys[l]).std().item() - 25 / 255) < 0.1 * 25 / 255
+    xr, yr = task.restrict_pair(x, y, 2)
+    assert torch.equal(xr, xs[2]) and torch.equal(yr, ys[2])
+    with pytest.raises(ValueError, match="noise_restriction"):
+        Denoise(25, noise_restriction="double")
+
+
 def test_same_generator_same_corruption_and_different_seeds_differ():
     y = torch.rand(2, 3, 32, 32)
     for name in ["denoise", "deblur", "inpaint", "sr"]:

@@ -215,14 +215,15 @@ def test_every_task_trains_with_mge(photo_dir, tmp_path, task, model, conv):
 
 
 def test_compare_writes_summary(photo_dir, tmp_path):
-    s = compare(tiny(photo_dir, tmp_path, iterations=None, budget=12, count_flops=True))
+    s = compare(tiny(photo_dir, tmp_path, iterations=None, budget=12, count_flops=True, test_data=photo_dir))
     assert [r["mode"] for r in s["runs"]] == ["single", "mge", "fmg"]
-    keys = {"mode", "conv", "psnr", "ssim", "work_units", "flops", "wall_clock_s", "iterations",
-            "work_units_to_single_quality", "wall_clock_to_single_quality_s"}
+    keys = {"mode", "conv", "psnr", "ssim", "test_psnr", "test_ssim", "work_units", "flops", "wall_clock_s",
+            "iterations", "work_units_to_single_quality", "wall_clock_to_single_quality_s"}
     on_disk = json.load(open(tmp_path / "summary.json"))
     assert set(on_disk) == {"config", "runs"} and all(set(r) == keys for r in on_disk["runs"])
     for r in on_disk["runs"]:
         assert abs(r["work_units"] - 12) <= 3 and r["flops"] > 0
+        assert np.isfinite(r["test_psnr"]) and 0 < r["test_ssim"] <= 1  # full test images, once at the end
     single = on_disk["runs"][0]
     assert single["work_units_to_single_quality"] is not None  # single reaches its own final PSNR
     md = (tmp_path / "summary.md").read_text()

@@ -16,6 +16,8 @@ torch.Size([2, 1, 40, 40])
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,8 +36,12 @@ def mf_available() -> bool:
     return True
 
 
-def make_conv(conv: str, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True) -> nn.Module:
-    """A 'same'-padded k×k convolution of the requested kind (``standard`` or ``mf``)."""
+def make_conv(conv, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True) -> nn.Module:
+    """A 'same'-padded k×k convolution of the requested kind: ``standard``, ``mf``, or a factory
+    ``conv(in_channels, out_channels, kernel_size, bias)`` (what :func:`build_model` passes when
+    the mesh-free layers get a non-default σ)."""
+    if callable(conv):
+        return conv(in_channels, out_channels, kernel_size, bias)
     if conv == "standard":
         return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
     if conv == "mf":
@@ -181,9 +187,33 @@ class ESPCN(nn.Module):
 MODELS = {"dncnn": DnCNN, "unet": UNet, "resnet": ResNet, "espcn": ESPCN}
 
 
-def build_model(name: str, in_channels: int, out_channels: int, conv: str = "standard", upscale: int = 1, **kwargs) -> nn.Module:
+def mf_factory(sigma: float | None = None, order: int = 2):
+    """A :func:`make_conv` factory of MFConv2d layers whose σ is ``sigma`` (reference pixels) for
+    a 3×3 layer and ``sigma·k/3`` for a k×k one; ``None`` keeps MFConv2d's default k/6.
+
+    Why: a Gaussian-derivative kernel is only resolved on grids with spacing s ≲ 2σ (narrower,
+    every derivative tap integrates to ~0 over a cell and the layer degenerates to a 1×1 mix).
+    Multiscale training evaluates the layer on grids down to s = 2**levels, so σ must be sized
+    for the coarsest grid, e.g. ``sigma = 2**levels / 2``.
+    """
+    from msconv.nn import MFConv2d
+
+    if sigma is not None and not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"mf_sigma must be a number > 0 in reference pixels (e.g. 0.5 for s = 1, 2 for s = 4), got {sigma!r}")
+
+    def conv(in_channels, out_channels, kernel_size, bias):
+        s = None if sigma is None else sigma * kernel_size / 3
+        return MFConv2d(in_channels, out_channels, kernel_size, padding="same", bias=bias, order=order, sigma=s)
+
+    return conv
+
+
+def build_model(name: str, in_channels: int, out_channels: int, conv: str = "standard", upscale: int = 1,
+                mf_sigma: float | None = None, mf_order: int = 2, **kwargs) -> nn.Module:
     """Build a zoo model by name. ``kwargs`` the model does not take (e.g. ``depth`` for
-    ESPCN) are ignored so one config serves every model; ``upscale`` only applies to ESPCN."""
+    ESPCN) are ignored so one config serves every model; ``upscale`` only applies to ESPCN.
+    ``mf_sigma``/``mf_order`` set the mesh-free layers' σ and order (``conv='mf'`` only; see
+    :func:`mf_factory`)."""
     import inspect
 
     if name not in MODELS:
@@ -197,4 +227,6 @@ def build_model(name: str, in_channels: int, out_channels: int, conv: str = "sta
         kw["upscale"] = upscale
     elif upscale != 1:
         raise ValueError(f"model: {name!r} keeps the resolution; use upscale=1 (SR with pre-upsampled input) or model='espcn'")
+    if conv == "mf" and (mf_sigma is not None or mf_order != 2):
+        conv = mf_factory(mf_sigma, mf_order)
     return cls(in_channels=in_channels, out_channels=out_channels, conv=conv, **kw)

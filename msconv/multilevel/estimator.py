@@ -107,6 +107,10 @@ class MGE:
             the torch.distributed world size (each rank takes an equal share of every level).
         min_batch: smallest batch ``mlmc`` gives a level (at least 2 per rank, so that every
             level's variance can still be measured).
+        pyramid_fn: ``pyramid_fn(x, y, depth, restriction) -> (xs, ys)``, the pair on grids
+            0..depth, for data whose coarse grids are not plain restrictions of the fine pair
+            (e.g. ``msconv.tasks.Denoise(noise_restriction="preserve").pyramid_pair``). Level 0
+            must be the pair itself, or the estimator is no longer unbiased for it.
 
     ``est.batch_sizes`` is the current allocation (what the next step's batches should hold;
     :class:`msconv.multilevel.MultilevelBatchSampler` reads it when given the estimator).
@@ -139,6 +143,7 @@ class MGE:
         cost_measure: str = "work",
         multiple_of: int | None = None,
         min_batch: int = 1,
+        pyramid_fn: Callable | None = None,
     ) -> None:
         self.levels = _check_int(levels, "levels", 0)
         self.base_level = _check_int(base_level, "base_level", 0)
@@ -153,6 +158,9 @@ class MGE:
         if cost_measure == "flops" and not count_flops:
             raise ValueError("MGE: cost_measure='flops' needs count_flops=True; pass count_flops=True or cost_measure='work'")
         self.restriction, self.allocation, self.fuse = restriction, allocation, fuse
+        if pyramid_fn is not None and not callable(pyramid_fn):
+            raise TypeError(f"MGE: pyramid_fn must be callable (x, y, depth, restriction) -> (xs, ys), got {pyramid_fn!r}")
+        self.pyramid_fn = pyramid_fn
         self.count_flops, self.cost_measure = count_flops, cost_measure
         self.multiple_of = _check_int(multiple_of if multiple_of is not None else _default_multiple_of(), "multiple_of", 1)
         self.min_batch = _check_int(min_batch, "min_batch", 1)
@@ -263,6 +271,9 @@ class MGE:
         x, y = pair
         lo = self.base_level + l
         depth = lo + (1 if l < self.levels else 0)
+        if self.pyramid_fn is not None:
+            xs, ys = self.pyramid_fn(x, y, depth, self.restriction)
+            return list(xs)[lo:], list(ys)[lo:]
         xs = pyramid(x, depth, self.restriction)[lo:]
         ys = pyramid(y, depth, self.restriction)[lo:] if _is_image(y) else [y] * len(xs)
         return xs, ys

@@ -70,11 +70,17 @@ class Task:
 
     def restrict_pair(self, x: torch.Tensor, y: torch.Tensor, levels: int, kind: str = "average"):
         """``(R^levels x, R^levels y)`` — input and target restricted alike (module docstring)."""
-        from msconv import restrict
-
         if levels == 0:
             return x, y
-        return restrict(x, kind, levels), restrict(y, kind, levels)
+        xs, ys = self.pyramid_pair(x, y, levels, kind)
+        return xs[-1], ys[-1]
+
+    def pyramid_pair(self, x: torch.Tensor, y: torch.Tensor, depth: int, kind: str = "average"):
+        """``([x, R x, …, R^depth x], [y, R y, …])``: the pair on every grid down to ``depth``
+        (what :class:`msconv.MGE` evaluates; pass it as ``MGE(..., pyramid_fn=task.pyramid_pair)``)."""
+        from msconv import pyramid
+
+        return pyramid(x, depth, kind), pyramid(y, depth, kind)
 
     def input_for_metrics(self, x: torch.Tensor) -> torch.Tensor:
         """The corrupted image as a picture (for 'input PSNR' baselines), same size as x."""
@@ -87,14 +93,38 @@ class Task:
 
 class Denoise(Task):
     """Additive white Gaussian noise, ``noise_sigma`` on the 0–255 scale (the DnCNN protocol:
-    no clipping, so the noise stays Gaussian)."""
+    no clipping, so the noise stays Gaussian).
+
+    ``noise_restriction`` says how the noise reaches coarser grids:
+
+    * ``"average"`` (SPEC §3's default: corrupt at the finest grid, then restrict): the
+      noise is cell-averaged with the image, so level l sees std σ/2^l — a different, easier
+      problem on every grid.
+    * ``"preserve"``: level l's input is ``R^l y + 2^l · R^l(x − y)``, the *same* noise draw
+      restricted and rescaled to per-pixel std σ (an average of 4^l i.i.d. N(0, σ²) times 2^l is
+      again N(0, σ²)). Every grid then poses the same denoising problem at its resolution, so
+      what a network learns on a coarse grid is what it needs on the fine one, and the MGE
+      difference terms stay coupled (same draw on both grids). The finest grid is unchanged,
+      so MGE stays unbiased for the fine-grid gradient.
+    """
 
     name = "denoise"
+    NOISE_RESTRICTIONS = ("average", "preserve")
 
-    def __init__(self, noise_sigma: float = 25.0):
+    def __init__(self, noise_sigma: float = 25.0, noise_restriction: str = "average"):
         if not (isinstance(noise_sigma, (int, float)) and noise_sigma >= 0 and math.isfinite(noise_sigma)):
             raise ValueError(f"denoise: noise_sigma must be >= 0 on the 0-255 scale (e.g. 25), got {noise_sigma!r}")
+        if noise_restriction not in self.NOISE_RESTRICTIONS:
+            raise ValueError(f"denoise: noise_restriction must be one of {self.NOISE_RESTRICTIONS}, got {noise_restriction!r}")
         self.noise_sigma = float(noise_sigma)
+        self.noise_restriction = noise_restriction
+
+    def pyramid_pair(self, x, y, depth, kind="average"):
+        xs, ys = super().pyramid_pair(x, y, depth, kind)
+        if self.noise_restriction == "preserve":
+            # R^l is linear: R^l(x − y) is the restricted noise; rescale it back to std σ.
+            xs = [xs[0]] + [yl + 2.0 ** l * (xl - yl) for l, (xl, yl) in enumerate(zip(xs[1:], ys[1:]), 1)]
+        return xs, ys
 
     def corrupt(self, y, generator):
         _check_image(y, "denoise")

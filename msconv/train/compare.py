@@ -37,6 +37,7 @@ def summarize(cfg: TrainConfig, results: list[dict], out: str) -> dict:
         wu, t = to_single_quality(r["val_history"], target)
         runs.append({
             "mode": r["mode"], "conv": r["conv"], "psnr": r["psnr"], "ssim": r["ssim"],
+            "test_psnr": r.get("test_psnr"), "test_ssim": r.get("test_ssim"),
             "work_units": r["work_units"], "flops": r["flops"], "wall_clock_s": r["wall_clock_s"],
             "iterations": r["iterations"], "work_units_to_single_quality": wu, "wall_clock_to_single_quality_s": t,
         })
@@ -69,18 +70,20 @@ def summary_markdown(summary: dict) -> str:
     lines = [
         f"# msconv compare: {c['task']} with {c['model']} ({c['conv']} conv), budget {c['budget']:g} work units",
         "",
-        f"Validation on {c['data']!r} data, crops {c['crop']}², seed {c['seed']}. Ratios are single-scale's figure "
+        f"Training on {c['data']!r} (crops {c['crop']}²), validation on {c.get('val_data') or 'a split of it'!r}, "
+        f"test on {c.get('test_data') or '—'!r} (full images), seed {c['seed']}. Ratios are single-scale's figure "
         f"over the mode's (so > 1 means the mode needs less); 'to quality' = spent until validation PSNR was within "
         f"{c['quality_tolerance_db']} dB of single-scale's final PSNR.",
         "",
-        "| mode | PSNR (dB) | ΔPSNR vs single | SSIM | work units | FLOPs | wall-clock (s) | iterations "
+        "| mode | PSNR (dB) | ΔPSNR vs single | SSIM | test PSNR (dB) | test SSIM | work units | FLOPs | wall-clock (s) | iterations "
         "| work to quality | × less work | time to quality (s) | × less time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         dp = None if (single is None or r["psnr"] is None or single["psnr"] is None) else r["psnr"] - single["psnr"]
         lines.append(
             f"| {r['mode']} | {_fmt(r['psnr'], '.2f')} | {_fmt(dp, '+.2f')} | {_fmt(r['ssim'], '.4f')} "
+            f"| {_fmt(r.get('test_psnr'), '.2f')} | {_fmt(r.get('test_ssim'), '.4f')} "
             f"| {r['work_units']:.1f} | {r['flops']:.3g} | {r['wall_clock_s']:.1f} | {r['iterations']} "
             f"| {_fmt(r['work_units_to_single_quality'], '.1f')} "
             f"| {_fmt(_ratio(single and single['work_units_to_single_quality'], r['work_units_to_single_quality']), '.2f')} "

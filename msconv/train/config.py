@@ -30,6 +30,9 @@ class TrainConfig:
     # --- task
     task: str = _f("denoise", "denoise | deblur | inpaint | sr", choices=("denoise", "deblur", "inpaint", "sr"))
     noise_sigma: float = _f(None, "noise std on the 0-255 scale (default: 25 for denoise, 2.55 for deblur)")
+    noise_restriction: str = _f("average", "denoise: how the noise reaches coarse grids: average (restricted with the image, "
+                                "std halves per level) | preserve (the same draw rescaled to the fine grid's std)",
+                                choices=("average", "preserve"))
     blur_sigma: float = _f(1.6, "deblur: Gaussian blur std in reference (finest-grid) pixels")
     mask_fraction: float = _f(0.25, "inpaint: fraction of pixels missing")
     mask_kind: str = _f("mixed", "inpaint: boxes | strokes | mixed", choices=("boxes", "strokes", "mixed"))
@@ -41,6 +44,9 @@ class TrainConfig:
     depth: int = _f(None, "dncnn: layers (default 17); unet: poolings (default 2)")
     width: int = _f(None, "channels of the first layer (model default if unset)")
     blocks: int = _f(None, "resnet: residual blocks (default 4)")
+    mf_sigma: float = _f(None, "conv mf: σ of a 3x3 layer in reference pixels (default 0.5; size it for the coarsest "
+                               "grid, e.g. 2**levels/2, or coarse grids cannot resolve the kernel)")
+    mf_order: int = _f(2, "conv mf: derivative order p of the Gaussian-derivative basis")
     # --- multiscale
     mode: str = _f("single", "single | mge | fmg", choices=MODES)
     levels: int = _f(2, "coarser levels below the finest grid (mge, fmg)")
@@ -60,6 +66,7 @@ class TrainConfig:
     val_fraction: float = _f(0.2, "fraction of the images held out for validation when --val-data is not given")
     gray: bool = _f(True, "train on grayscale (else RGB)")
     crop: int = _f(128, "training crop size in pixels (finest grid)")
+    test_data: str = _f(None, "test folder evaluated once at the end on full images (e.g. ../shared/data/BSD68)")
     val_crop: int = _f(256, "validation images are centre-cropped to at most this side (0: full images)")
     skip_bad_files: bool = _f(False, "skip unreadable image files with a warning instead of stopping")
     # --- optimisation
@@ -161,6 +168,12 @@ class TrainConfig:
             raise ConfigError(f"--data {self.data!r} is neither 'bundled' nor a folder of images")
         if self.val_data not in (None, "bundled") and not os.path.isdir(self.val_data):
             raise ConfigError(f"--val-data {self.val_data!r} is not a folder of images")
+        if self.test_data is not None and not os.path.isdir(self.test_data):
+            raise ConfigError(f"--test-data {self.test_data!r} is not a folder of images")
+        if self.mf_sigma is not None and (not isinstance(self.mf_sigma, (int, float)) or not self.mf_sigma > 0):
+            raise ConfigError(f"--mf-sigma must be > 0 reference pixels (e.g. {2 ** self.levels / 2:g} for --levels {self.levels}), got {self.mf_sigma!r}")
+        if not isinstance(self.mf_order, int) or isinstance(self.mf_order, bool) or self.mf_order < 0:
+            raise ConfigError(f"--mf-order must be an int >= 0, got {self.mf_order!r}")
         return self
 
 

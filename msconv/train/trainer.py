@@ -70,13 +70,14 @@ class Trainer:
         train_set, val_set = data or load_dataset(cfg.data, cfg.val_data, cfg.gray, cfg.val_fraction, cfg.split_seed, on_bad)
         self.train_set, self.val_set = train_set, val_set
         self.task = build_task(
-            cfg.task, noise_sigma=cfg.resolved_noise_sigma, blur_sigma=cfg.blur_sigma, mask_fraction=cfg.mask_fraction,
+            cfg.task, noise_sigma=cfg.resolved_noise_sigma, noise_restriction=cfg.noise_restriction, blur_sigma=cfg.blur_sigma, mask_fraction=cfg.mask_fraction,
             mask_kind=cfg.mask_kind, scale=cfg.sr_scale, kernel=cfg.sr_kernel, pre_upsample=cfg.model != "espcn",
         )
         c = train_set.channels
         upscale = cfg.sr_scale if (cfg.task == "sr" and cfg.model == "espcn") else 1
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, self.task.in_channels(c), self.task.out_channels(c), cfg.conv, upscale,
+                                 mf_sigma=cfg.mf_sigma, mf_order=cfg.mf_order,
                                  depth=cfg.depth, width=cfg.width, blocks=cfg.blocks)
         self.device = _resolve_device(cfg.device)
         self.model.to(self.device)
@@ -103,13 +104,14 @@ class Trainer:
                 cfg.restriction, cfg.allocation, sample_batches=self._draw, scheduler=self.scheduler,
                 validate=self._stage_val_loss if cfg.fmg_adaptive else None,
                 validate_every=cfg.fmg_validate_every, patience=cfg.fmg_patience,
-                estimator_kwargs={"count_flops": False},
+                estimator_kwargs={"count_flops": False, "pyramid_fn": self.task.pyramid_pair},
             )
             self.estimators = [st.estimator for st in self.fmg.stages]
         else:
             # Single-scale (levels = 0) has nothing to allocate across levels.
             self.estimators = [make_estimator(s.levels, s.batch_sizes, cfg.restriction,
-                                              cfg.allocation if s.levels else "fixed", s.base_level)
+                                              cfg.allocation if s.levels else "fixed", s.base_level,
+                                              self.task.pyramid_pair)
                                for s in self.stages]
         self.finished = False
 
@@ -180,13 +182,32 @@ class Trainer:
         self.model.train()
         return total / len(self.val_pairs)
 
-    def validate(self) -> tuple[float, float]:
+    def _make_test_pairs(self):
+        """Full test images (``--test-data``), corrupted once from their own seed."""
+        from msconv.data import load_folder
+
+        ds = load_folder(self.cfg.test_data, self.cfg.gray, "skip" if self.cfg.skip_bad_files else "error")
+        g = torch.Generator().manual_seed(self.cfg.seed + 3)
+        pairs = []
+        for im in ds.images:
+            y = _centre_crop(im, 0, self.task.size_multiple).unsqueeze(0)
+            x, y = self.task.corrupt(y, g)
+            pairs.append((x.to(self.device), y.to(self.device)))
+        return pairs
+
+    def test(self) -> tuple[float | None, float | None]:
+        """Mean PSNR/SSIM on ``--test-data`` at full size; (None, None) without one."""
+        if not self.cfg.test_data:
+            return None, None
+        return self.validate(self._make_test_pairs())
+
+    def validate(self, pairs=None) -> tuple[float, float]:
         from msconv import grid_scale
 
         self.model.eval()
         ps, ss = [], []
         with torch.no_grad(), grid_scale(1.0):
-            for x, y in self.val_pairs:
+            for x, y in (self.val_pairs if pairs is None else pairs):
                 p, s = psnr_ssim(self.model(x)[0], y[0])
                 ps.append(p)
                 ss.append(s)
@@ -390,6 +411,7 @@ class Trainer:
             writer.close()
         result = self.result()
         if self.finished:
+            result["test_psnr"], result["test_ssim"] = self.test()
             with open(os.path.join(cfg.out, "result.json"), "w") as fh:
                 json.dump(result, fh, indent=2)
             torch.save(self.model.state_dict(), os.path.join(cfg.out, "model.pt"))
