@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.msconv-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench bench-paper clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,12 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) -m msconv bench all
+
+# The paper experiments (issue 7): CSV/JSON/plots into bench/results/paper_*/. Needs ../shared/data
+# (Train400, BSD68, Set5, Set14); about 1.5 h on one CPU core, each script also runs alone.
+PAPER := paper_denoise paper_tasks paper_curves paper_variance paper_large_batch
+bench-paper: $(STAMP)
+	@for s in $(PAPER); do echo "== bench/$$s.py"; $(VPY) bench/$$s.py || exit 1; done
 
 clean:
 	rm -rf build dist *.egg-info msconv/_C*.so wheelhouse

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import RESULTS, env_columns, table, write_csv  # noqa: E402
 
 import msconv  # noqa: E402
-from msconv.data import CropSampler, bundled_images  # noqa: E402
+from msconv.data import CropSampler, bundled_images, load_folder  # noqa: E402
 from msconv.multilevel import MGE  # noqa: E402
 from msconv.tasks import Denoise  # noqa: E402
 
@@ -53,15 +53,15 @@ def build_model(kind: str, width: int, seed: int = 0) -> nn.Module:
                          conv(width, 1, 3, padding=1))
 
 
-def estimator_for(name: str, levels: int, batch: int, paper_work: float) -> MGE:
+def estimator_for(name: str, levels: int, batch: int, paper_work: float, pyramid_fn=None) -> MGE:
     if name == "single":
         return MGE(0, batch)
     if name == "fixed":
-        return MGE(levels, [batch] * (levels + 1))
+        return MGE(levels, [batch] * (levels + 1), pyramid_fn=pyramid_fn)
     if name == "paper":
-        return MGE(levels, batch, allocation="paper")
+        return MGE(levels, batch, allocation="paper", pyramid_fn=pyramid_fn)
     # Giles' allocation under the same per-step work as the paper allocation.
-    return MGE(levels, [batch] * (levels + 1), allocation="mlmc", budget=paper_work, warmup_steps=3)
+    return MGE(levels, [batch] * (levels + 1), allocation="mlmc", budget=paper_work, warmup_steps=3, pyramid_fn=pyramid_fn)
 
 
 def one_draw(est: MGE, model: nn.Module, crops: CropSampler, task: Denoise, g: torch.Generator) -> torch.Tensor:
@@ -74,8 +74,9 @@ def one_draw(est: MGE, model: nn.Module, crops: CropSampler, task: Denoise, g: t
 def level_difference_rows(model, crops, task, g, levels: int, batch: int, draws: int) -> list[dict]:
     """Variance of ∇ℓ_l − ∇ℓ_{l+1} on one batch, for l < levels (same samples on both grids)."""
     def level_loss(x, y, level):
+        xl, yl = task.restrict_pair(x, y, level)
         with msconv.grid_scale(2.0**level):
-            return nn.functional.mse_loss(model(msconv.restrict(x, levels=level)), msconv.restrict(y, levels=level))
+            return nn.functional.mse_loss(model(xl), yl)
 
     out = []
     grads = [[] for _ in range(levels)]
@@ -110,7 +111,7 @@ def measure(est: MGE, model, crops, task, g, draws: int, warmup: int) -> dict:
 def run(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    photos = bundled_images(gray=True)
+    photos = load_folder(args.data) if args.data else bundled_images(gray=True)
     models = ["conv2d"] + (["mfconv2d"] if hasattr(msconv, "MFConv2d") else [])
     if len(models) == 1:
         print("MFConv2d not available: the mfconv2d rows are skipped", file=sys.stderr)
@@ -120,13 +121,13 @@ def run(args) -> list[dict]:
     rows = []
     for model_kind in models:
         model = build_model(model_kind, args.width)
-        for noise in args.noise:
-            task = Denoise(noise)
+        for noise, how in [(n, r) for n in args.noise for r in (args.noise_restriction if n else ["average"])]:
+            task = Denoise(noise, noise_restriction=how)
             results = {}
             for name in ESTIMATORS:
                 crops = CropSampler(photos, args.crop, seed=1)
                 g = torch.Generator().manual_seed(2)
-                est = estimator_for(name, args.levels, args.batch, paper_work)
+                est = estimator_for(name, args.levels, args.batch, paper_work, task.pyramid_pair)
                 results[name] = measure(est, model, crops, task, g, args.draws, 4 if name == "mlmc" else 1)
             ref = results["single"]
             ref_vw = ref["grads"].var(0).sum().item() * ref["work"]
@@ -136,7 +137,8 @@ def run(args) -> list[dict]:
                 bias_z = ((r["grads"].mean(0) - ref["grads"].mean(0)).abs() / (se + 1e-30)).max().item()
                 gv = var.sum().item()
                 rows.append({
-                    "model": model_kind, "input": f"noise{noise:g}" if noise else "clean", "noise_sigma": noise,
+                    "model": model_kind, "input": (f"noise{noise:g}" + ("-preserve" if how == "preserve" else ""))
+                    if noise else "clean", "noise_sigma": noise, "noise_restriction": how if noise else "",
                     "estimator": name, "levels": 0 if name == "single" else args.levels,
                     "batch_sizes": "/".join(map(str, r["sizes"])), "crop": args.crop, "draws": args.draws,
                     "grad_var": f"{gv:.4e}", "work_units": round(r["work"], 4), "flops": int(r["flops"]),
@@ -193,6 +195,9 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, help="channels of the hidden layers")
     p.add_argument("--noise", type=lambda v: [float(t) for t in v.split(",")],
                    help="noise levels on the 0-255 scale, comma separated (0 = clean input)")
+    p.add_argument("--noise-restriction", type=lambda v: v.split(","), default=["average"],
+                   help="how noise reaches coarse grids (msconv.tasks.Denoise): average, preserve or both, comma separated")
+    p.add_argument("--data", help="a folder of training images (default: the bundled photographs)")
     p.add_argument("--threads", type=int, default=min(torch.get_num_threads(), 2))
     p.add_argument("--out", help="CSV path (default bench/results/mge_cpu[_quick].csv)")
     args = p.parse_args(argv)

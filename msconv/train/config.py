@@ -57,6 +57,9 @@ class TrainConfig:
                           choices=("average", "full_weighting", "bilinear", "nearest"))
     fmg_iteration_ratio: float = _f(2.0, "fmg: each coarser stage runs this many times the iterations of the next finer one")
     fmg_batch_ratio: float = _f(2.0, "fmg: each coarser stage multiplies the batch sizes by this")
+    lr_batch_scaling: str = _f("none", "fmg: each stage's LR times (its finest-level batch / the fine stage's)^p: "
+                               "none (p=0) | sqrt (p=1/2) | linear (p=1, the SGD rule for large batches)",
+                               choices=("none", "sqrt", "linear"))
     fmg_adaptive: bool = _f(False, "fmg: end a stage early when validation on its grid stops improving")
     fmg_validate_every: int = _f(20, "fmg --fmg-adaptive: validate every this many steps of a stage")
     fmg_patience: int = _f(3, "fmg --fmg-adaptive: validations without improvement before moving to the next stage")

@@ -82,6 +82,9 @@ class Trainer:
         self.device = _resolve_device(cfg.device)
         self.model.to(self.device)
         self.stages = plan_stages(cfg)
+        # Large-batch LR rule per stage (fmg): the schedule's LR times (B_stage / B_fine)^p.
+        p = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[cfg.lr_batch_scaling]
+        self.lr_factors = [(s.batch_sizes[0] / self.stages[-1].batch_sizes[0]) ** p for s in self.stages]
         self.total_steps = sum(s.iterations for s in self.stages)
         self.planned_work = sum(s.iterations * s.work_per_step for s in self.stages)
         self.optimizer = self._make_optimizer()
@@ -323,7 +326,7 @@ class Trainer:
         norms = torch.stack([torch.linalg.vector_norm(g) for g in grads] + [loss.detach().reshape(())])
         finite = bool(torch.isfinite(norms).all())
         if finite:
-            self.optimizer.step()
+            self._scaled_step(self.lr_factors[k])
             if self.fmg is None:  # FullMultiscale steps the schedule itself
                 self.scheduler.step()
         else:
@@ -335,6 +338,21 @@ class Trainer:
         self.work_units += float(cost.work_units)
         self.flops += self.flops_cache.get(key, 0)
         return float(loss.detach()), not finite, sizes
+
+    def _scaled_step(self, factor: float) -> None:
+        """optimizer.step() at ``factor`` times the scheduled LR (the schedule itself untouched)."""
+        if factor == 1.0:
+            self.optimizer.step()
+            return
+        groups = self.optimizer.param_groups
+        saved = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = g["lr"] * factor
+        try:
+            self.optimizer.step()
+        finally:
+            for g, lr in zip(groups, saved):
+                g["lr"] = lr
 
     def run(self) -> dict:
         """Train to the end of the schedule (or ``max_steps``); returns the result dict that is
@@ -368,7 +386,7 @@ class Trainer:
                 stage = self.stages[k]
                 self.step += 1
                 lr = self.optimizer.param_groups[0]["lr"]
-                lr = float(lr) if not isinstance(lr, torch.Tensor) else float(lr.item())
+                lr = (float(lr) if not isinstance(lr, torch.Tensor) else float(lr.item())) * self.lr_factors[k]
                 row = {"step": self.step, "stage": k, "level": stage.base_level, "loss": loss, "lr": lr,
                        "work_units": self.work_units, "flops": self.flops, "wall_clock_s": self.wall,
                        "batch_sizes": " ".join(map(str, sizes)), "skipped": int(skipped)}
