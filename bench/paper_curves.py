@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from _paper import _r, data_paths, finish, out_dir, parser, rows_of, run_cell, runs_dir, tiny_overrides
+from _paper import _r, data_paths, finish, out_dir, parser, run_all, tiny_overrides
 
 from msconv.train.compare import QUALITY_TOLERANCE_DB
 from msconv.train.config import TrainConfig
