@@ -125,6 +125,13 @@ def _backward(ctx, grad):
 
 _mf_conv2d_fused.register_autograd(_backward, setup_context=_setup)
 
+if _backend.has_cpp() and hasattr(torch.ops.msconv, "mf_conv_bwd"):
+    # The backward calls the compiled op directly: torch.compile traces it through this.
+    @torch.library.register_fake("msconv::mf_conv_bwd")
+    def _(grad, x, theta, filt, order, pad, mode, groups, need_x, need_theta):
+        return (x.new_empty(x.shape) if need_x else x.new_empty(0),
+                theta.new_empty(theta.shape) if need_theta else x.new_empty(0))
+
 
 def mf_conv2d_fused(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, filt: torch.Tensor, pad: int,
