@@ -27,10 +27,13 @@ $(STAMP): $(VPY) $(SOURCES)
 	@touch $(STAMP)
 
 # Single-scale vs MGE vs Full-Multiscale denoising (sigma 25) on the bundled photographs,
-# crops of 256^2, a small DnCNN, the same budget of 80 work units each.
+# crops of 256^2, a small DnCNN, the same budget of 80 work units each. Multiscale settings:
+# 4 grids (256^2 .. 32^2), coarse grids keep the fine noise level (--noise-restriction preserve),
+# Full-Multiscale puts 4x more work on each coarser stage (--fmg-iteration-ratio 8).
 demo: $(STAMP)
-	$(VPY) -m msconv compare --task denoise --noise-sigma 25 --model dncnn --depth 6 --width 16 \
-	  --crop 256 --batch-size 1 --budget 80 --lr 2e-3 --threads 2 --out runs/demo
+	$(VPY) -m msconv compare --task denoise --noise-sigma 25 --noise-restriction preserve --model dncnn --depth 6 \
+	  --width 16 --crop 256 --batch-size 1 --levels 3 --fmg-iteration-ratio 8 --budget 80 --lr 2e-3 --threads 2 \
+	  --out runs/demo
 
 test: $(STAMP)
 	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -43,7 +46,7 @@ bench: $(STAMP)
 
 # The paper experiments (issue 7): CSV/JSON/plots into bench/results/paper_*/. Needs ../shared/data
 # (Train400, BSD68, Set5, Set14); about 1.5 h on one CPU core, each script also runs alone.
-PAPER := paper_denoise paper_tasks paper_curves paper_variance paper_large_batch
+PAPER := paper_transfer paper_denoise paper_tasks paper_curves paper_variance paper_large_batch
 bench-paper: $(STAMP)
 	@for s in $(PAPER); do echo "== bench/$$s.py"; $(VPY) bench/$$s.py || exit 1; done
 
