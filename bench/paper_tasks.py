@@ -6,7 +6,8 @@ deblurring (Gaussian blur σ = 1.6 reference pixels + noise σ = 2.55/255) and i
 pixels missing in boxes and strokes; the mask is an input channel) are validated on BSD68 centre
 crops and tested on the full BSD68 images with a small DnCNN; SR ×2 (bicubic) trains ESPCN,
 validates on Set5 and tests on Set14 (luma, BT.601). Every task uses SPEC §3's rule: corrupt at the
-finest grid, restrict input and target alike.
+finest grid, restrict input and target alike. Multiscale runs use 4 grids and Full-Multiscale
+iterations ×8 per coarser stage (``--levels``, ``--fmg-iteration-ratio``).
 
     python bench/paper_tasks.py [--tasks deblur,inpaint,sr2] [--budget 800] [--tiny]
 """
@@ -32,6 +33,9 @@ def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--tasks", default="deblur,inpaint,sr2", help=f"comma-separated subset of {list(CELLS)}")
     p.add_argument("--modes", default="single,mge,fmg")
+    p.add_argument("--levels", type=int, default=3, help="coarser grids below the finest (mge, fmg)")
+    p.add_argument("--fmg-iteration-ratio", type=float, default=8.0,
+                   help="Full-Multiscale iterations x this per coarser stage (batches x 2); SPEC's default is 2")
     args = p.parse_args(argv)
     name = "tasks"
     out = out_dir(args, name)
@@ -40,7 +44,8 @@ def main(argv=None) -> int:
         if cell not in CELLS:
             raise SystemExit(f"--tasks: unknown task {cell!r}; choose from {list(CELLS)}")
         kw, folders = CELLS[cell]
-        cfg = dict(crop=128, batch_size=4, levels=2, lr=2e-3, budget=args.budget or 800.0, val_crop=128, val_points=10,
+        cfg = dict(crop=128, batch_size=4, levels=args.levels, fmg_iteration_ratio=args.fmg_iteration_ratio,
+                   lr=2e-3, budget=args.budget or 800.0, val_crop=128, val_points=10,
                    threads=args.threads, **kw, **data_paths(args, *folders))
         if args.tiny:
             cfg.update(tiny_overrides(), width=8 if cell == "sr2" else 4)
