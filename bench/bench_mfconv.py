@@ -5,7 +5,10 @@ for s = 1, ½, ¼, ⅛) and channel count, forward and forward+backward (grads o
 weight) of:
 
 * ``mf-separable-<backend>``: mf_conv2d's separable path with each available jets backend
-  (``reference`` = the plain-PyTorch jets);
+  (``reference`` = the plain-PyTorch jets; ``cpp`` at stride 1 = the fused kernel
+  msconv::mf_conv2d_fused);
+* ``mf-jets-cpp``: the unfused path it replaced — the jets op (M planes per channel in
+  memory) then a grouped 1×1 conv — for a side-by-side before/after;
 * ``mf-auto``: what MFConv2d runs by default (the cost model's pick, in the ``auto_pick`` column);
 * ``mf-fft``: the FFT path (circular padding; the others use zeros — same cost class);
 * ``dense-stencil``: F.conv2d with the equivalent sampled K×K stencil (stencil precomputed,
@@ -13,16 +16,20 @@ weight) of:
 * ``conv3x3``: a plain 3×3 F.conv2d with the same channels.
 
 Columns ``speedup_vs_dense`` (dense p50 / row p50) and ``x_vs_conv3x3`` (row p50 / 3×3 p50) are
-measured side by side in one run. SPEC §6 bars: at s = ¼ ≥ 4× faster than dense (fwd+bwd); at
+measured side by side in one run: the implementations of a configuration are timed in
+``--rounds`` interleaved rounds (torch.utils.benchmark blocked_autorange each) and the
+percentiles taken over all rounds, so load that comes and goes on a shared machine hits them
+alike. SPEC §6 bars: at s = ¼ ≥ 4× faster than dense (fwd+bwd); at
 s = 1 within 1.3× of the 3×3 conv. CSV into bench/results/mfconv_<device>[_quick].csv.
 
-    python bench/bench_mfconv.py [--quick] [--device cpu|cuda] [--dtype float32] [--out FILE]
+    python bench/bench_mfconv.py [--quick] [--device cpu|cuda] [--dtype float32] [--threads T] [--rounds R] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +62,14 @@ def _impls(scale, c, device, dtype, backends):
         return lambda x, p: msconv.mf_conv2d(x, p[0], p[1], SIGMA, scale, 1, mode, 1, method, backend)
 
     impls = [(f"mf-separable-{b}", mf("separable", b), [theta, bias]) for b in backends]
+    if "cpp" in backends and device.type == "cpu":
+
+        def unfused(x, p):
+            filt, kmin = mfops._taps(ORDER, SIGMA, scale, 1, x.dtype, x.device)
+            jets = mfops._separable(x, filt, kmin, ORDER, 1, "zeros", "cpp")
+            return F.conv2d(jets, p[0].reshape(c, -1, 1, 1), p[1])
+
+        impls.append(("mf-jets-cpp", unfused, [theta, bias]))
     impls.append(("mf-auto", mf("auto", None), [theta, bias]))
     impls.append(("mf-fft", mf("fft", None, "circular"), [theta, bias]))
     impls.append(("dense-stencil", lambda x, p: F.conv2d(x, p[0], p[1], padding=pad), [stencil, bias]))
@@ -62,11 +77,37 @@ def _impls(scale, c, device, dtype, backends):
     return impls, k
 
 
-def run(quick=False, device="cpu", dtype="float32", min_run_time=None):
+def _time_interleaved(fns, device, min_run_time, rounds):
+    """(p50, p20, p80) ms per function, timed in ``rounds`` interleaved rounds."""
+    if device.type == "cuda":
+        return [time_fn(fn, device, min_run_time) for fn in fns]
+    from torch.utils.benchmark import Timer
+
+    times = [[] for _ in fns]
+    warm = []
+    for fn in fns:
+        t0 = time.perf_counter()
+        fn()  # warm-up (allocator, caches)
+        warm.append(time.perf_counter() - t0)
+    for r in range(rounds):
+        for i, fn in enumerate(fns):
+            if r and warm[i] > min_run_time:  # seconds per call (reference, dense at fine s): one round
+                continue
+            m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time / rounds)
+            times[i] += m.times
+    out = []
+    for t in times:
+        t = torch.tensor(t) * 1e3
+        out.append((t.median().item(), t.quantile(0.2).item(), t.quantile(0.8).item()))
+    return out
+
+
+def run(quick=False, device="cpu", dtype="float32", min_run_time=None, rounds=None):
     device = torch.device(device)
     dt = getattr(torch, dtype)
     cfg = QUICK if quick else FULL
     mrt = min_run_time if min_run_time is not None else (0.1 if quick else 0.4)
+    rounds = rounds if rounds is not None else (3 if quick else 5)
     backends = ["reference"]
     if mfops._jets_op() is not None:
         backends += [b for b in ("cpp", "cuda", "triton") if _backend._available(b, device) is None]
@@ -82,18 +123,16 @@ def run(quick=False, device="cpu", dtype="float32", min_run_time=None):
             costs = mfops._method_costs(n, c, c, 1, ORDER, k, hw, hw, 1, "zeros", backends[-1])
             pick = min(costs, key=costs.get)
             block = []
-            for name, fn, params in impls:
-                for mode in ("fwd", "fwd+bwd"):
+            for mode in ("fwd", "fwd+bwd"):
+                fns = []
+                for _, fn, params in impls:
                     if mode == "fwd":
-                        run_ = lambda fn=fn, params=params: fn(x, params)  # noqa: E731
-                        ctx = torch.no_grad()
+                        fns.append(lambda fn=fn, params=params: _no_grad(fn, x, params))
                     else:
                         xg = x.detach().requires_grad_()
                         pg = [p.detach().requires_grad_() for p in params]
-                        run_ = lambda fn=fn, xg=xg, pg=pg: fn(xg, pg).sum().backward()  # noqa: E731
-                        ctx = torch.enable_grad()
-                    with ctx:
-                        p50, p20, p80 = time_fn(run_, device, mrt)
+                        fns.append(lambda fn=fn, xg=xg, pg=pg: fn(xg, pg).sum().backward())
+                for (name, _, _), (p50, p20, p80) in zip(impls, _time_interleaved(fns, device, mrt, rounds)):
                     block.append({"op": "mf_conv2d", "scale": scale, "K": k, "channels": c,
                                   "shape": f"{n}x{c}x{hw}x{hw}", "dtype": dtype, "pass": mode, "impl": name,
                                   "auto_pick": pick, "p50_ms": round(p50, 3), "p20_ms": round(p20, 3),
@@ -108,14 +147,22 @@ def run(quick=False, device="cpu", dtype="float32", min_run_time=None):
     return rows
 
 
+def _no_grad(fn, x, params):
+    with torch.no_grad():
+        return fn(x, params)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer channel counts, shorter timing (the demo)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: the shared machine's other core stays free)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5, quick 3)")
     p.add_argument("--out", default=None, help="CSV path (default bench/results/mfconv_<device>[_quick].csv)")
     args = p.parse_args(argv)
-    rows = run(args.quick, args.device, args.dtype)
+    torch.set_num_threads(args.threads)
+    rows = run(args.quick, args.device, args.dtype, rounds=args.rounds)
     tag = "cuda_" + torch.cuda.get_device_name().replace(" ", "_") if args.device == "cuda" else "cpu"
     out = args.out or os.path.join(RESULTS, f"mfconv_{tag}{'_quick' if args.quick else ''}.csv")
     write_csv(rows, out)

@@ -87,35 +87,45 @@ constexpr int64_t kTileBytes = 512 * 1024;
 // Jet m of (a, b) in mf_multi_indices order: total degree d = a + b, then b.
 int64_t jet_index(int64_t a, int64_t b) { return (a + b) * (a + b + 1) / 2 + b; }
 
-// theta [Co, Cg, M] -> per a, [G][Cog][(P1 - a)][Cg] (column b * Cg + cg), concatenated.
-at::Tensor pack_theta(const at::Tensor& theta, int64_t P1, int64_t G, std::vector<int64_t>& off) {
-  const int64_t Co = theta.size(0), Cg = theta.size(1);
-  std::vector<at::Tensor> parts;
-  off.clear();
-  int64_t o = 0;
-  for (int64_t a = 0; a < P1; ++a) {
-    std::vector<int64_t> idx;
-    for (int64_t b = 0; b < P1 - a; ++b) idx.push_back(jet_index(a, b));
-    at::Tensor sel = theta.index_select(2, at::tensor(idx, at::kLong));
-    parts.push_back(sel.view({G, Co / G, Cg, P1 - a}).permute({0, 1, 3, 2}).reshape(-1));
-    off.push_back(o);
-    o += parts.back().numel();
-  }
-  return at::cat(parts).contiguous();
+// theta [Co, Cg, M] <-> per a, [G][Cog][(P1 - a)][Cg] (column b * Cg + cg), concatenated at
+// off[a]. Plain loops: theta is small and a dozen ATen calls cost more than the copy.
+template <typename F>
+void for_packed(int64_t Co, int64_t Cg, int64_t P1, F f /* (packed index, theta index) */) {
+  const int64_t M = P1 * (P1 + 1) / 2;
+  int64_t p = 0;
+  for (int64_t a = 0; a < P1; ++a)
+    for (int64_t o = 0; o < Co; ++o)  // o = k * Cog + og: groups are consecutive blocks of o
+      for (int64_t b = 0; b < P1 - a; ++b)
+        for (int64_t cg = 0; cg < Cg; ++cg) f(p++, (o * Cg + cg) * M + jet_index(a, b));
 }
 
-// The inverse of pack_theta for a gradient.
-at::Tensor unpack_theta(const at::Tensor& packed, int64_t Co, int64_t Cg, int64_t P1, int64_t G,
-                        const std::vector<int64_t>& off) {
-  at::Tensor out = at::zeros({Co, Cg, P1 * (P1 + 1) / 2}, packed.options());
-  for (int64_t a = 0; a < P1; ++a) {
-    const int64_t len = Co * Cg * (P1 - a);
-    at::Tensor part = packed.narrow(0, off[a], len).view({G, Co / G, P1 - a, Cg});
-    part = part.permute({0, 1, 3, 2}).reshape({Co, Cg, P1 - a});
-    std::vector<int64_t> idx;
-    for (int64_t b = 0; b < P1 - a; ++b) idx.push_back(jet_index(a, b));
-    out.index_copy_(2, at::tensor(idx, at::kLong), part);
-  }
+at::Tensor pack_theta(const at::Tensor& theta_in, int64_t P1, std::vector<int64_t>& off) {
+  const at::Tensor theta = theta_in.contiguous();
+  const int64_t Co = theta.size(0), Cg = theta.size(1);
+  off.clear();
+  for (int64_t a = 0, o = 0; a < P1; o += Co * Cg * (P1 - a), ++a) off.push_back(o);
+  at::Tensor out = at::empty({theta.numel()}, theta.options());
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "pack_theta", [&] {
+    const scalar_t* src = theta.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    for_packed(Co, Cg, P1, [&](int64_t p, int64_t t) { dst[p] = src[t]; });
+  });
+  return out;
+}
+
+// The inverse of pack_theta, summing the per-chunk rows of a gradient [chunks, numel].
+at::Tensor unpack_theta(const at::Tensor& packed, int64_t Co, int64_t Cg, int64_t P1) {
+  at::Tensor out = at::empty({Co, Cg, P1 * (P1 + 1) / 2}, packed.options());
+  AT_DISPATCH_FLOATING_TYPES(packed.scalar_type(), "unpack_theta", [&] {
+    const scalar_t* src = packed.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const int64_t chunks = packed.size(0), n = packed.size(1);
+    for_packed(Co, Cg, P1, [&](int64_t p, int64_t t) {
+      scalar_t sum = 0;
+      for (int64_t c = 0; c < chunks; ++c) sum += src[c * n + p];
+      dst[t] = sum;
+    });
+  });
   return out;
 }
 
@@ -220,7 +230,7 @@ void with_kernels(const at::Tensor& x, const at::Tensor& theta, const at::Tensor
     dispatch_isa([&](auto isa) {
       using Ns = NsOf<decltype(isa)::value>;
       auto g = make_geom<typename Ns::Geom>(x, theta.size(0), groups, order, filt.size(1), pad, mode);
-      const at::Tensor thr = pack_theta(theta, g.P1, groups, g.thr_off);
+      const at::Tensor thr = pack_theta(theta, g.P1, g.thr_off);
       body(Ns{}, scalar_t(0), g, f, thr);
     });
   });
@@ -280,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> mf_conv_bwd_cpu(const at::Tensor& grad_in, co
                           need_x ? dv.mutable_data_ptr<T>() : nullptr,
                           need_theta ? dthr.mutable_data_ptr<T>() : nullptr, thr.numel(), chunks, GemmFn{});
     if (need_x) Ns::template rows<T>(g, dv.const_data_ptr<T>(), f, dx.mutable_data_ptr<T>());
-    if (need_theta) dtheta = unpack_theta(dthr.sum(0), Co, g.Cg, g.P1, groups, g.thr_off);
+    if (need_theta) dtheta = unpack_theta(dthr, Co, g.Cg, g.P1);
   });
   return {need_x ? dx : at::empty({0}, x.options()), need_theta ? dtheta : at::empty({0}, x.options())};
 }

@@ -2,12 +2,16 @@
 
 Three ways to compute the same discrete operator (msconv.reference.mf_conv2d_ref defines it):
 
-* ``separable`` — pad per ``padding_mode``, the separable jets ``J[c,(a,b)] = (w_a ⊗ w_b) * u_c``
-  (shared by every output channel; ``torch.ops.msconv.mf_jets`` when the compiled/Triton
-  kernels are installed, else the plain-PyTorch correlation of msconv.reference), then the
-  channel mix as a grouped 1×1 convolution with θ. Per output pixel
-  ``C_in·((p+1)·K·S + M·K) + C_out·C_in/g·M`` multiply-adds: linear in the stencil width K.
-  The stride is applied inside the jets (only the output cells are computed).
+* ``separable`` — at stride 1 on CPU (compiled extension, float32/64) the fused kernel
+  ``torch.ops.msconv.mf_conv2d_fused`` (msconv.ops.mf_conv_fused): per tile of output rows, the
+  p+1 column passes of each input channel, the mix with θ as small GEMMs, then the p+1 row
+  passes of each output channel — ``(p+1)·K·(C_in + C_out) + C_out·C_in/g·M`` multiply-adds
+  per pixel and nothing but x and y in memory. Otherwise pad per ``padding_mode``, the
+  separable jets ``J[c,(a,b)] = (w_a ⊗ w_b) * u_c`` (shared by every output channel;
+  ``torch.ops.msconv.mf_jets`` when the compiled/Triton kernels are installed, else the
+  plain-PyTorch correlation of msconv.reference), then the channel mix as a grouped 1×1
+  convolution with θ: ``C_in·((p+1)·K·S + M·K) + C_out·C_in/g·M`` per output pixel. Both are
+  linear in the stencil width K; the stride is applied inside the jets.
 * ``fft`` — circular padding only: the jets of all H×W positions as one real FFT of the input
   times the DFT of the circularly wrapped cell-integrated taps (not the continuous multiplier
   ``(i kx)^a (i ky)^b e^{−σ²|k|²/2}``, so it is the *same* discrete operator as the other paths,
@@ -15,7 +19,7 @@ Three ways to compute the same discrete operator (msconv.reference.mf_conv2d_ref
   every stride: the periodic output at the cell-centred positions, sizes not divisible by S
   included), then the same 1×1 mix. Cost independent of σ/s: the path for very wide stencils.
 * ``dense`` — F.conv2d with the dense (2r+1)² sampled stencil (what the reference computes);
-  cheapest for few channels and small stencils, where a GEMM-backed conv beats the jets.
+  the fallback where only the plain-PyTorch jets exist.
 
 ``auto`` picks by the cost model in :func:`_method_costs`.
 """
@@ -40,17 +44,24 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _OP = "mf_conv2d"
 
 # Relative time per multiply-add of each kind of work, 1 = a GEMM-backed convolution (mkldnn /
-# cuDNN), for forward+backward (training). Fitted to bench/bench_mfconv.py --quick and repeated
-# single-thread timings on the shared 2-core development CPU (N=2, 64×64, σ=½, p=2, float32):
-# the 1×1 mix and the dense stencil conv run at ~25-50 GMAC/s, the compiled jets kernel with
-# its adjoint at ~12× the time per MAC (short separable filters are memory-bound; forward alone
-# is ~4×), the FFT jets likewise ~12× per modelled FFT MAC, the plain-PyTorch jets (a 1×K conv
-# per plane) ~100×. The model then picks what measured fastest forward+backward: dense at s=1
-# with 16 channels (15.6 vs 22.8 ms), separable at s=1 with 32/64 channels (60 vs 93, 100 vs
-# 222 ms) and at s=½…⅛ with zeros padding, fft for circular padding at s=⅛ (K=35: 26 vs 37 ms
-# at 16 channels, 48 vs 178 ms at 64). Timings on that machine vary ±50% with its load.
-# GPU factors are not measured (no GPU here): the CPU ones stand in.
-_EFF = {"jets": 12.0, "jets_reference": 100.0, "mix": 1.0, "dense": 1.0, "fft": 12.0}
+# cuDNN), for forward+backward (training). Fitted to paired single-thread timings (each path
+# against the dense stencil conv in alternation, median ratio) on the shared 2-core AMD EPYC
+# development CPU, N=2, 64×64, σ=½, p=2, float32, 16 and 64 channels, s = 1…1/32:
+# * ``fused``: the stride-1 CPU kernel (msconv.ops.mf_conv_fused), per multiply-add of its
+#   (p+1)·K-tap passes over C_in + C_out planes; its GEMMs count as ``mix``. Measured
+#   separable/dense 0.46, 0.25 (s=1; 16, 64 ch), 0.20, 0.10 (s=½), 0.037, 0.026 (s=¼),
+#   0.009, 0.005 (s=⅛); the model says 0.44, 0.20, 0.24, 0.10 where the dense conv is still
+#   efficient (K ≤ 11; beyond, dense runs 2-3× slower per MAC and is never picked anyway).
+# * ``jets``: the separate jets kernel with its adjoint (stride > 1, or GPU backends): fitted at
+#   stride 2, separable/dense 0.88 and 0.46 at s=1 (16, 64 ch), 0.55, 0.21 at s=½.
+# * ``fft``: per modelled FFT multiply-add; against the fused kernel with circular padding it
+#   crosses over at K ≈ 70 (measured sep/fft 0.79, 0.98 at K=67; 2.5, 1.6 at K=131; 0.58,
+#   0.40 at K=35, where the old model picked fft).
+# * ``jets_reference``: the plain-PyTorch jets (a 1×K conv per plane), ~100× per MAC.
+# So auto now picks separable for every measured stride-1 zeros-padded case (dense only
+# with the reference jets), fft for circular padding from K ≈ 70. GPU factors are not
+# measured (no GPU here): the CPU ones stand in.
+_EFF = {"fused": 6.0, "jets": 6.0, "jets_reference": 100.0, "mix": 1.0, "dense": 1.0, "fft": 12.0}
 
 
 def _load_jets_op():
@@ -119,21 +130,31 @@ def _static_float(v):
     return float.fromhex(float(v).hex())
 
 
-def _method_costs(n, c_in, c_out, groups, order, k, h, w, stride, padding_mode, jets_backend="cpp") -> dict:
+def _method_costs(
+    n, c_in, c_out, groups, order, k, h, w, stride, padding_mode, jets_backend="cpp", fused=None
+) -> dict:
     """Estimated cost (weighted multiply-adds) of each path; ``auto`` takes the smallest.
 
-    Per path: separable = jets (vertical pass on every S-th row of the padded width, then one
-    horizontal pass per jet) + mix; dense = the (K×K) stencil conv; fft = forward rFFT of each
-    input plane, one product and one inverse rFFT per jet at all H×W positions, + mix.
-    ``jets_backend`` is the backend the separable jets would run on (``reference`` = PyTorch).
+    Per path: separable = the fused kernel's (p+1)·K-tap passes over the input and output
+    planes + mix (``fused``; default: stride 1 on the ``cpp`` backend), else the jets (vertical
+    pass on every S-th row of the padded width, then one horizontal pass per jet) + mix;
+    dense = the (K×K) stencil conv; fft = forward rFFT of each input plane, one product and one
+    inverse rFFT per jet at all H×W positions, + mix. ``jets_backend`` is the backend the
+    separable jets would run on (``reference`` = PyTorch).
     """
     m = (order + 1) * (order + 2) // 2
     ho, wo = -(-h // stride), -(-w // stride)
     wp = stride * (wo - 1) + k
     mix = n * ho * wo * c_out * (c_in // groups) * m * _EFF["mix"]
-    jets_eff = _EFF["jets_reference" if jets_backend == "reference" else "jets"]
+    if fused is None:
+        fused = stride == 1 and jets_backend == "cpp"
+    if fused:
+        sep = n * h * w * (order + 1) * k * (c_in + c_out) * _EFF["fused"] + mix
+    else:
+        jets_eff = _EFF["jets_reference" if jets_backend == "reference" else "jets"]
+        sep = n * c_in * ((order + 1) * k * ho * wp + m * k * ho * wo) * jets_eff + mix
     costs = {
-        "separable": n * c_in * ((order + 1) * k * ho * wp + m * k * ho * wo) * jets_eff + mix,
+        "separable": sep,
         "dense": n * ho * wo * c_out * (c_in // groups) * k * k * _EFF["dense"],
     }
     if padding_mode == "circular":
@@ -291,7 +312,8 @@ def mf_conv2d(
     filt, kmin = _taps(order, sigma, float(scale), stride, filt_dtype, x.device)
     if method == "auto":
         jb = b if _jets_op() is not None and filt.shape[1] <= _JETS_LIMITS[1] and order <= _JETS_LIMITS[0] else "reference"
-        costs = _method_costs(n, c_in, c_out, groups, order, filt.shape[1], h, w, stride, padding_mode, jb)
+        fused = _use_fused(x, order, filt.shape[1], stride, b)
+        costs = _method_costs(n, c_in, c_out, groups, order, filt.shape[1], h, w, stride, padding_mode, jb, fused)
         method = min(costs, key=costs.get)
     if method == "dense":
         return _dense(x, weight, bias, filt, kmin, order, stride, padding_mode, groups).to(out_dtype)
