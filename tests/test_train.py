@@ -214,6 +214,18 @@ def test_every_task_trains_with_mge(photo_dir, tmp_path, task, model, conv):
     assert r["complete"] and np.isfinite(r["psnr"]) and r["work_units"] > 0
 
 
+def test_mesh_free_layers_too_narrow_for_the_coarsest_grid_are_flagged(photo_dir, tmp_path):
+    if not mf_available():
+        pytest.skip("msconv.nn.MFConv2d is not available")
+    with pytest.warns(UserWarning, match="--mf-sigma 1"):
+        Trainer(tiny(photo_dir, tmp_path, conv="mf", mode="fmg", levels=2))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(tiny(photo_dir, tmp_path, conv="mf", mode="fmg", levels=2, mf_sigma=1.0))
+
+
 def test_compare_writes_summary(photo_dir, tmp_path):
     s = compare(tiny(photo_dir, tmp_path, iterations=None, budget=12, count_flops=True, test_data=photo_dir))
     assert [r["mode"] for r in s["runs"]] == ["single", "mge", "fmg"]

@@ -81,6 +81,7 @@ class Trainer:
                                  depth=cfg.depth, width=cfg.width, blocks=cfg.blocks)
         self.device = _resolve_device(cfg.device)
         self.model.to(self.device)
+        self._warn_unresolved_mf(cfg)
         self.stages = plan_stages(cfg)
         # Large-batch LR rule per stage (fmg): the schedule's LR times (B_stage / B_fine)^p.
         p = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[cfg.lr_batch_scaling]
@@ -129,6 +130,21 @@ class Trainer:
         self.flops_cache: dict[str, int] = {}
 
     # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _warn_unresolved_mf(cfg) -> None:
+        """Mesh-free layers on grids coarser than ~4σ: every derivative tap integrates to ≈ 0 over a
+        cell, the layer is a 1×1 mix there, and what the coarse grids learn does not carry over."""
+        coarsest = 2 ** (cfg.levels if cfg.mode != "single" else 0)
+        sigma = 0.5 if cfg.mf_sigma is None else cfg.mf_sigma
+        if cfg.conv == "mf" and sigma < coarsest / 4:
+            import warnings
+
+            warnings.warn(
+                f"--conv mf: sigma={sigma:g} reference pixels is not resolved on the coarsest grid (s={coarsest}; "
+                f"needs sigma >= s/4 = {coarsest / 4:g}): its derivative taps vanish there and training on it does "
+                f"not transfer to the fine grid. Set --mf-sigma {coarsest / 4:g} or more, or use fewer --levels",
+                UserWarning, stacklevel=3)
+
     def _make_optimizer(self):
         cfg, params = self.cfg, self.model.parameters()
         lr = cfg.resolved_lr
