@@ -10,7 +10,9 @@ first came within 0.1 dB).
 
 Data: the bundled photographs at 256² crops (Train400's 180² images are too small for the 256²
 bar), validation on BSD68 centre crops of 256². Denoising σ = 25, small DnCNN, standard conv,
-``noise_restriction=preserve``.
+``noise_restriction=preserve``, 4 grids (256² … 32²), Full-Multiscale iterations ×8 and batches ×2
+per coarser stage (so each coarser stage gets 4× the work of the next finer one: work 64:16:4:1
+from coarsest to finest, the fine stage about 1/85 of the budget).
 
     python bench/paper_curves.py [--budget 1600] [--halvings 5] [--modes single,fmg] [--tiny]
 """
@@ -68,7 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="single,fmg")
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--conv", default="standard")
-    p.add_argument("--levels", type=int, default=2)
+    p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--fmg-iteration-ratio", type=float, default=8.0,
+                   help="Full-Multiscale: iterations x this per coarser stage (batches x 2): most work on coarse grids")
     args = p.parse_args(argv)
     name = "curves"
     out = out_dir(args, name)
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
         paths["data"] = "bundled"  # 256² crops need images larger than Train400's 180²
     base = dict(task="denoise", noise_sigma=25.0, noise_restriction="preserve", model="dncnn", depth=6, width=16,
                 conv=args.conv, crop=args.crop, val_crop=args.crop, batch_size=1, levels=args.levels, lr=2e-3,
-                val_points=8, threads=args.threads, **paths)
+                fmg_iteration_ratio=args.fmg_iteration_ratio, val_points=8, threads=args.threads, **paths)
     if args.tiny:
         base.update(tiny_overrides())
     top = args.budget or (base["budget"] if args.tiny else 1600.0)
