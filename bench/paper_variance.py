@@ -9,7 +9,7 @@ default) and with the noise level preserved on coarse grids (msconv.tasks.Denois
 nn.Conv2d and MFConv2d. ``efficiency`` = how many times less work than single-scale the estimator
 needs for the same variance (> 1: MGE pays).
 
-    python bench/paper_variance.py [--draws 64] [--crop 64] [--tiny]
+    python bench/paper_variance.py [--draws 32] [--crop 64] [--tiny]
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import bench_mge
 
 def main(argv=None) -> int:
     p = parser(__doc__)
-    p.add_argument("--draws", type=int, default=64)
+    p.add_argument("--draws", type=int, default=32)
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--levels", type=int, default=2)
     args = p.parse_args(argv)
