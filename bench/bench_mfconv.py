@@ -93,6 +93,8 @@ def _time_interleaved(fns, device, min_run_time, rounds):
         for i, fn in enumerate(fns):
             if r and warm[i] > min_run_time:  # seconds per call (reference, dense at fine s): one round
                 continue
+            if r:
+                fn()  # untimed: the previous implementation left other buffers in the caches/allocator
             m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time / rounds)
             times[i] += m.times
     out = []
