@@ -210,20 +210,20 @@ def test_every_task_trains_with_mge(photo_dir, tmp_path, task, model, conv):
     if conv == "mf" and not mf_available():
         pytest.skip("msconv.nn.MFConv2d is not available")
     r = Trainer(tiny(photo_dir, tmp_path, task=task, model=model, conv=conv, mode="mge", iterations=2, levels=1,
-                     val_points=1)).run()
+                     val_points=1, mf_sigma=1.0 if conv == "mf" else None)).run()
     assert r["complete"] and np.isfinite(r["psnr"]) and r["work_units"] > 0
 
 
 def test_mesh_free_layers_too_narrow_for_the_coarsest_grid_are_flagged(photo_dir, tmp_path):
     if not mf_available():
         pytest.skip("msconv.nn.MFConv2d is not available")
-    with pytest.warns(UserWarning, match="--mf-sigma 1"):
+    with pytest.warns(UserWarning, match="--mf-sigma 2"):
         Trainer(tiny(photo_dir, tmp_path, conv="mf", mode="fmg", levels=2))
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        Trainer(tiny(photo_dir, tmp_path, conv="mf", mode="fmg", levels=2, mf_sigma=1.0))
+        Trainer(tiny(photo_dir, tmp_path, conv="mf", mode="fmg", levels=2, mf_sigma=2.0))
 
 
 def test_compare_writes_summary(photo_dir, tmp_path):

@@ -191,10 +191,10 @@ def mf_factory(sigma: float | None = None, order: int = 2):
     """A :func:`make_conv` factory of MFConv2d layers whose σ is ``sigma`` (reference pixels) for
     a 3×3 layer and ``sigma·k/3`` for a k×k one; ``None`` keeps MFConv2d's default k/6.
 
-    Why: a Gaussian-derivative kernel is only resolved on grids with spacing s ≤ 4σ (coarser,
-    every derivative tap integrates to ~0 over a cell and the layer degenerates to a 1×1 mix).
+    Why: a Gaussian-derivative kernel is only resolved on grids with spacing s ≤ 2σ (coarser,
+    the derivative taps shrink towards 0 over a cell and the layer degenerates to a 1×1 mix).
     Multiscale training evaluates the layer on grids up to s = 2**levels, so σ must be sized
-    for the coarsest grid: ``sigma >= 2**levels / 4``.
+    for the coarsest grid: ``sigma >= 2**levels / 2``.
     """
     from msconv.nn import MFConv2d
 

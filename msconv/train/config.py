@@ -45,7 +45,7 @@ class TrainConfig:
     width: int = _f(None, "channels of the first layer (model default if unset)")
     blocks: int = _f(None, "resnet: residual blocks (default 4)")
     mf_sigma: float = _f(None, "conv mf: σ of a 3x3 layer in reference pixels (default 0.5; size it for the coarsest "
-                               "grid, >= 2**levels/4, or coarse grids cannot resolve the kernel)")
+                               "grid, >= 2**levels/2, or coarse grids cannot resolve the kernel)")
     mf_order: int = _f(2, "conv mf: derivative order p of the Gaussian-derivative basis")
     # --- multiscale
     mode: str = _f("single", "single | mge | fmg", choices=MODES)
@@ -174,7 +174,7 @@ class TrainConfig:
         if self.test_data is not None and not os.path.isdir(self.test_data):
             raise ConfigError(f"--test-data {self.test_data!r} is not a folder of images")
         if self.mf_sigma is not None and (not isinstance(self.mf_sigma, (int, float)) or not self.mf_sigma > 0):
-            raise ConfigError(f"--mf-sigma must be > 0 reference pixels (e.g. {2 ** self.levels / 4:g} for --levels "
+            raise ConfigError(f"--mf-sigma must be > 0 reference pixels (e.g. {2 ** self.levels / 2:g} for --levels "
                               f"{self.levels}), got {self.mf_sigma!r}")
         if not isinstance(self.mf_order, int) or isinstance(self.mf_order, bool) or self.mf_order < 0:
             raise ConfigError(f"--mf-order must be an int >= 0, got {self.mf_order!r}")
