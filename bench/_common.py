@@ -2,6 +2,7 @@
 environment columns, CSV writing and a plain-text table."""
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
@@ -70,3 +71,24 @@ def table(rows: list[dict], cols: list[str]) -> str:
     width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     line = lambda xs: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(xs, width)))  # noqa: E731
     return "\n".join([line(cols), line(["-" * w for w in width]), *map(line, cells)])
+
+
+def kernel_parser(doc: str, name: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every kernel microbenchmark takes: --quick, --device, --dtype, --out."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    p.add_argument("--out", default=None, help=f"CSV path (default bench/results/{name}_<device>[_quick].csv)")
+    return p
+
+
+def report(rows: list[dict], args: argparse.Namespace, name: str, cols: list[str], note: str = "") -> str:
+    """Write a kernel benchmark's CSV (default name from the device and --quick) and print its table."""
+    tag = "cuda_" + torch.cuda.get_device_name().replace(" ", "_") if args.device == "cuda" else "cpu"
+    out = args.out or os.path.join(RESULTS, f"{name}_{tag}{'_quick' if args.quick else ''}.csv")
+    write_csv(rows, out)
+    print(f"device: {rows[0]['device']}, torch {rows[0]['torch']}, dtype {args.dtype}{note}")
+    print(table(rows, cols))
+    print(f"\nwrote {out}")
+    return out

@@ -99,16 +99,16 @@ def rows_of(summary: dict, extra: dict) -> list[dict]:
 
         rows.append({
             **extra, "mode": r["mode"], "conv": r["conv"],
-            "val_psnr": _r(r["psnr"], 3), "val_ssim": _r(r["ssim"], 4),
-            "test_psnr": _r(r.get("test_psnr"), 3), "test_ssim": _r(r.get("test_ssim"), 4),
-            "dpsnr_vs_single": _r(None if single is None or r["psnr"] is None else r["psnr"] - single["psnr"], 3),
-            "dtest_vs_single": _r(None if single is None or r.get("test_psnr") is None
+            "val_psnr": rnd(r["psnr"], 3), "val_ssim": rnd(r["ssim"], 4),
+            "test_psnr": rnd(r.get("test_psnr"), 3), "test_ssim": rnd(r.get("test_ssim"), 4),
+            "dpsnr_vs_single": rnd(None if single is None or r["psnr"] is None else r["psnr"] - single["psnr"], 3),
+            "dtest_vs_single": rnd(None if single is None or r.get("test_psnr") is None
                                   else r["test_psnr"] - single["test_psnr"], 3),
-            "work_units": _r(r["work_units"], 2), "flops": f"{r['flops']:.4g}", "wall_clock_s": _r(r["wall_clock_s"], 2),
+            "work_units": rnd(r["work_units"], 2), "flops": f"{r['flops']:.4g}", "wall_clock_s": rnd(r["wall_clock_s"], 2),
             "iterations": r["iterations"],
-            "work_to_single_quality": _r(r["work_units_to_single_quality"], 2),
+            "work_to_single_quality": rnd(r["work_units_to_single_quality"], 2),
             "x_less_work_to_quality": ratio("work_units_to_single_quality"),
-            "time_to_single_quality_s": _r(r["wall_clock_to_single_quality_s"], 2),
+            "time_to_single_quality_s": rnd(r["wall_clock_to_single_quality_s"], 2),
             "x_less_time_to_quality": ratio("wall_clock_to_single_quality_s"),
             "flops_ratio_single_over_mode": ratio("flops"),
             **env,
@@ -116,7 +116,8 @@ def rows_of(summary: dict, extra: dict) -> list[dict]:
     return rows
 
 
-def _r(v, nd):
+def rnd(v, nd):
+    """round(v, nd), or "" for a missing figure (a blank CSV cell)."""
     return "" if v is None else round(float(v), nd)
 
 
@@ -132,8 +133,7 @@ def finish(args, out: str, name: str, rows: list[dict], summaries: list[dict], c
     """Write CSV + JSON (+ the plots), print the table, drop the run folders under --tiny."""
     path = write_csv(rows, os.path.join(out, f"{name}.csv"))
     with open(os.path.join(out, f"{name}.json"), "w") as fh:
-        json.dump({"rows": rows, "summaries": [{k: v for k, v in s.items() if k != "runs"} | {"runs": s["runs"]}
-                                               for s in summaries]}, fh, indent=1, default=str)
+        json.dump({"rows": rows, "summaries": summaries}, fh, indent=1, default=str)
     for s in summaries:
         keep_plots(s, out)
     print(table(rows, cols))

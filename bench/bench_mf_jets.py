@@ -10,7 +10,6 @@ bench/results/mf_jets_<device>[_quick].csv.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, env_columns, table, time_fn, write_csv  # noqa: E402
+from _common import env_columns, kernel_parser, report, time_fn  # noqa: E402
 
 from msconv.ops import _backend  # noqa: E402
 from msconv.ops.mf_jets import mf_jets  # noqa: E402
@@ -83,20 +82,10 @@ def run(quick=False, device="cpu", dtype="float32", min_run_time=None):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer, smaller cases, shorter timing")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-    p.add_argument("--out", default=None, help="CSV path (default bench/results/mf_jets_<device>[_quick].csv)")
-    args = p.parse_args(argv)
+    args = kernel_parser(__doc__, "mf_jets", "fewer, smaller cases, shorter timing").parse_args(argv)
     rows = run(args.quick, args.device, args.dtype)
-    tag = "cuda_" + torch.cuda.get_device_name().replace(" ", "_") if args.device == "cuda" else "cpu"
-    out = args.out or os.path.join(RESULTS, f"mf_jets_{tag}{'_quick' if args.quick else ''}.csv")
-    write_csv(rows, out)
-    print(f"device: {rows[0]['device']}, torch {rows[0]['torch']}, dtype {args.dtype}")
-    print(table(rows, ["shape", "scale", "K", "order", "stride", "pass", "impl", "p50_ms", "speedup_vs_ref",
-                       "speedup_vs_dense"]))
-    print(f"\nwrote {out}")
+    report(rows, args, "mf_jets", ["shape", "scale", "K", "order", "stride", "pass", "impl", "p50_ms", "speedup_vs_ref",
+                                   "speedup_vs_dense"])
     return 0
 
 

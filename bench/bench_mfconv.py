@@ -26,7 +26,6 @@ s = 1 within 1.3× of the 3×3 conv. CSV into bench/results/mfconv_<device>[_qui
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, env_columns, table, time_fn, write_csv  # noqa: E402
+from _common import env_columns, kernel_parser, report, time_fn  # noqa: E402
 
 import msconv  # noqa: E402
 from msconv import reference  # noqa: E402
@@ -155,23 +154,14 @@ def _no_grad(fn, x, params):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer channel counts, shorter timing (the demo)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    p = kernel_parser(__doc__, "mfconv", "fewer channel counts, shorter timing (the demo)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: the shared machine's other core stays free)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5, quick 3)")
-    p.add_argument("--out", default=None, help="CSV path (default bench/results/mfconv_<device>[_quick].csv)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = run(args.quick, args.device, args.dtype, rounds=args.rounds)
-    tag = "cuda_" + torch.cuda.get_device_name().replace(" ", "_") if args.device == "cuda" else "cpu"
-    out = args.out or os.path.join(RESULTS, f"mfconv_{tag}{'_quick' if args.quick else ''}.csv")
-    write_csv(rows, out)
-    print(f"device: {rows[0]['device']}, torch {rows[0]['torch']}, dtype {args.dtype}, sigma {SIGMA}, order {ORDER}")
-    print(table(rows, ["scale", "K", "channels", "pass", "impl", "p50_ms", "p20_ms", "p80_ms",
-                       "speedup_vs_dense", "x_vs_conv3x3", "auto_pick"]))
-    print(f"\nwrote {out}")
+    report(rows, args, "mfconv", ["scale", "K", "channels", "pass", "impl", "p50_ms", "p20_ms", "p80_ms",
+                                  "speedup_vs_dense", "x_vs_conv3x3", "auto_pick"], f", sigma {SIGMA}, order {ORDER}")
     return 0
 
 

@@ -9,7 +9,6 @@ F.interpolate). CSV into bench/results/transfer_<device>.csv.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, env_columns, table, time_fn, write_csv  # noqa: E402
+from _common import env_columns, kernel_parser, report, time_fn  # noqa: E402
 
 import msconv  # noqa: E402
 from msconv import reference  # noqa: E402
@@ -112,19 +111,9 @@ def run(quick=False, device="cpu", dtype="float32", min_run_time=None):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing (the demo)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-    p.add_argument("--out", default=None, help="CSV path (default bench/results/transfer_<device>[_quick].csv)")
-    args = p.parse_args(argv)
+    args = kernel_parser(__doc__, "transfer", "fewer shapes, shorter timing (the demo)").parse_args(argv)
     rows = run(args.quick, args.device, args.dtype)
-    tag = "cuda_" + torch.cuda.get_device_name().replace(" ", "_") if args.device == "cuda" else "cpu"
-    out = args.out or os.path.join(RESULTS, f"transfer_{tag}{'_quick' if args.quick else ''}.csv")
-    write_csv(rows, out)
-    print(f"device: {rows[0]['device']}, torch {rows[0]['torch']}, dtype {args.dtype}")
-    print(table(rows, ["op", "shape", "pass", "impl", "p50_ms", "p20_ms", "p80_ms", "speedup_vs_torch"]))
-    print(f"\nwrote {out}")
+    report(rows, args, "transfer", ["op", "shape", "pass", "impl", "p50_ms", "p20_ms", "p80_ms", "speedup_vs_torch"])
     return 0
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-from _paper import _r, data_paths, finish, out_dir, parser, run_all, tiny_overrides
+from _paper import data_paths, finish, out_dir, parser, rnd, run_all, tiny_overrides
 
 from msconv.train.compare import QUALITY_TOLERANCE_DB
 from msconv.train.config import TrainConfig
@@ -98,8 +98,8 @@ def main(argv=None) -> int:
         bs, ts = need["single"]
         r.update(target_psnr=target, reaches_target=r["val_psnr"] != "" and r["val_psnr"] >= target - QUALITY_TOLERANCE_DB,
                  mode_budget_to_target=b if b is not None else "", mode_time_to_target_s=t if t is not None else "",
-                 x_less_work_vs_single=_r(bs / b, 2) if b and bs else "",
-                 x_less_time_vs_single=_r(ts / t, 2) if t and ts else "")
+                 x_less_work_vs_single=rnd(bs / b, 2) if b and bs else "",
+                 x_less_time_vs_single=rnd(ts / t, 2) if t and ts else "")
     finish(args, out, name, rows, summaries[:1], COLS)
     print(f"\nplot: {plot(rows, out, modes)}")
     for m in modes:

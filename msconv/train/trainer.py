@@ -95,7 +95,9 @@ class Trainer:
         self.scheduler = WarmupPolyLR(self.optimizer, warm, max(self.total_steps, warm + 1), cfg.lr_power)
         self.sampler = CropSampler(train_set, cfg.crop, seed=cfg.seed)
         self.corrupt_rng = torch.Generator().manual_seed(cfg.seed + 1)
-        self.val_pairs = self._make_val_pairs()
+        # Fixed corruptions from their own seed: every mode of a comparison is judged on
+        # exactly the same validation inputs.
+        self.val_pairs = self._corrupted_pairs(val_set.images, cfg.val_crop, cfg.seed + 2)
         self.fmg = None
         if cfg.mode == "fmg":
             # The coarse-to-fine schedule is msconv.FullMultiscale: it owns the stages' MGE
@@ -160,13 +162,12 @@ class Trainer:
             return LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, exclude_1d=True)
         return LAMB(params, lr=lr, weight_decay=cfg.weight_decay, exclude_1d=True)
 
-    def _make_val_pairs(self):
-        # Fixed corruptions from their own seed: every mode of a comparison is judged on
-        # exactly the same validation inputs.
-        g = torch.Generator().manual_seed(self.cfg.seed + 2)
+    def _corrupted_pairs(self, images, side: int, seed: int):
+        """(x, y) per image, centre-cropped to ``side`` (0: whole), corrupted once from ``seed``."""
+        g = torch.Generator().manual_seed(seed)
         pairs = []
-        for im in self.val_set.images:
-            y = _centre_crop(im, self.cfg.val_crop, self.task.size_multiple).unsqueeze(0)
+        for im in images:
+            y = _centre_crop(im, side, self.task.size_multiple).unsqueeze(0)
             x, y = self.task.corrupt(y, g)
             pairs.append((x.to(self.device), y.to(self.device)))
         return pairs
@@ -203,24 +204,14 @@ class Trainer:
         self.model.train()
         return total / len(self.val_pairs)
 
-    def _make_test_pairs(self):
-        """Full test images (``--test-data``), corrupted once from their own seed."""
-        from msconv.data import load_folder
-
-        ds = load_folder(self.cfg.test_data, self.cfg.gray, "skip" if self.cfg.skip_bad_files else "error")
-        g = torch.Generator().manual_seed(self.cfg.seed + 3)
-        pairs = []
-        for im in ds.images:
-            y = _centre_crop(im, 0, self.task.size_multiple).unsqueeze(0)
-            x, y = self.task.corrupt(y, g)
-            pairs.append((x.to(self.device), y.to(self.device)))
-        return pairs
-
     def test(self) -> tuple[float | None, float | None]:
         """Mean PSNR/SSIM on ``--test-data`` at full size; (None, None) without one."""
         if not self.cfg.test_data:
             return None, None
-        return self.validate(self._make_test_pairs())
+        from msconv.data import load_folder
+
+        ds = load_folder(self.cfg.test_data, self.cfg.gray, "skip" if self.cfg.skip_bad_files else "error")
+        return self.validate(self._corrupted_pairs(ds.images, 0, self.cfg.seed + 3))
 
     def validate(self, pairs=None) -> tuple[float, float]:
         from msconv import grid_scale
