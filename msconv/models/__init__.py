@@ -22,9 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["make_conv", "DnCNN", "UNet", "ResNet", "ESPCN", "MODELS", "build_model", "mf_available"]
+__all__ = ["make_conv", "he_init", "DnCNN", "UNet", "ResNet", "ESPCN", "MODELS", "build_model", "mf_available"]
 
 CONV_KINDS = ("standard", "mf")
+_TANH_GAIN = 5.0 / 3.0  # torch.nn.init.calculate_gain("tanh")
 
 
 def mf_available() -> bool:
@@ -64,6 +65,37 @@ def _zero_init(m: nn.Module) -> nn.Module:
     return m
 
 
+def he_init(conv: nn.Module, gain: float = math.sqrt(2.0)) -> nn.Module:
+    """Variance-preserving initialisation of a convolution followed by a nonlinearity of ``gain``
+    (He et al. 2015: √2 for ReLU, 5/3 for tanh); biases start at zero.
+
+    Why: PyTorch's default conv init gives Var(y) = Var(x)/3, so each conv-ReLU pair divides the
+    signal's variance by 6; in a 17-layer DnCNN without BatchNorm the input is lost after 4 layers
+    and only the biases reach the head (post-ReLU std ≈ 1.5e-2 from layer 5 on), which is why the
+    default model did not learn. With He init every layer keeps Var ≈ Var(input).
+
+    ``nn.Conv2d``: ``w ~ N(0, gain² / fan_in)``. :class:`msconv.MFConv2d`: its own initialisation
+    gives nn.Conv2d's default output variance (1/3 for a unit white-noise input); its coefficients
+    are scaled by ``gain·√3`` so the output variance is ``gain²`` as for the standard layer.
+    """
+    weight = getattr(conv, "weight", None)
+    if weight is None:
+        return conv
+    if isinstance(conv, nn.Conv2d):
+        fan_in = weight.shape[1] * weight.shape[2] * weight.shape[3]
+        with torch.no_grad():
+            weight.normal_(0.0, gain / math.sqrt(fan_in))
+    else:  # MFConv2d and other layers with nn.Conv2d's default output variance
+        reset = getattr(conv, "reset_parameters", None)
+        if reset is not None:
+            reset()
+        with torch.no_grad():
+            weight.mul_(gain * math.sqrt(3.0))
+    if getattr(conv, "bias", None) is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
 def _residual_base(x: torch.Tensor, out_channels: int) -> torch.Tensor:
     # The first out_channels input channels are the corrupted picture (inpainting appends its
     # mask after them), so residual models predict a correction to them.
@@ -81,9 +113,9 @@ class DnCNN(nn.Module):
         super().__init__()
         if depth < 2:
             raise ValueError(f"DnCNN: depth must be >= 2, got {depth}")
-        layers = [make_conv(conv, in_channels, width), nn.ReLU(inplace=True)]
+        layers = [he_init(make_conv(conv, in_channels, width)), nn.ReLU(inplace=True)]
         for _ in range(depth - 2):
-            layers += [make_conv(conv, width, width, bias=not batchnorm)]
+            layers += [he_init(make_conv(conv, width, width, bias=not batchnorm))]
             if batchnorm:
                 layers += [nn.BatchNorm2d(width)]
             layers += [nn.ReLU(inplace=True)]
@@ -97,7 +129,8 @@ class DnCNN(nn.Module):
 
 class _DoubleConv(nn.Sequential):
     def __init__(self, conv, cin, cout):
-        super().__init__(make_conv(conv, cin, cout), nn.ReLU(inplace=True), make_conv(conv, cout, cout), nn.ReLU(inplace=True))
+        super().__init__(he_init(make_conv(conv, cin, cout)), nn.ReLU(inplace=True), he_init(make_conv(conv, cout, cout)),
+                         nn.ReLU(inplace=True))
 
 
 class UNet(nn.Module):
@@ -143,9 +176,13 @@ class ResNet(nn.Module):
     def __init__(self, in_channels=1, out_channels=1, width=32, blocks=4, conv="standard"):
         super().__init__()
         self.out_channels = out_channels
-        self.head = make_conv(conv, in_channels, width)
+        # The head feeds a ReLU (every block and the tail see relu(z)); each block starts as the
+        # identity (its last conv zero, as Fixup/SkipInit and torchvision's zero_init_residual), so
+        # the variance of z does not grow with the number of blocks at initialisation.
+        self.head = he_init(make_conv(conv, in_channels, width))
         self.blocks = nn.ModuleList(
-            nn.Sequential(make_conv(conv, width, width), nn.ReLU(inplace=True), make_conv(conv, width, width))
+            nn.Sequential(he_init(make_conv(conv, width, width)), nn.ReLU(inplace=True),
+                          _zero_init(make_conv(conv, width, width)))
             for _ in range(blocks)
         )
         self.tail = _zero_init(make_conv(conv, width, out_channels))
@@ -169,8 +206,8 @@ class ESPCN(nn.Module):
         super().__init__()
         self.upscale, self.out_channels = upscale, out_channels
         self.body = nn.Sequential(
-            make_conv(conv, in_channels, width, 5), nn.Tanh(),
-            make_conv(conv, width, width // 2, 3), nn.Tanh(),
+            he_init(make_conv(conv, in_channels, width, 5), _TANH_GAIN), nn.Tanh(),
+            he_init(make_conv(conv, width, width // 2, 3), _TANH_GAIN), nn.Tanh(),
             make_conv(conv, width // 2, out_channels * upscale ** 2, 3),
         )
         if upscale == 1:
