@@ -2,13 +2,14 @@
 
 The parameter set is that of a ResNet-style CNN built from ``nn.Conv2d`` and
 ``nn.BatchNorm2d`` layers, its width chosen so the total lands near ``--params`` (1–10 M
-parameters), with gradients filled in once. Rows go to a CSV (appended, one row per
-optimizer) and a table is printed; ``vs_base`` is each p50 over the p50 of its
+parameters), with gradients filled in once. Rows go to a CSV (one row per optimizer and
+implementation: bench/results/lars_<device>[_quick].csv) and a table is printed; ``vs_base`` is each p50 over the p50 of its
 torch.optim baseline with the same ``foreach`` setting (SGD for LARS, Adam for LAMB),
 measured side by side in the same run.
 
     python bench/bench_lars.py                       # ~5 M parameters, CPU, float32
     python bench/bench_lars.py --params 2e6 --compile
+    python bench/bench_lars.py --quick               # ~1e5 parameters, seconds (smoke run)
 
 CPU timings use torch.utils.benchmark.Timer; on CUDA the same Timer synchronises the
 device around each measurement.
@@ -16,10 +17,6 @@ device around each measurement.
 
 from __future__ import annotations
 
-import argparse
-import csv
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -29,9 +26,11 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from msconv.optim import LAMB, LARS
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-HERE = Path(__file__).resolve().parent
+from _common import env_columns, kernel_parser, report  # noqa: E402
+
+from msconv.optim import LAMB, LARS  # noqa: E402
 
 FIELDS = [
     "op",
@@ -39,14 +38,15 @@ FIELDS = [
     "params",
     "tensors",
     "dtype",
-    "device",
     "threads",
-    "torch",
-    "git_sha",
     "p20_ms",
     "p50_ms",
     "p80_ms",
     "vs_base",
+    "device",
+    "torch",
+    "msconv",
+    "git",
 ]
 
 # name -> (factory(params, foreach), baseline name)
@@ -100,23 +100,6 @@ def cnn_for(target_params: float, device: str | torch.device, dtype: torch.dtype
     return cnn(lo, device, dtype)
 
 
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True
-    ).stdout.strip()
-    return sha + ("-dirty" if dirty else "")
-
-
 def time_step(step: Callable[[], Any], repeats: int, min_block_s: float) -> np.ndarray:
     """Per-step times in ms: `repeats` blocks, each long enough to be above timer noise."""
     timer = benchmark.Timer(stmt="step()", globals={"step": step})
@@ -155,11 +138,9 @@ def run(
         "params": n_params,
         "tensors": len(params),
         "dtype": str(dtype).removeprefix("torch."),
-        "device": device if device == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "git_sha": git_sha(),
     }
+    env = env_columns(torch.device(device))
     impl_list = list(impls) + (["compiled"] if compile else [])
     rows: list[dict[str, Any]] = []
     p50: dict[tuple[str, str], float] = {}
@@ -177,26 +158,13 @@ def run(
             times = time_step(step, repeats, min_block_s)
             p20, p50_, p80 = np.percentile(times, [20, 50, 80])
             p50[(op, impl)] = p50_
-            rows.append(
-                {"op": op, "impl": impl, **common, "p20_ms": p20, "p50_ms": p50_, "p80_ms": p80}
-            )
+            rows.append({"op": op, "impl": impl, **common, "p20_ms": round(p20, 4),
+                         "p50_ms": round(p50_, 4), "p80_ms": round(p80, 4)})
     for row in rows:
         base = p50.get((OPTIMIZERS[row["op"]][1], row["impl"]))
-        row["vs_base"] = row["p50_ms"] / base if base else float("nan")
-    return rows
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()}
-            )
+        row["vs_base"] = round(p50[(row["op"], row["impl"])] / base, 3) if base else float("nan")
+        row.update(env)
+    return [{k: row[k] for k in FIELDS} for row in rows]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -206,7 +174,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
         f"optimizer step(): {r0['params'] / 1e6:.2f} M parameters in {r0['tensors']} tensors, "
         f"{r0['dtype']}, {r0['device']}, {r0['threads']} threads, torch {r0['torch']}, "
-        f"git {r0['git_sha']}"
+        f"git {r0['git']}"
     )
     lines = [head, f"{'op':<6} {'impl':<9} {'p20 ms':>9} {'p50 ms':>9} {'p80 ms':>9} {'vs base':>8}"]
     for r in rows:
@@ -218,21 +186,25 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+QUICK = {"params": 1e5, "repeats": 3, "min_block_s": 0.005}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run from the command line (or ``msconv bench lars``); returns the exit code, 0."""
+    parser = kernel_parser(__doc__, "lars", "~1e5 parameters, 3 short blocks: a smoke run in seconds")
     parser.add_argument("--params", type=float, default=5e6, help="target parameter count")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     parser.add_argument("--ops", default="sgd,lars,adam,lamb", help="comma-separated subset")
     parser.add_argument("--impls", default="loop,foreach", help="comma-separated: loop,foreach")
     parser.add_argument("--repeats", type=int, default=15, help="timed blocks per row")
     parser.add_argument("--min-block-s", type=float, default=0.05, help="seconds per timed block")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(opt.step)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="CSV to append to (default bench/results/lars_<device type>.csv)")
-    parser.add_argument("--no-csv", action="store_true", help="print only")
+    parser.add_argument("--no-csv", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
-
+    if args.quick:
+        # --quick shrinks what was left at its default; sizes given explicitly still win.
+        for name, value in QUICK.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     rows = run(
@@ -245,13 +217,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         min_block_s=args.min_block_s,
         compile=args.compile,
     )
-    print(format_table(rows))
-    if not args.no_csv:
-        out = args.out or HERE / "results" / f"lars_{torch.device(args.device).type}.csv"
-        write_csv(rows, out)
-        print(f"appended {len(rows)} rows to {os.path.relpath(out)}")
-    return rows
+    if args.no_csv:
+        print(format_table(rows))
+    else:
+        report(rows, args, "lars", FIELDS[:10])
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(main(sys.argv[1:]))

@@ -185,6 +185,37 @@ def test_zero_weights_and_zero_grads_give_finite_updates_with_lambda_one(foreach
 
 
 @BOTH_PATHS
+def test_norm_floor_moves_a_zero_initialised_layer_like_a_he_initialised_one(foreach):
+    # A zero conv (8 out-channels) and a 1-d bias: the floor is ρ·sqrt(2·8) = ρ·4 for the
+    # conv, none for the bias (λ = 1 there, as in the paper).
+    rho, lr, beta = 0.5, 2.0, 1e-2
+    zero = torch.zeros(8, 3, 3, 3, dtype=F64, requires_grad=True)
+    big = (10 * torch.ones(4, 2, dtype=F64)).requires_grad_()  # ‖w‖ = 10·sqrt(8) > floor ρ·sqrt(8)
+    bias = torch.zeros(3, dtype=F64, requires_grad=True)
+    g = torch.linspace(-1, 1, zero.numel(), dtype=F64).view(zero.shape)
+    zero.grad, big.grad, bias.grad = g.clone(), torch.full((4, 2), 0.5, dtype=F64), t64(1.0, 2.0, 3.0)
+    LARS([zero, big, bias], lr=lr, momentum=MOM, weight_decay=beta, norm_floor=rho, foreach=foreach).step()
+    lam = ETA * rho * math.sqrt(2 * 8) / (g.norm() + 0)  # ‖w‖ = 0: no decay term in the denominator
+    torch.testing.assert_close(zero.detach(), -lr * lam * g, rtol=1e-12, atol=0)
+    wn = 10 * math.sqrt(8)
+    lam_big = ETA * wn / (0.5 * math.sqrt(8) + beta * wn)  # the paper's λ: floor inactive
+    torch.testing.assert_close(big.detach(), torch.full((4, 2), 10 - lr * lam_big * (0.5 + beta * 10), dtype=F64),
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(bias.detach(), -lr * t64(1.0, 2.0, 3.0), rtol=0, atol=0)
+
+
+def test_lamb_norm_floor_formula():
+    rho, lr = 2.0, 1e-2
+    w = torch.zeros(2, 5, requires_grad=True, dtype=F64)
+    g = torch.linspace(-1, 1, 10, dtype=F64).view(2, 5)
+    w.grad = g.clone()
+    LAMB([w], lr=lr, norm_floor=rho).step()
+    u = g / (g.abs() + 1e-6)  # first bias-corrected Adam direction
+    lam = rho * math.sqrt(2 * 2) / u.norm()
+    torch.testing.assert_close(w.detach(), -lr * lam * u, rtol=1e-12, atol=0)
+
+
+@BOTH_PATHS
 @pytest.mark.parametrize("opt_name", ["lars", "lamb"])
 def test_step_does_not_modify_grad(foreach, opt_name):
     torch.manual_seed(0)
@@ -253,6 +284,7 @@ LARS_VARIANTS = {
     "clip": {"trust_clip": True},
     "no_momentum": {"momentum": 0.0},
     "eps": {"eps": 1e-3, "weight_decay": 0.0},
+    "norm_floor": {"norm_floor": 4.0},  # active on some tensors, not on others
 }
 
 
@@ -281,7 +313,7 @@ def test_lars_foreach_equals_loop(variant, tensor_lr):
 
 
 @pytest.mark.parametrize("tensor_lr", [False, True])
-@pytest.mark.parametrize("kw", [{}, {"bias_correction": False, "max_trust_ratio": 0.5}])
+@pytest.mark.parametrize("kw", [{}, {"bias_correction": False, "max_trust_ratio": 0.5}, {"norm_floor": 4.0}])
 def test_lamb_foreach_equals_loop(tensor_lr, kw):
     def make(ps, foreach):
         lr = torch.tensor(1e-2) if tensor_lr else 1e-2
@@ -472,9 +504,9 @@ def test_host_sync_detector_can_fail():
     [
         lambda ps, lr, fe: LARS(ps, lr=lr, weight_decay=1e-2, exclude_1d=True, foreach=fe),
         lambda ps, lr, fe: LARS(ps, lr=lr, weight_decay=1e-2, nesterov=True, trust_clip=True,
-                                denominator="combined", foreach=fe),
+                                denominator="combined", norm_floor=1.0, foreach=fe),
         lambda ps, lr, fe: LAMB(ps, lr=lr, weight_decay=1e-2, exclude_1d=True,
-                                max_trust_ratio=5.0, foreach=fe),
+                                max_trust_ratio=5.0, norm_floor=1.0, foreach=fe),
     ],
     ids=["lars", "lars_options", "lamb"],
 )
@@ -533,8 +565,9 @@ def _compiled_run(opt_cls, kwargs, backend, steps=8):
     [
         (LARS, {"weight_decay": 1e-2, "exclude_1d": True, "foreach": True}),
         (LARS, {"weight_decay": 1e-2, "nesterov": True, "trust_clip": True,
-                "denominator": "combined", "foreach": False}),
-        (LAMB, {"lr": 1e-2, "weight_decay": 1e-2, "exclude_1d": True, "foreach": True}),
+                "denominator": "combined", "norm_floor": 1.0, "foreach": False}),
+        (LAMB, {"lr": 1e-2, "weight_decay": 1e-2, "exclude_1d": True, "norm_floor": 1.0,
+                "foreach": True}),
     ],
     ids=["lars_foreach", "lars_loop_options", "lamb_foreach"],
 )
@@ -691,6 +724,63 @@ def test_bad_param_group_override_and_bad_lamb_and_schedule_arguments():
              weight_decay=0.0, bias_correction=True, max_trust_ratio=None)
 
 
+@pytest.mark.parametrize("opt_cls", [LARS, LAMB])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"lr": -0.1}, r"lr must be a finite number >= 0, got lr=-0\.1"),
+        ({"lr": torch.tensor(-1.0)}, r"lr must be a finite number >= 0, got lr=-1\.0"),
+        ({"eps": float("nan")}, r"eps must be a finite number >= 0, got eps=nan"),
+        ({"weight_decay": -1.0}, r"weight_decay must be a finite number >= 0"),
+        ({"norm_floor": -1.0}, r"norm_floor must be a finite number >= 0"),
+    ],
+)
+def test_load_state_dict_rejects_invalid_options_with_the_constructors_message(opt_cls, bad, match):
+    ps = _mixed_params()[:3]
+    opt = opt_cls(ps, lr=0.1, weight_decay=1e-2)
+    saved = opt.state_dict()
+    saved["param_groups"][0].update(bad)
+    before = copy.deepcopy(opt.param_groups[0]["lr"])
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == before  # nothing was loaded
+    if bad.get("lr") is not None:  # the constructor says exactly the same
+        with pytest.raises(ValueError, match=match):
+            opt_cls(ps, **bad)
+
+
+@pytest.mark.parametrize(
+    "opt_cls,bad,match",
+    [
+        (LARS, {"momentum": float("nan")}, r"LARS: momentum must lie in \[0, 1\), got momentum=nan"),
+        (LARS, {"momentum": -0.5}, r"momentum=-0\.5"),
+        (LARS, {"trust_coefficient": 0.0}, r"trust_coefficient must be > 0"),
+        (LARS, {"denominator": "sum"}, r"unknown denominator='sum'"),
+        (LAMB, {"betas": (float("nan"), 0.999)}, r"LAMB: betas\[0\] must lie in \[0, 1\), got betas\[0\]=nan"),
+        (LAMB, {"eps": 0.0}, r"LAMB: eps must be > 0"),
+    ],
+)
+def test_load_state_dict_rejects_optimizer_specific_options(opt_cls, bad, match):
+    ps = _mixed_params()[:3]
+    opt = opt_cls(ps, lr=0.1)
+    saved = opt.state_dict()
+    saved["param_groups"][0].update(bad)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(saved)
+    with pytest.raises(ValueError, match=match):
+        opt_cls(ps, lr=0.1, **bad)
+
+
+def test_load_state_dict_of_an_older_save_without_new_options_still_loads():
+    ps = _mixed_params()[:3]
+    opt = LARS(ps, lr=0.1)
+    saved = opt.state_dict()
+    for key in ("norm_floor", "lars_exclude", "foreach"):
+        del saved["param_groups"][0][key]
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["norm_floor"] == 0.0 and opt.param_groups[0]["lars_exclude"] is False
+
+
 def test_closure_is_evaluated_with_grad_and_its_loss_returned():
     w = torch.ones(3, requires_grad=True)
     opt = LARS([w], lr=1.0)
@@ -729,16 +819,40 @@ def test_one_step_on_combined_multilevel_gradient_equals_formula(foreach):
         assert torch.equal(p.grad, gh)  # .grad untouched
 
 
-def test_bench_run_returns_rows_for_every_optimizer(tmp_path):
+def _bench_lars():
     spec = importlib.util.spec_from_file_location("bench_lars", ROOT / "bench" / "bench_lars.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = bench.main(["--params", "2e4", "--repeats", "2", "--min-block-s", "0.001",
-                       "--out", str(tmp_path / "lars.csv")])
+    return bench
+
+
+def test_bench_main_returns_exit_code_zero_and_writes_every_optimizer(tmp_path):
+    # `msconv bench all` stops at the first benchmark whose main() is truthy: it must be an int.
+    bench = _bench_lars()
+    out = tmp_path / "lars.csv"
+    rc = bench.main(["--params", "2e4", "--repeats", "2", "--min-block-s", "0.001",
+                     "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    import csv
+
+    rows = list(csv.DictReader(out.open()))
     assert {(r["op"], r["impl"]) for r in rows} == {
         (op, impl) for op in ("sgd", "lars", "adam", "lamb") for impl in ("loop", "foreach")
     }
-    assert all(set(bench.FIELDS) <= r.keys() and r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"] for r in rows)
-    assert 1e4 < rows[0]["params"] <= 2e4
-    lines = (tmp_path / "lars.csv").read_text().splitlines()
-    assert lines[0].split(",") == bench.FIELDS and len(lines) == 1 + len(rows)
+    assert list(rows[0]) == bench.FIELDS
+    assert all(float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"]) for r in rows)
+    assert 1e4 < int(rows[0]["params"]) <= 2e4
+
+
+def test_bench_quick_is_small_and_returns_zero(tmp_path, monkeypatch):
+    bench = _bench_lars()
+    seen = {}
+    real_run = bench.run
+
+    def spy(**kw):
+        seen.update(kw)
+        return real_run(**{**kw, "ops": ("lars",), "impls": ("foreach",)})
+
+    monkeypatch.setattr(bench, "run", spy)
+    assert bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "q.csv")]) == 0
+    assert seen["target_params"] <= 1e5 and seen["repeats"] <= 3

@@ -19,6 +19,8 @@ __all__ = [
     "check_lr",
     "check_nonneg",
     "check_unit_interval",
+    "floored_norms",
+    "he_norm",
     "is_adapted",
     "group_by_device_and_dtype",
     "norm_dtype",
@@ -147,6 +149,31 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def he_norm(p: Tensor) -> float:
+    """The expected norm of a He-initialised tensor of ``p``'s shape: sqrt(2·numel/fan_in).
+
+    fan_in = numel / shape[0] (a conv's in_channels·kh·kw, a linear layer's in_features), so
+    the value is sqrt(2·shape[0]) and depends only on the shape: a Python float, known at
+    construction and baked into a compiled step. 1-d tensors (biases, norm scales) have no
+    fan-in and no natural scale: 0, i.e. no floor.
+    """
+    return math.sqrt(2.0 * p.shape[0]) if p.ndim >= 2 else 0.0
+
+
+def floored_norms(w_norms: list[Tensor], params: list[Tensor], norm_floor: float) -> list[Tensor]:
+    """max(‖w‖, norm_floor·he_norm(w)) per tensor; the norms themselves when norm_floor is 0.
+
+    Why a floor: a zero-initialised layer (the last conv of a residual model) has ‖w‖ = 0.
+    The paper then falls back to λ = 1, a raw γ·g step, and from the next step on moves the
+    layer by η‖w‖ with a tiny ‖w‖, so it stays near zero and the model near the identity.
+    Against the floor the layer moves from the start as fast, relatively, as a freshly
+    initialised layer of its shape, and the floor stops mattering once ‖w‖ exceeds it.
+    """
+    if norm_floor == 0.0:
+        return w_norms
+    return torch._foreach_maximum(w_norms, [norm_floor * he_norm(p) for p in params])
+
+
 def trust_ratio(
     w_norm: Tensor, u_norm: Tensor, denom: Tensor, trust_coefficient: float
 ) -> Tensor:
@@ -241,8 +268,30 @@ class LayerwiseOptimizer(SchedulerFriendlyStep, Optimizer):
         super().__setstate__(state)
         self._init_step_tracker()
         for group in self.param_groups:
-            group.setdefault("lars_exclude", False)
-            group.setdefault("foreach", None)
+            for key, value in self._added_options.items():
+                group.setdefault(key, value)
+
+    # Options added after the first release: a state_dict saved before them loads with
+    # these values, which reproduce the old behaviour.
+    _added_options: dict[str, Any] = {"lars_exclude": False, "foreach": None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as ``torch.optim.Optimizer.load_state_dict`` after checking every saved group.
+
+        The saved groups replace the constructor's hyperparameters, so they pass the same
+        checks with the same messages: a negative lr or a NaN momentum would otherwise be
+        accepted here and ruin the weights at the next step.
+        """
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list):
+            raise ValueError(
+                f"{self._owner}.load_state_dict: expected a dict with a 'param_groups' list "
+                f"(what {self._owner}.state_dict() returns), got {type(state_dict).__name__}"
+            )
+        for group in groups:
+            # A shallow copy: the checks normalise in place and must not edit the caller's dict.
+            self._check_group({**self._added_options, **group})
+        super().load_state_dict(state_dict)
 
     def _dense_grad(self, p: Tensor) -> Tensor:
         if p.grad.is_sparse:

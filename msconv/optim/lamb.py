@@ -4,7 +4,8 @@ Per parameter tensor w with gradient g (step t, counted per tensor)::
 
     m ← β1·m + (1 − β1)·g              v ← β2·v + (1 − β2)·g²
     u = (m / (1 − β1^t)) / (sqrt(v / (1 − β2^t)) + eps) + β·w     (no bias correction: m, v)
-    λ = ‖w‖ / ‖u‖, λ = 1 where ‖w‖ = 0 or ‖u‖ = 0 (capped at max_trust_ratio if given)
+    λ = ‖w‖ / ‖u‖, λ = 1 where ‖w‖ = 0 or ‖u‖ = 0 (capped at max_trust_ratio if given;
+    norm_floor=ρ > 0 puts max(‖w‖, ρ·sqrt(2·shape[0])) in place of ‖w‖, as in LARS)
     w ← w − γ_t·λ·u
 
 Excluded tensors (``exclude_1d``, ``lars_exclude``) take the plain Adam step γ_t·u without
@@ -24,6 +25,7 @@ from ._common import (
     check_lr,
     check_nonneg,
     check_unit_interval,
+    floored_norms,
     group_by_device_and_dtype,
     is_adapted,
     mark_step_tracked,
@@ -56,6 +58,10 @@ class LAMB(LayerwiseOptimizer):
         max_trust_ratio (float or None): upper bound on λ (the paper's φ; 1.0 gives timm's
             ``trust_clip``). Default None, no bound.
         exclude_1d (bool): exclude tensors with ``ndim <= 1`` from λ and weight decay.
+        norm_floor (float): ρ >= 0; λ's numerator becomes max(‖w‖, ρ·sqrt(2·shape[0])), the
+            norm of a He-initialised tensor of that shape (``ndim >= 2`` only), so a
+            zero-initialised layer is not stuck near zero (see :class:`msconv.optim.LARS`).
+            Default 0, the paper.
         foreach (bool or None): multi-tensor path; ``None`` picks it. Same numbers either way.
 
     State per tensor: ``step`` (0-dim float tensor on the parameter's device, so bias
@@ -79,6 +85,7 @@ class LAMB(LayerwiseOptimizer):
         bias_correction: bool = True,
         max_trust_ratio: float | None = None,
         exclude_1d: bool = False,
+        norm_floor: float = 0.0,
         foreach: bool | None = None,
     ) -> None:
         defaults = {
@@ -89,12 +96,14 @@ class LAMB(LayerwiseOptimizer):
             "bias_correction": bias_correction,
             "max_trust_ratio": max_trust_ratio,
             "exclude_1d": exclude_1d,
+            "norm_floor": norm_floor,
             "lars_exclude": False,
             "foreach": foreach,
         }
         super().__init__(params, defaults)
 
     _owner = "LAMB"
+    _added_options = {**LayerwiseOptimizer._added_options, "norm_floor": 0.0}
     @staticmethod
     def _check_group(group: dict[str, Any]) -> None:
         _check_lamb_group(group)
@@ -166,6 +175,7 @@ class LAMB(LayerwiseOptimizer):
                 weight_decay=group["weight_decay"],
                 bias_correction=group["bias_correction"],
                 max_trust_ratio=group["max_trust_ratio"],
+                norm_floor=group["norm_floor"],
                 foreach=group["foreach"],
             )
         return loss
@@ -187,6 +197,9 @@ def _check_lamb_group(group: dict[str, Any]) -> None:
             "gradient has always been 0); use 1e-6"
         )
     group["weight_decay"] = check_nonneg("LAMB", "weight_decay", group["weight_decay"])
+    group["norm_floor"] = check_nonneg(
+        "LAMB", "norm_floor", group["norm_floor"], "use 0 for the paper's update or 1.0"
+    )
     if group["max_trust_ratio"] is not None:
         group["max_trust_ratio"] = check_nonneg(
             "LAMB", "max_trust_ratio", group["max_trust_ratio"]
@@ -217,6 +230,7 @@ def lamb(
     weight_decay: float,
     bias_correction: bool,
     max_trust_ratio: float | None,
+    norm_floor: float = 0.0,
     foreach: bool | None = None,
 ) -> None:
     """Functional LAMB: update params, moments and 0-dim step counters in place.
@@ -246,6 +260,7 @@ def lamb(
         weight_decay=weight_decay,
         bias_correction=bias_correction,
         max_trust_ratio=max_trust_ratio,
+        norm_floor=norm_floor,
     )
 
 
@@ -278,6 +293,7 @@ def _single_tensor_lamb(
     weight_decay: float,
     bias_correction: bool,
     max_trust_ratio: float | None,
+    norm_floor: float,
 ) -> None:
     for i, (p, g, m, v, t) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
         lr_d = lr.to(p.device) if isinstance(lr, Tensor) else lr
@@ -294,7 +310,7 @@ def _single_tensor_lamb(
             if weight_decay != 0:
                 u.add_(p, alpha=weight_decay)
             nd = norm_dtype(p.dtype)
-            w_norm = torch.linalg.vector_norm(p, dtype=nd)
+            (w_norm,) = floored_norms([torch.linalg.vector_norm(p, dtype=nd)], [p], norm_floor)
             u_norm = torch.linalg.vector_norm(u, dtype=nd)
             p.addcmul_(u, -_lamb_rate(w_norm, u_norm, lr_d, max_trust_ratio))
         elif isinstance(lr_d, Tensor):
@@ -318,6 +334,7 @@ def _multi_tensor_lamb(
     weight_decay: float,
     bias_correction: bool,
     max_trust_ratio: float | None,
+    norm_floor: float,
 ) -> None:
     buckets = group_by_device_and_dtype(list(range(len(params))), params)
     for (device, dtype), idx in buckets.items():
@@ -352,7 +369,7 @@ def _multi_tensor_lamb(
             if weight_decay != 0:
                 torch._foreach_add_(us_a, ps_a, alpha=weight_decay)
             nd = norm_dtype(dtype)
-            w_norm = torch.stack(torch._foreach_norm(ps_a, 2, dtype=nd))
+            w_norm = torch.stack(floored_norms(torch._foreach_norm(ps_a, 2, dtype=nd), ps_a, norm_floor))
             u_norm = torch.stack(torch._foreach_norm(us_a, 2, dtype=nd))
             rates = _lamb_rate(w_norm, u_norm, lr_d, max_trust_ratio)
             torch._foreach_addcmul_(ps_a, us_a, (-rates).unbind(0))

@@ -6,6 +6,8 @@ momentum m and global learning rate γ_t::
     λ = η‖w‖ / (‖g‖ + β‖w‖ + eps)          denominator="paper"
     λ = η‖w‖ / (‖g + βw‖ + eps)            denominator="combined" (SimCLR/BYOL/optax form)
     λ = 1 where ‖w‖ = 0 or ‖g‖ = 0
+    (norm_floor=ρ > 0: ‖w‖ in the numerator is max(‖w‖, ρ·sqrt(2·fan_out)), the norm of a
+     He-initialised tensor of that shape, so a zero-initialised layer gets λ = ηρ·sqrt(2·fan_out)/‖g‖)
     r = γ_t·λ                              (trust_clip=True: r = min(γ_t, λ), apex LARC "clip")
     v ← m·v + r·(g + βw)
     w ← w − v                              (nesterov=True: w ← w − (r·(g + βw) + m·v))
@@ -27,6 +29,7 @@ from ._common import (
     check_lr,
     check_nonneg,
     check_unit_interval,
+    floored_norms,
     group_by_device_and_dtype,
     is_adapted,
     mark_step_tracked,
@@ -64,6 +67,14 @@ class LARS(LayerwiseOptimizer):
         denominator (str): ``"paper"`` or ``"combined"``.
         exclude_1d (bool): exclude tensors with ``ndim <= 1`` (biases, norm scales) from the
             trust ratio and weight decay.
+        norm_floor (float): ρ >= 0. The ‖w‖ in λ's numerator becomes max(‖w‖, ρ·‖w_He‖), where
+            ‖w_He‖ = sqrt(2·numel/fan_in) = sqrt(2·shape[0]) is the expected norm of a
+            He-initialised tensor of that shape (tensors with ``ndim >= 2``; 1-d ones get no
+            floor). Default 0: the paper, where a zero-initialised layer (the last conv of a
+            residual model) takes one raw γ·g step and then moves by η times its tiny norm, so
+            it stays near zero. With ρ > 0 it moves from the start as fast, relatively, as a
+            freshly initialised layer; ``msconv train`` uses ρ = 1 (measured in
+            ``bench/paper_large_batch.py``).
         foreach (bool or None): multi-tensor ``torch._foreach_*`` path; ``None`` picks it
             (see ``bench/bench_lars.py``). Both paths give the same numbers.
 
@@ -91,6 +102,7 @@ class LARS(LayerwiseOptimizer):
         trust_clip: bool = False,
         denominator: str = "paper",
         exclude_1d: bool = False,
+        norm_floor: float = 0.0,
         foreach: bool | None = None,
     ) -> None:
         defaults = {
@@ -103,12 +115,15 @@ class LARS(LayerwiseOptimizer):
             "trust_clip": trust_clip,
             "denominator": denominator,
             "exclude_1d": exclude_1d,
+            "norm_floor": norm_floor,
             "lars_exclude": False,
             "foreach": foreach,
         }
         super().__init__(params, defaults)
 
     _owner = "LARS"
+    _added_options = {**LayerwiseOptimizer._added_options, "norm_floor": 0.0}
+
     @staticmethod
     def _check_group(group: dict[str, Any]) -> None:
         _check_lars_group(group)
@@ -166,6 +181,7 @@ class LARS(LayerwiseOptimizer):
                 nesterov=group["nesterov"],
                 trust_clip=group["trust_clip"],
                 denominator=group["denominator"],
+                norm_floor=group["norm_floor"],
                 foreach=group["foreach"],
             )
         return loss
@@ -181,6 +197,9 @@ def _check_lars_group(group: dict[str, Any]) -> None:
     group["eps"] = check_nonneg("LARS", "eps", group["eps"])
     group["trust_coefficient"] = check_nonneg(
         "LARS", "trust_coefficient", group["trust_coefficient"]
+    )
+    group["norm_floor"] = check_nonneg(
+        "LARS", "norm_floor", group["norm_floor"], "use 0 for the paper's update or 1.0"
     )
     if group["trust_coefficient"] == 0.0:
         raise ValueError(
@@ -217,6 +236,7 @@ def lars(
     nesterov: bool,
     trust_clip: bool,
     denominator: str,
+    norm_floor: float = 0.0,
     foreach: bool | None = None,
 ) -> None:
     """Functional LARS: update ``params`` and ``momentum_buffers`` in place.
@@ -253,6 +273,7 @@ def lars(
         nesterov=nesterov,
         trust_clip=trust_clip,
         denominator=denominator,
+        norm_floor=norm_floor,
     )
 
 
@@ -283,6 +304,7 @@ def _single_tensor_lars(
     nesterov: bool,
     trust_clip: bool,
     denominator: str,
+    norm_floor: float,
 ) -> None:
     direct = nesterov or momentum == 0  # the current gradient enters w directly
     for i, (p, g) in enumerate(zip(params, grads)):
@@ -302,7 +324,8 @@ def _single_tensor_lars(
                 denom = torch.linalg.vector_norm(d, dtype=nd)
             else:
                 denom = g_norm
-            lam = trust_ratio(w_norm, g_norm, denom + eps, trust_coefficient)
+            (w_ref,) = floored_norms([w_norm], [p], norm_floor)
+            lam = trust_ratio(w_ref, g_norm, denom + eps, trust_coefficient)
             r = _rate(lam, lr_d, trust_clip)
             # d is None: the decay enters as a separate r·β·w term (no temporary).
             step_dir, decay = (g, weight_decay != 0) if d is None else (d, False)
@@ -347,6 +370,7 @@ def _multi_tensor_lars(
     nesterov: bool,
     trust_clip: bool,
     denominator: str,
+    norm_floor: float,
 ) -> None:
     direct = nesterov or momentum == 0
     buckets = group_by_device_and_dtype(list(range(len(params))), params)
@@ -362,7 +386,9 @@ def _multi_tensor_lars(
             torch._foreach_mul_(bufs_a + bufs_e, momentum)
         if ia:
             nd = norm_dtype(dtype)
-            w_norm = torch.stack(torch._foreach_norm(ps_a, 2, dtype=nd))
+            w_norms = torch._foreach_norm(ps_a, 2, dtype=nd)
+            w_norm = torch.stack(w_norms)
+            w_ref = torch.stack(floored_norms(w_norms, ps_a, norm_floor))
             g_norm = torch.stack(torch._foreach_norm(gs_a, 2, dtype=nd))
             ds = None
             if denominator == "paper":
@@ -374,7 +400,7 @@ def _multi_tensor_lars(
                 denom = torch.stack(torch._foreach_norm(ds, 2, dtype=nd))
             else:
                 denom = g_norm
-            lam = trust_ratio(w_norm, g_norm, denom + eps, trust_coefficient)
+            lam = trust_ratio(w_ref, g_norm, denom + eps, trust_coefficient)
             r = _rate(lam, lr_d, trust_clip)
             step_dir, decay = (gs_a, weight_decay != 0) if ds is None else (ds, False)
             rb = r * weight_decay
