@@ -1,4 +1,4 @@
-"""Gradient variance against cost: single-scale vs MGE (fixed, paper, mlmc), SPEC §3.
+"""Gradient variance against cost: single-scale vs MGE (fixed, paper, mlmc).
 
 For each model (nn.Conv2d, and MFConv2d when msconv has it) and input (clean photographs, and
 the same with white noise of σ/255 — the denoising task, ``--noise``), draw R independent gradient
@@ -39,7 +39,7 @@ from _common import RESULTS, env_columns, table, write_csv  # noqa: E402
 
 import msconv  # noqa: E402
 from msconv.data import CropSampler, bundled_images, load_folder  # noqa: E402
-from msconv.multilevel import MGE  # noqa: E402
+from msconv.multilevel import MGE, MLMC  # noqa: E402
 from msconv.tasks import Denoise  # noqa: E402
 
 ESTIMATORS = ("single", "fixed", "paper", "mlmc")
@@ -61,7 +61,7 @@ def estimator_for(name: str, levels: int, batch: int, paper_work: float, pyramid
     if name == "paper":
         return MGE(levels, batch, allocation="paper", pyramid_fn=pyramid_fn)
     # Giles' allocation under the same per-step work as the paper allocation.
-    return MGE(levels, [batch] * (levels + 1), allocation="mlmc", budget=paper_work, warmup_steps=3, pyramid_fn=pyramid_fn)
+    return MGE(levels, [batch] * (levels + 1), allocation=MLMC(budget=paper_work, warmup_steps=3), pyramid_fn=pyramid_fn)
 
 
 def one_draw(est: MGE, model: nn.Module, crops: CropSampler, task: Denoise, g: torch.Generator) -> torch.Tensor:
@@ -115,8 +115,7 @@ def run(args) -> list[dict]:
     models = ["conv2d"] + (["mfconv2d"] if hasattr(msconv, "MFConv2d") else [])
     if len(models) == 1:
         print("MFConv2d not available: the mfconv2d rows are skipped", file=sys.stderr)
-    paper_work = MGE(args.levels, args.batch, allocation="paper").step_work(
-        MGE(args.levels, args.batch, allocation="paper").batch_sizes)
+    paper_work = MGE(args.levels, args.batch, allocation="paper").step_work()
     env = env_columns(device)
     rows = []
     for model_kind in models:

@@ -1,4 +1,4 @@
-"""MGE estimator (SPEC §3): exact collapse, unbiasedness, fusion, cost accounting, allocation, errors.
+"""MGE estimator: exact collapse, unbiasedness, fusion, cost accounting, allocation, errors.
 
 References are written out here: the fine loss and its gradient from plain autograd, the
 telescoping sum term by term, FLOPs and work units counted by hand.
@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import msconv
-from msconv.multilevel import MGE, IndexStream, batch_coupled_modules, mlmc_batch_sizes, paper_batch_sizes
+from msconv.multilevel import MGE, MLMC, IndexStream, Paper, batch_coupled_modules, mlmc_batch_sizes, paper_batch_sizes
 
 F64 = torch.float64
 
@@ -252,6 +252,7 @@ def test_paper_allocation_multiplies_by_four_per_coarser_level():
     assert MGE(3, 2, allocation="paper").batch_sizes == [2, 8, 32, 128]
     assert MGE(2, [3, 99, 99], allocation="paper").batch_sizes == [3, 12, 48]
     assert paper_batch_sizes(3, 2, multiple_of=2) == [4, 12, 48]
+    assert MGE(2, 3, allocation=Paper()).batch_sizes == [3, 12, 48]  # the strategy object and its name agree
 
 
 def test_mlmc_allocation_is_giles_optimum_under_the_budget():
@@ -269,8 +270,8 @@ def test_mlmc_estimator_reallocates_from_running_loss_difference_variances():
     """variance="loss": V_l is the variance over samples of ℓ_i(l) − ℓ_i(l+1); after the
     warm-up the sizes are Giles' optimum for those variances and the per-sample work."""
     model = small_model()
-    est = MGE(2, [8, 8, 8], allocation="mlmc", warmup_steps=1, variance_decay=0.0, count_flops=False, variance="loss")
-    budget = est.budget
+    est = MGE(2, [8, 8, 8], allocation=MLMC(warmup_steps=1, variance_decay=0.0, variance="loss"), count_flops=False)
+    budget = est.allocation.budget
     assert budget == 8 * (1.25 + 0.3125 + 0.0625)
     xs = [smooth_images(8, 16, seed=30 + l, noise=0.5) for l in range(3)]
     batches = [(x, smooth_images(8, 16, seed=30 + l)) for l, x in enumerate(xs)]
@@ -283,7 +284,7 @@ def test_mlmc_estimator_reallocates_from_running_loss_difference_variances():
 
     v = [float((per_sample(*batches[l], l) - per_sample(*batches[l], l + 1)).var()) for l in range(2)]
     v.append(float(per_sample(*batches[2], 2).var()))
-    torch.testing.assert_close(torch.tensor(est.variance.variance), torch.tensor(v), rtol=1e-9, atol=0)
+    torch.testing.assert_close(torch.tensor(est.allocation.variance.variance), torch.tensor(v), rtol=1e-9, atol=0)
     assert est.batch_sizes == mlmc_batch_sizes(v, est.level_work(), budget)
     assert est.batch_sizes != [8, 8, 8]
 
@@ -293,7 +294,7 @@ def test_mlmc_gradient_variance_is_the_half_batch_estimate_of_the_level_terms_co
     level l's batch, Δℓ = ℓ(level l) − ℓ(level l+1) (ℓ(level L) on the coarsest); its extra
     backward is booked in the step's cost."""
     model = small_model()
-    est = MGE(1, [4, 6], allocation="mlmc", warmup_steps=1, variance_decay=0.0)
+    est = MGE(1, [4, 6], allocation=MLMC(warmup_steps=1, variance_decay=0.0))
     batches = [(x, 0.5 * x) for x in (smooth_images(4, 8, seed=40, noise=0.3), smooth_images(6, 8, seed=41, noise=0.3))]
     est.loss(model, None, batches)
 
@@ -309,8 +310,8 @@ def test_mlmc_gradient_variance_is_the_half_batch_estimate_of_the_level_terms_co
     (x0, y0), (x1, y1) = batches
     v0 = 2 / 2 * sqnorm_grad(lvl(x0[:2], y0[:2], 0) - lvl(x0[:2], y0[:2], 1) - lvl(x0[2:], y0[2:], 0) + lvl(x0[2:], y0[2:], 1))
     v1 = 3 / 2 * sqnorm_grad(lvl(x1[:3], y1[:3], 1) - lvl(x1[3:], y1[3:], 1))
-    torch.testing.assert_close(torch.tensor(est.variance.variance, dtype=F64), torch.tensor([v0, v1], dtype=F64), rtol=1e-9, atol=0)
-    assert est.batch_sizes == mlmc_batch_sizes([v0, v1], est.level_work(), est.budget, minimum=2)
+    torch.testing.assert_close(torch.tensor(est.allocation.variance.variance, dtype=F64), torch.tensor([v0, v1], dtype=F64), rtol=1e-9, atol=0)
+    assert est.batch_sizes == mlmc_batch_sizes([v0, v1], est.level_work(), est.allocation.budget, minimum=2)
     c = est.last_cost
     assert c.work_units_variance == pytest.approx(2 / 3 * (4 + 10 * 0.25)) and c.flops_variance > 0
     assert c.work_units == pytest.approx(4 + 10 * 0.25 + c.work_units_variance)

@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from msconv.multilevel import MGE, allreduce_gradients, multilevel_loader, shard_batches
+from msconv.multilevel import MGE, MLMC, allreduce_gradients, multilevel_loader, shard_batches
 from test_multilevel_data import IndexImages
 
 SIZES, STEPS, SEED = [4, 4, 8], 3, 11
@@ -73,7 +73,7 @@ def _worker(rank, world, port, out_dir):
         model, opt = model_and_opt()
         p_flat = train(model, opt, None, None, sync=allreduce_gradients)
         model, _ = model_and_opt()
-        est = MGE(2, SIZES, allocation="mlmc", warmup_steps=1, count_flops=False)
+        est = MGE(2, SIZES, allocation=MLMC(warmup_steps=1), count_flops=False)
         sizes = []
         for batches in multilevel_loader(SmoothImages(48, size=8), est, steps=3, seed=SEED):
             est.loss(model, None, batches).backward()

@@ -1,13 +1,20 @@
-"""Batch sizes per level: ``fixed``, ``paper`` and ``mlmc`` (SPEC §3).
+"""Batch sizes per level: allocation rules as strategy objects.
 
-* ``fixed`` — as given.
-* ``paper`` — ``N_l = N_0 · 4**l``: every coarser level has a quarter of the pixels, so each
+* :class:`Fixed` — as given.
+* :class:`Paper` — ``N_l = N_0 · 4**l``: every coarser level has a quarter of the pixels, so each
   level costs the same (the paper's choice).
-* ``mlmc`` — Giles' optimum for a multilevel Monte Carlo estimator: minimising the variance
+* :class:`MLMC` — Giles' optimum for a multilevel Monte Carlo estimator: minimising the variance
   ``Σ V_l / N_l`` at a fixed cost ``Σ N_l C_l = budget`` gives
   ``N_l = budget · sqrt(V_l / C_l) / Σ_k sqrt(V_k C_k)``.
 
-What ``V_l`` measures (``MGE(variance=...)``).
+An :class:`MGE` takes one of these objects (or its name, ``"fixed"``, ``"paper"``, ``"mlmc"``) as
+``allocation=``; it binds its own copy, so one object can configure several estimators (e.g. the
+stages of a Full-Multiscale run). A rule is one subclass of :class:`Allocation`: it says which
+variance it needs measured each step (:meth:`Allocation.measurement`), folds the measurements into
+its own state (:meth:`Allocation.observe`) and returns the next step's sizes
+(:meth:`Allocation.reallocate`).
+
+What ``V_l`` measures (``MLMC(variance=...)``).
 
 * ``"gradient"`` (default): the per-sample variance of the level-l gradient term itself,
   ``tr Cov[Δg_i]`` with ``Δg_i = ∇ℓ_i(level l) − ∇ℓ_i(level l+1)`` (``∇ℓ_i(level L)`` on the
@@ -24,18 +31,20 @@ What ``V_l`` measures (``MGE(variance=...)``).
   bench/bench_mge.py), so it is the cheap option, not the default.
 
 Either estimate is an exponential moving average across steps (:class:`RunningVariance`), so
-one noisy batch does not swing the allocation.
+one noisy batch does not swing the allocation. Under torch.distributed every rank measures on its
+own share; :class:`MLMC` averages the variances over the ranks (one small all-reduce per
+reallocation) so all ranks keep the same batch sizes.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence
 
 import torch
 
-__all__ = ["ALLOCATIONS", "RunningVariance", "paper_batch_sizes", "mlmc_batch_sizes", "round_batch"]
-
-ALLOCATIONS = ("fixed", "paper", "mlmc")
+__all__ = ["ALLOCATIONS", "Allocation", "Fixed", "Paper", "MLMC", "make_allocation", "RunningVariance",
+           "paper_batch_sizes", "mlmc_batch_sizes", "round_batch"]
 
 
 def round_batch(n: float, multiple_of: int = 1, minimum: int = 1) -> int:
@@ -105,9 +114,201 @@ class RunningVariance:
     def ready(self) -> bool:
         return all(v is not None for v in self.variance)
 
+    def allreduce_mean(self) -> None:
+        """Average the variances over the torch.distributed ranks (no-op outside a multi-rank run):
+        ranks measure on different shares, and must agree on the batch sizes drawn from them."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        v = torch.tensor(self.variance, dtype=torch.float64, device=dev)
+        dist.all_reduce(v)
+        self.variance = (v / dist.get_world_size()).tolist()
+
     def state_dict(self) -> dict:
         return {"decay": self.decay, "variance": list(self.variance), "mean": list(self.mean), "updates": list(self.updates)}
 
     def load_state_dict(self, state: dict) -> None:
         self.decay = state["decay"]
         self.variance, self.mean, self.updates = list(state["variance"]), list(state["mean"]), list(state["updates"])
+
+
+def _check_int(value, name: str, minimum: int, owner: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {name}={value!r}")
+    return value
+
+
+class Allocation:
+    """How an :class:`MGE` sizes its levels' batches; the base class keeps them as given.
+
+    An estimator calls :meth:`bind` once (getting its own copy with per-level state), then every
+    step :meth:`measurement` (which variance to measure, if any), :meth:`observe` with what it
+    measured, and :meth:`reallocate` for the next step's sizes. Subclass it for a new rule.
+    """
+
+    name = "fixed"
+    levels: int = 0
+    multiple_of: int = 1
+
+    def bind(self, levels: int, level_work: Sequence[float], multiple_of: int, count_flops: bool) -> "Allocation":
+        """A copy of this rule for an estimator with ``levels`` coarser levels, the per-sample work
+        ``level_work`` of each level and batch sizes rounded to multiples of ``multiple_of``."""
+        bound = copy.deepcopy(self)
+        bound.levels, bound.multiple_of = levels, multiple_of
+        bound.level_work = list(level_work)
+        return bound
+
+    def initial_sizes(self, sizes: list[int]) -> list[int]:
+        """The first step's sizes from what the user gave: one int for every level, or one per level."""
+        n = self.levels + 1
+        if len(sizes) not in (1, n):
+            raise ValueError(
+                f"MGE: batch_sizes has {len(sizes)} entries but levels={self.levels} needs {n} (one per level, "
+                f"finest first); pass {n} ints or a single int for every level"
+            )
+        return sizes * n if len(sizes) == 1 else list(sizes)
+
+    def measurement(self, step: int) -> str | None:
+        """What the estimator measures at ``step``: ``None``, ``"loss"`` (per-sample loss
+        differences, :meth:`observe` gets a 1-D tensor) or ``"gradient"`` (half-batch gradient
+        variance, :meth:`observe` gets a float)."""
+        return None
+
+    def observe(self, level: int, value) -> None:
+        """Fold in level ``level``'s measurement of this step."""
+
+    def reallocate(self, step: int, level_costs: Sequence[float]) -> list[int] | None:
+        """The next step's sizes after ``step`` steps (``None``: keep the current ones);
+        ``level_costs[l]`` is the cost of one sample of level l in the estimator's cost measure."""
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Fixed(Allocation):
+    """The batch sizes as given."""
+
+
+class Paper(Allocation):
+    """``N_l = N_0 · 4**l`` from the finest level's size (further sizes given are ignored)."""
+
+    name = "paper"
+
+    def initial_sizes(self, sizes: list[int]) -> list[int]:
+        return paper_batch_sizes(sizes[0], self.levels, self.multiple_of)
+
+
+class MLMC(Allocation):
+    """Giles' allocation from running per-level variances under a per-step work budget.
+
+    Args:
+        budget: work units per step to spend; default: the cost of the initial batch sizes.
+        warmup_steps: steps with the initial sizes before the first reallocation.
+        variance_decay: EMA factor of the running level variances.
+        variance: what V_l measures, ``"gradient"`` (the level term's gradient variance from half
+            batches; one extra backward per level when it runs) or ``"loss"`` (per-sample loss
+            differences; free).
+        variance_every: with ``variance="gradient"``: measure every this many steps after the
+            warm-up (every step during it).
+        cost_measure: the per-sample cost C_l, ``"work"`` (pixels; default, exact for
+            convolutional models and deterministic) or ``"flops"`` (measured; needs the
+            estimator's ``count_flops=True``).
+        min_batch: smallest batch a level gets (raised to 2 per rank so every level's variance
+            can still be measured).
+    """
+
+    name = "mlmc"
+
+    def __init__(self, budget: float | None = None, warmup_steps: int = 2, variance_decay: float = 0.9,
+                 variance: str = "gradient", variance_every: int = 10, cost_measure: str = "work",
+                 min_batch: int = 1) -> None:
+        if budget is not None and not budget > 0:
+            raise ValueError(f"MLMC: budget must be > 0 work units per step, got budget={budget}")
+        if variance not in ("gradient", "loss"):
+            raise ValueError(f"MLMC: variance must be 'gradient' or 'loss', got variance={variance!r}")
+        if cost_measure not in ("work", "flops"):
+            raise ValueError(f"MLMC: cost_measure must be 'work' or 'flops', got cost_measure={cost_measure!r}")
+        if not 0.0 <= variance_decay < 1.0:
+            raise ValueError(f"MLMC: variance_decay must be in [0, 1), got variance_decay={variance_decay}")
+        self.budget = None if budget is None else float(budget)
+        self.warmup_steps = _check_int(warmup_steps, "warmup_steps", 0, "MLMC")
+        self.variance_decay, self.variance_source = variance_decay, variance
+        self.variance_every = _check_int(variance_every, "variance_every", 1, "MLMC")
+        self.cost_measure = cost_measure
+        self.min_batch = _check_int(min_batch, "min_batch", 1, "MLMC")
+        self.variance: RunningVariance | None = None
+
+    def bind(self, levels, level_work, multiple_of, count_flops) -> "MLMC":
+        if self.cost_measure == "flops" and not count_flops:
+            raise ValueError("MGE: cost_measure='flops' needs count_flops=True; pass count_flops=True or cost_measure='work'")
+        bound = super().bind(levels, level_work, multiple_of, count_flops)
+        # A level's variance needs two samples on every rank (the halves, or a sample variance).
+        bound.min_batch = max(self.min_batch, 2 * multiple_of)
+        bound.variance = RunningVariance(levels, self.variance_decay)
+        return bound
+
+    def initial_sizes(self, sizes: list[int]) -> list[int]:
+        sizes = super().initial_sizes(sizes)
+        if self.budget is None:
+            self.budget = sum(n * c for n, c in zip(sizes, self.level_work))
+        return sizes
+
+    def measurement(self, step: int) -> str | None:
+        if self.variance_source == "loss":
+            return "loss"
+        return "gradient" if step < self.warmup_steps or step % self.variance_every == 0 else None
+
+    def observe(self, level: int, value) -> None:
+        if isinstance(value, torch.Tensor):
+            self.variance.update(level, value)
+        else:
+            self.variance.update_variance(level, float(value))
+
+    def reallocate(self, step: int, level_costs: Sequence[float]) -> list[int] | None:
+        if not self.variance.ready():
+            return None
+        self.variance.allreduce_mean()
+        if step < self.warmup_steps:
+            return None
+        # The budget is in work units; a flops cost measure rescales it to FLOPs per step.
+        budget = self.budget * sum(level_costs) / sum(self.level_work)
+        return self.sizes_from(self.variance.variance, list(level_costs), budget)
+
+    def sizes_from(self, variances: Sequence[float], costs: Sequence[float], budget: float) -> list[int]:
+        """The rule itself: Giles' optimum (override for another variance-driven rule)."""
+        return mlmc_batch_sizes(variances, costs, budget, multiple_of=self.multiple_of, minimum=self.min_batch)
+
+    def state_dict(self) -> dict:
+        return {"variance": self.variance.state_dict(), "budget": self.budget}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.budget = float(state["budget"])
+        self.variance.load_state_dict(state["variance"])
+
+    def __repr__(self) -> str:
+        return (f"MLMC(budget={self.budget}, warmup_steps={self.warmup_steps}, variance={self.variance_source!r}, "
+                f"cost_measure={self.cost_measure!r})")
+
+
+# Names accepted wherever an allocation is configured by string (CLI, YAML, MGE(allocation="paper")).
+_BY_NAME = {"fixed": Fixed, "paper": Paper, "mlmc": MLMC}
+ALLOCATIONS = tuple(_BY_NAME)
+
+
+def make_allocation(allocation: str | Allocation) -> Allocation:
+    """An :class:`Allocation` from itself or its name (``"fixed"``, ``"paper"``, ``"mlmc"`` with defaults)."""
+    if isinstance(allocation, Allocation):
+        return allocation
+    if isinstance(allocation, str) and allocation in _BY_NAME:
+        return _BY_NAME[allocation]()
+    raise ValueError(f"MGE: unknown allocation={allocation!r}; use one of {ALLOCATIONS} or an msconv.multilevel.Allocation "
+                     "object such as MLMC(budget=...)")

@@ -1,4 +1,4 @@
-"""Multiscale Gradient Estimation (SPEC §3): the telescoping multilevel loss.
+"""Multiscale Gradient Estimation: the telescoping multilevel loss.
 
 For levels 0..L with independent batches B_l of N_l samples, inputs x and targets y at the
 finest grid and restricted l times (R^l), and a per-pixel-mean loss ℓ:
@@ -26,13 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msconv.multilevel.allocation import ALLOCATIONS, RunningVariance, mlmc_batch_sizes, paper_batch_sizes
+from msconv.multilevel.allocation import Allocation, make_allocation
 from msconv.multilevel.cost import LevelCost, StepCost, count_flops, work_units
 from msconv.nn.grid import grid_scale
 from msconv.ops.transfer import pyramid
 from msconv.reference import RESTRICT_KINDS, max_levels
 
-__all__ = ["MGE", "batch_coupled_modules", "per_sample_loss"]
+__all__ = ["MGE", "batch_coupled_modules", "per_sample_loss", "level_work", "step_work"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -57,6 +57,19 @@ def per_sample_loss(loss_fn: Callable, pred: torch.Tensor, target) -> torch.Tens
         if loss_fn is F.mse_loss or (isinstance(loss_fn, nn.MSELoss) and loss_fn.reduction == "mean"):
             return (pred - target).pow(2).flatten(1).mean(1)
         return torch.stack([loss_fn(pred[i : i + 1], target[i : i + 1]).reshape(()) for i in range(pred.shape[0])])
+
+
+def level_work(levels: int, base_level: int = 0) -> list[float]:
+    """Work units of one sample of each level of an estimator over ``base_level .. base_level +
+    levels``: its fine evaluation on grid base+l plus, below the coarsest, its coarse one on
+    base+l+1, relative to the level-0 grid (a grid l levels down has 4**-l of the pixels)."""
+    b = base_level
+    return [4.0 ** -(b + l) + (4.0 ** -(b + l + 1) if l < levels else 0.0) for l in range(levels + 1)]
+
+
+def step_work(batch_sizes: Sequence[int], base_level: int = 0) -> float:
+    """Nominal work units of one estimator step with ``batch_sizes`` (finest first)."""
+    return sum(n * c for n, c in zip(batch_sizes, level_work(len(batch_sizes) - 1, base_level)))
 
 
 def _is_image(t) -> bool:
@@ -85,28 +98,17 @@ class MGE:
             ``mlmc`` starts from it (as ``fixed``) and sets the budget from it.
         restriction: how inputs and targets reach coarser grids: ``average`` (default),
             ``full_weighting``, ``bilinear``, ``nearest`` (see :func:`msconv.restrict`).
-        allocation: ``fixed``, ``paper`` or ``mlmc`` (see msconv.multilevel.allocation).
+        allocation: the batch-size rule, an :class:`msconv.multilevel.Allocation` (``Fixed()``,
+            ``Paper()``, ``MLMC(budget=..., variance=...)``) or its name ``"fixed"``, ``"paper"``,
+            ``"mlmc"`` (defaults); the estimator binds its own copy, ``est.allocation``.
         base_level: the level of the estimator's finest grid relative to the grid the data
             arrives on (Full-Multiscale stage k uses ``base_level=k``); every evaluation runs in
             ``msconv.grid_scale(2 ** (base_level + l))``.
         fuse: ``"auto"`` (fuse same-resolution evaluations unless the model has batch-coupled
             layers), ``True`` (fuse; error if it would be wrong) or ``False``.
         count_flops: count FLOPs with ``torch.utils.flop_counter`` (small Python overhead per op).
-        budget: ``mlmc`` only: work units per step to spend; default: the cost of the initial
-            ``batch_sizes``.
-        warmup_steps: ``mlmc`` only: steps with the initial sizes before the first reallocation.
-        variance_decay: ``mlmc`` only: EMA factor of the running level variances.
-        variance: ``mlmc`` only: what V_l measures, ``"gradient"`` (the level term's gradient
-            variance from half batches; one extra backward per level when it runs) or ``"loss"``
-            (per-sample loss differences; free); see msconv.multilevel.allocation.
-        variance_every: ``mlmc`` with ``variance="gradient"``: measure every this many steps
-            after the warm-up (every step during it).
-        cost_measure: ``mlmc`` only: the per-sample cost C_l, ``"work"`` (pixels; default, exact
-            for convolutional models and deterministic) or ``"flops"`` (measured).
         multiple_of: batch sizes from ``paper``/``mlmc`` are rounded to multiples of it; default
             the torch.distributed world size (each rank takes an equal share of every level).
-        min_batch: smallest batch ``mlmc`` gives a level (at least 2 per rank, so that every
-            level's variance can still be measured).
         pyramid_fn: ``pyramid_fn(x, y, depth, restriction) -> (xs, ys)``, the pair on grids
             0..depth, for data whose coarse grids are not plain restrictions of the fine pair
             (e.g. ``msconv.tasks.Denoise(noise_restriction="preserve").pyramid_pair``). Level 0
@@ -130,53 +132,28 @@ class MGE:
         levels: int,
         batch_sizes: int | Sequence[int],
         restriction: str = "average",
-        allocation: str = "fixed",
+        allocation: str | Allocation = "fixed",
         *,
         base_level: int = 0,
         fuse: bool | str = "auto",
         count_flops: bool = True,
-        budget: float | None = None,
-        warmup_steps: int = 2,
-        variance_decay: float = 0.9,
-        variance: str = "gradient",
-        variance_every: int = 10,
-        cost_measure: str = "work",
         multiple_of: int | None = None,
-        min_batch: int = 1,
         pyramid_fn: Callable | None = None,
     ) -> None:
         self.levels = _check_int(levels, "levels", 0)
         self.base_level = _check_int(base_level, "base_level", 0)
         if restriction not in RESTRICT_KINDS:
             raise ValueError(f"MGE: unknown restriction={restriction!r}; use one of {RESTRICT_KINDS}")
-        if allocation not in ALLOCATIONS:
-            raise ValueError(f"MGE: unknown allocation={allocation!r}; use one of {ALLOCATIONS}")
         if fuse not in ("auto", True, False):
             raise ValueError(f"MGE: fuse must be 'auto', True or False, got fuse={fuse!r}")
-        if cost_measure not in ("work", "flops"):
-            raise ValueError(f"MGE: cost_measure must be 'work' or 'flops', got cost_measure={cost_measure!r}")
-        if cost_measure == "flops" and not count_flops:
-            raise ValueError("MGE: cost_measure='flops' needs count_flops=True; pass count_flops=True or cost_measure='work'")
-        self.restriction, self.allocation, self.fuse = restriction, allocation, fuse
+        self.restriction, self.fuse = restriction, fuse
         if pyramid_fn is not None and not callable(pyramid_fn):
             raise TypeError(f"MGE: pyramid_fn must be callable (x, y, depth, restriction) -> (xs, ys), got {pyramid_fn!r}")
         self.pyramid_fn = pyramid_fn
-        self.count_flops, self.cost_measure = count_flops, cost_measure
+        self.count_flops = count_flops
         self.multiple_of = _check_int(multiple_of if multiple_of is not None else _default_multiple_of(), "multiple_of", 1)
-        self.min_batch = _check_int(min_batch, "min_batch", 1)
-        if allocation == "mlmc":
-            # A level's variance needs two samples on every rank (the halves, or a sample variance).
-            self.min_batch = max(self.min_batch, 2 * self.multiple_of)
-        self.warmup_steps = _check_int(warmup_steps, "warmup_steps", 0)
-        self.batch_sizes = self._initial_sizes(batch_sizes)
-        self.budget = float(budget) if budget is not None else self.step_work(self.batch_sizes)
-        if self.budget <= 0:
-            raise ValueError(f"MGE: budget must be > 0 work units per step, got budget={budget}")
-        if variance not in ("gradient", "loss"):
-            raise ValueError(f"MGE: variance must be 'gradient' or 'loss', got variance={variance!r}")
-        self.variance_source = variance
-        self.variance_every = _check_int(variance_every, "variance_every", 1)
-        self.variance = RunningVariance(self.levels, variance_decay)
+        self.allocation = make_allocation(allocation).bind(self.levels, self.level_work(), self.multiple_of, count_flops)
+        self.batch_sizes = self.allocation.initial_sizes(self._given_sizes(batch_sizes))
         self.steps = 0
         self.last_cost: StepCost | None = None
         self._level_flops_per_sample: list[float | None] = [None] * (self.levels + 1)
@@ -184,34 +161,22 @@ class MGE:
 
     # ------------------------------------------------------------------ configuration
 
-    def _initial_sizes(self, batch_sizes) -> list[int]:
-        n = self.levels + 1
-        if isinstance(batch_sizes, (list, tuple)):
-            sizes = list(batch_sizes)
-            if self.allocation == "paper":
-                sizes = sizes[:1]
-            elif len(sizes) != n:
-                raise ValueError(
-                    f"MGE: batch_sizes has {len(sizes)} entries but levels={self.levels} needs {n} (one per level, "
-                    f"finest first); pass {n} ints or a single int for every level"
-                )
-        else:
-            sizes = [batch_sizes]
-        for s in sizes:
+    def _given_sizes(self, batch_sizes) -> list[int]:
+        sizes = list(batch_sizes) if isinstance(batch_sizes, (list, tuple)) else [batch_sizes]
+        for s in sizes[:1] if self.allocation.name == "paper" else sizes:
             if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
-                raise ValueError(f"MGE: batch_sizes must be positive ints, got batch_sizes={batch_sizes!r}; e.g. batch_sizes=[8] * {n}")
-        if self.allocation == "paper":
-            return paper_batch_sizes(sizes[0], self.levels, self.multiple_of)
-        return sizes * n if len(sizes) == 1 else sizes
+                raise ValueError(f"MGE: batch_sizes must be positive ints, got batch_sizes={batch_sizes!r}; "
+                                 f"e.g. batch_sizes=[8] * {self.levels + 1}")
+        return sizes
 
     def level_work(self) -> list[float]:
         """Work units of one sample of each estimator level (fine + coarse evaluation)."""
-        b = self.base_level
-        return [4.0 ** -(b + l) + (4.0 ** -(b + l + 1) if l < self.levels else 0.0) for l in range(self.levels + 1)]
+        return level_work(self.levels, self.base_level)
 
-    def step_work(self, batch_sizes: Sequence[int]) -> float:
-        """Nominal work units of a step with these batch sizes (exact for sizes divisible by 2**levels)."""
-        return sum(n * c for n, c in zip(batch_sizes, self.level_work()))
+    def step_work(self, batch_sizes: Sequence[int] | None = None) -> float:
+        """Nominal work units of a step with these batch sizes (default: the current allocation;
+        exact for sizes divisible by 2**levels)."""
+        return step_work(self.batch_sizes if batch_sizes is None else batch_sizes, self.base_level)
 
     def _fusion(self, model: nn.Module) -> tuple[bool, str]:
         if self.fuse is False:
@@ -279,7 +244,7 @@ class MGE:
         return xs, ys
 
     def loss(self, model: nn.Module, loss_fn: Callable | None = None, batches: Sequence[Batch] = ()) -> torch.Tensor:
-        """The scalar whose gradient is ĝ (SPEC §3); call ``backward()`` on it once.
+        """The scalar whose gradient is ĝ (see the module docstring); call ``backward()`` on it once.
 
         Args:
             model: any module mapping (N, C, h, w) to a prediction at any resolution.
@@ -307,9 +272,8 @@ class MGE:
             if l < L:
                 grids[l + 1].append((l, -1.0, xs[1], ys[1]))
 
-        mlmc = self.allocation == "mlmc"
-        grad_var = mlmc and self.variance_source == "gradient" and (
-            self.steps < self.warmup_steps or self.steps % self.variance_every == 0)
+        measure = self.allocation.measurement(self.steps)
+        grad_var, loss_var = measure == "gradient", measure == "loss"
         sample_losses: dict[tuple[int, float], torch.Tensor] = {}
         outputs: dict[tuple[int, float], tuple] = {}
         cost = StepCost(batch_sizes=[x.shape[0] for x, _ in batches], fused=fused, fusion_note=note)
@@ -338,7 +302,7 @@ class MGE:
                     total = sign * term if total is None else total + sign * term
                     if grad_var:
                         outputs[(l, sign)] = (pred, y)
-                    elif mlmc:
+                    elif loss_var:
                         sample_losses[(l, sign)] = per_sample_loss(loss_fn, pred, y)
             lc.flops_forward, lc.seconds_forward = counted
             for l, _, x, _ in group:
@@ -356,13 +320,14 @@ class MGE:
         self.last_cost = cost
         if grad_var:
             self._measure_gradient_variance(model, loss_fn, outputs, device)
-        elif mlmc:
+        elif loss_var:
             for l in range(self.levels + 1):
                 fine = sample_losses[(l, 1.0)]
-                self.variance.update(l, fine - sample_losses[(l, -1.0)] if l < self.levels else fine)
+                self.allocation.observe(l, fine - sample_losses[(l, -1.0)] if l < self.levels else fine)
         self.steps += 1
-        if mlmc:
-            self._update_allocation()
+        sizes = self.allocation.reallocate(self.steps, self._level_costs())
+        if sizes is not None:
+            self.batch_sizes = sizes
         return total
 
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
@@ -374,10 +339,12 @@ class MGE:
             if self.count_flops:
                 self.last_cost.flops_backward, self.last_cost.flops_backward_measured = counted[0], True
 
-    # ------------------------------------------------------------------ mlmc
+    # ------------------------------------------------------------------ variance measurement
 
     def _level_costs(self) -> list[float]:
-        if self.cost_measure == "flops" and all(f is not None for f in self._level_flops_per_sample):
+        """Cost of one sample per level in the allocation's cost measure (work units, or FLOPs
+        once every level's have been counted)."""
+        if getattr(self.allocation, "cost_measure", "work") == "flops" and all(f is not None for f in self._level_flops_per_sample):
             f = self._level_flops_per_sample
             return [f[l] + (f[l + 1] if l < self.levels else 0.0) for l in range(self.levels + 1)]
         return self.level_work()
@@ -403,47 +370,23 @@ class MGE:
                     diff = diff - half((l, -1.0), a) + half((l, -1.0), b)
                 grads = torch.autograd.grad(diff, params, retain_graph=True, allow_unused=True)
                 sq = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
-                self.variance.update_variance(l, m * sq / 2)
+                self.allocation.observe(l, m * sq / 2)
         # One backward through each level's graph: about 2/3 of a forward+backward work unit.
         cost.work_units_variance = (2.0 / 3.0) * sum(
             lc.work_units for lc in cost.levels)
         cost.work_units += cost.work_units_variance
         cost.flops_variance, cost.seconds_variance = counted
 
-    def _update_allocation(self) -> None:
-        if not self.variance.ready():
-            return
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # Ranks see different shares; averaging keeps their allocations identical.
-            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-            v = torch.tensor(self.variance.variance, dtype=torch.float64, device=dev)
-            dist.all_reduce(v)
-            self.variance.variance = (v / dist.get_world_size()).tolist()
-        if self.steps < self.warmup_steps:
-            return
-        costs = self._level_costs()
-        # The budget is in work units; a flops cost measure rescales it to FLOPs per step.
-        budget = self.budget
-        if self.cost_measure == "flops":
-            budget = self.budget * sum(costs) / sum(self.level_work())
-        self.batch_sizes = mlmc_batch_sizes(
-            self.variance.variance, costs, budget, multiple_of=self.multiple_of, minimum=self.min_batch
-        )
-
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict:
         """Allocation state (plain Python values; safe for ``torch.load(weights_only=True)``)."""
-        return {"batch_sizes": list(self.batch_sizes), "steps": self.steps, "variance": self.variance.state_dict(),
-                "budget": self.budget}
+        return {"batch_sizes": list(self.batch_sizes), "steps": self.steps, "allocation": self.allocation.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.batch_sizes = list(state["batch_sizes"])
         self.steps = int(state["steps"])
-        self.budget = float(state["budget"])
-        self.variance.load_state_dict(state["variance"])
+        self.allocation.load_state_dict(state["allocation"])
 
     def __repr__(self) -> str:
         extra = f", base_level={self.base_level}" if self.base_level else ""
