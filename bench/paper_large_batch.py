@@ -15,7 +15,9 @@ rate), the others ``none`` (Adam normalises its step; LARS and LAMB set it per l
 
 LARS and LAMB run with ``norm_floor`` (default 1.0: a zero-initialised layer such as DnCNN's last
 conv is moved against the norm a He-initialised tensor of its shape would have, instead of the
-paper's λ = 1 fallback; ``--norm-floor 0`` is the paper's update).
+paper's λ = 1 fallback), and LARS adapts the biases too, against a unit-RMS reference norm
+(``exclude_1d=False``); ``--norm-floor 0`` is the paper's update with biases excluded, what the
+trainer passed before.
 
     python bench/paper_large_batch.py [--lrs default|sweep] [--multipliers 4,16,64]
         [--optimizers sgd,adam,lars,lamb] [--budget 800] [--crop 128] [--norm-floor 1] [--tiny]
@@ -28,31 +30,32 @@ import json
 import math
 import os
 
-from _paper import data_paths, finish, out_dir, parser, run_all, tiny_overrides
+from _paper import data_paths, finish, out_dir, parser, rows_of, run_cell, runs_dir, tiny_overrides
 from _common import table, write_csv
 
 import msconv.optim
 from msconv.train.config import DEFAULT_LR, TrainConfig
 
-COLS = ["cell", "optimizer", "coarse_batch_x", "lr", "lr_batch_scaling", "mode", "val_psnr", "test_psnr",
+COLS = ["cell", "model", "optimizer", "coarse_batch_x", "lr", "lr_batch_scaling", "mode", "val_psnr", "test_psnr",
         "test_ssim", "work_units", "iterations", "wall_clock_s"]
 # Log grids (half-decades) around each optimizer's usual rate.
 GRID = {"adam": [3e-4, 1e-3, 3e-3, 1e-2], "sgd": [1e-2, 3e-2, 1e-1, 3e-1],
-        "lars": [1.0, 3.0, 10.0, 30.0], "lamb": [3e-3, 1e-2, 3e-2, 1e-1]}
+        "lars": [0.3, 1.0, 3.0, 10.0], "lamb": [3e-3, 1e-2, 3e-2, 1e-1]}
 SCALING = {"sgd": "sqrt", "adam": "none", "lars": "none", "lamb": "none"}
 
 
 @contextlib.contextmanager
-def layerwise_options(**options):
-    """Build LARS and LAMB with ``options`` wherever the trainer constructs them.
+def layerwise_options(options: dict[str, dict]):
+    """Build LARS and LAMB with ``options[name]`` wherever the trainer constructs them.
 
     The trainer creates its optimizer from the config; options it does not (yet) pass, such as
-    ``norm_floor``, are supplied here so the benchmark measures them through the CLI's code path.
+    ``norm_floor``, are supplied here so the benchmark measures them through the CLI's code path
+    (they override the trainer's own keyword arguments).
     """
-    real = {name: getattr(msconv.optim, name) for name in ("LARS", "LAMB")}
+    real = {name: getattr(msconv.optim, name) for name in options}
     try:
         for name, cls in real.items():
-            setattr(msconv.optim, name, functools.partial(cls, **options))
+            setattr(msconv.optim, name, functools.partial(cls, **options[name]))
         yield
     finally:
         for name, cls in real.items():
@@ -67,11 +70,31 @@ def rates(spec: str, optimizers: list[str]) -> dict[str, list[float]]:
     raise SystemExit(f"--lrs must be 'default' or 'sweep', got {spec!r}")
 
 
+def run_cells(args, name: str, cells) -> tuple[list[dict], list[dict]]:
+    """Like ``_paper.run_all``, but a run that diverges (the trainer stops on non-finite losses)
+    is a result of the sweep, not the end of it: its row says ``diverged`` and has no PSNR."""
+    from msconv.train.trainer import NonFiniteError
+
+    rows, summaries = [], []
+    for cell, cfg, modes, extra in cells:
+        try:
+            s = run_cell(cell, cfg, modes, runs_dir(args, name))
+        except NonFiniteError as e:
+            print(f"[{cell}] diverged: {str(e).splitlines()[0][:160]}", flush=True)
+            rows.append({"cell": cell, **extra, "mode": modes[0], "val_psnr": "", "test_psnr": "", "test_ssim": "",
+                         "work_units": "", "iterations": "", "wall_clock_s": "", "diverged": True})
+            continue
+        summaries.append(s)
+        rows += [{**r, "diverged": False} for r in rows_of(s, {"cell": cell, **extra})]
+        print(f"[{cell}] done in {s['elapsed_s']:.0f}s", flush=True)
+    return rows, summaries
+
+
 def best_rows(rows: list[dict]) -> list[dict]:
-    """Per (optimizer, coarse batch) the row at the rate with the highest final validation PSNR."""
+    """Per (model, optimizer, coarse batch) the row at the rate with the highest final validation PSNR."""
     best: dict[tuple, dict] = {}
     for r in rows:
-        key = (r["optimizer"], r["coarse_batch_x"])
+        key = (r["model"], r["optimizer"], r["coarse_batch_x"])
         if r["val_psnr"] != "" and (key not in best or r["val_psnr"] > best[key]["val_psnr"]):
             best[key] = r
     return list(best.values())
@@ -84,30 +107,48 @@ def main(argv=None) -> int:
     p.add_argument("--lrs", default="default", help="default (the CLI's rate per optimizer) or sweep (GRID)")
     p.add_argument("--crop", type=int, default=128, help="training crop (fine grid)")
     p.add_argument("--norm-floor", type=float, default=1.0, help="LARS/LAMB norm_floor (0: the paper's update)")
+    p.add_argument("--models", default="dncnn", help="zoo models, e.g. dncnn,unet,resnet,espcn (width 16, depth 6, 2 blocks)")
+    p.add_argument("--scaling", default="", help="per-stage LR rule overrides, e.g. lars=sqrt,adam=none")
+    p.add_argument("--lr-power", type=float, default=None, help="polynomial decay power (default: the CLI's)")
     args = p.parse_args(argv)
+    scaling = {**SCALING, **dict(kv.split("=") for kv in args.scaling.split(",") if kv)}
     optimizers = [o for o in args.optimizers.split(",") if o]
     name = "large_batch" + ("_sweep" if args.lrs == "sweep" else "")
     out = out_dir(args, name)
-    base = dict(task="denoise", noise_sigma=25.0, noise_restriction="preserve", model="dncnn", depth=6, width=16,
+    base = dict(task="denoise", noise_sigma=25.0, noise_restriction="preserve", depth=6, width=16, blocks=2,
                 crop=args.crop, batch_size=4, levels=2, budget=args.budget or 800.0, val_crop=128, val_points=4,
                 threads=args.threads, **data_paths(args, "Train400", "BSD68", "BSD68"))
+    if args.lr_power is not None:
+        base["lr_power"] = args.lr_power
     if args.tiny:
         base.update(tiny_overrides())
+    multipliers = [None] + [int(m) for m in args.multipliers.split(",") if m]
     cells = []
-    for opt, lrs in rates(args.lrs, optimizers).items():
-        for lr in lrs:
-            for mult in [None] + [int(m) for m in args.multipliers.split(",")]:
-                kw = dict(optimizer=opt, lr=lr)
-                if mult is not None:
-                    ratio = math.sqrt(mult)  # per level, over levels = 2
-                    kw.update(fmg_batch_ratio=ratio, fmg_iteration_ratio=4.0 / ratio, lr_batch_scaling=SCALING[opt])
-                cfg = TrainConfig(**{**base, **kw}).validated()
-                cell = f"{opt}_lr{lr:g}_" + ("single" if mult is None else f"x{mult}")
-                cells.append((cell, cfg, ["single"] if mult is None else ["fmg"],
-                              {"optimizer": opt, "coarse_batch_x": mult or 1, "lr": lr,
-                               "lr_batch_scaling": cfg.lr_batch_scaling}))
-    with layerwise_options(norm_floor=args.norm_floor):
-        rows, summaries = run_all(args, name, cells)
+    for model in args.models.split(","):
+        for opt, lrs in rates(args.lrs, optimizers).items():
+            for lr in lrs:
+                for mult in multipliers:
+                    kw = dict(model=model, optimizer=opt, lr=lr)
+                    if mult is not None:
+                        ratio = math.sqrt(mult)  # per level, over levels = 2
+                        kw.update(fmg_batch_ratio=ratio, fmg_iteration_ratio=4.0 / ratio,
+                                  lr_batch_scaling=scaling[opt])
+                    cfg = TrainConfig(**{**base, **kw}).validated()
+                    cell = (f"{model}_" if model != "dncnn" else "") + f"{opt}_lr{lr:g}_" + (
+                        "single" if mult is None else f"x{mult}")
+                    cells.append((cell, cfg, ["single"] if mult is None else ["fmg"],
+                                  {"model": model, "optimizer": opt, "coarse_batch_x": mult or 1, "lr": lr,
+                                   "lr_batch_scaling": cfg.lr_batch_scaling, "lr_power": cfg.lr_power}))
+    # LARS adapts biases too (exclude_1d=False): against their unit-RMS reference norm they move
+    # by a relative γ·η like the weights; excluded, they take raw γ·g steps, and γ is a relative
+    # rate (measured: γ = 3 diverges that way, single-scale). LAMB's excluded biases take a plain
+    # Adam step, which is already of the right size.
+    floor = args.norm_floor
+    options = {"LARS": {"norm_floor": floor, "exclude_1d": floor == 0.0}, "LAMB": {"norm_floor": floor}}
+    with layerwise_options(options):
+        rows, summaries = run_cells(args, name, cells)
+    fields = list(next((r for r in rows if not r["diverged"]), rows[0]))
+    rows = [{k: r.get(k, "") for k in fields} for r in rows]  # diverged rows: the same columns, blank
     for r in rows:
         r["norm_floor"] = args.norm_floor if r["optimizer"] in ("lars", "lamb") else ""
     finish(args, out, name, rows, summaries, COLS)

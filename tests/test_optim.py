@@ -186,8 +186,8 @@ def test_zero_weights_and_zero_grads_give_finite_updates_with_lambda_one(foreach
 
 @BOTH_PATHS
 def test_norm_floor_moves_a_zero_initialised_layer_like_a_he_initialised_one(foreach):
-    # A zero conv (8 out-channels) and a 1-d bias: the floor is ρ·sqrt(2·8) = ρ·4 for the
-    # conv, none for the bias (λ = 1 there, as in the paper).
+    # A zero conv (8 out-channels) and a zero 1-d bias: the floor is ρ·sqrt(2·8) = ρ·4 for the
+    # conv (its He-init norm), ρ·sqrt(3) for the bias (unit RMS); the paper would take λ = 1.
     rho, lr, beta = 0.5, 2.0, 1e-2
     zero = torch.zeros(8, 3, 3, 3, dtype=F64, requires_grad=True)
     big = (10 * torch.ones(4, 2, dtype=F64)).requires_grad_()  # ‖w‖ = 10·sqrt(8) > floor ρ·sqrt(8)
@@ -201,7 +201,8 @@ def test_norm_floor_moves_a_zero_initialised_layer_like_a_he_initialised_one(for
     lam_big = ETA * wn / (0.5 * math.sqrt(8) + beta * wn)  # the paper's λ: floor inactive
     torch.testing.assert_close(big.detach(), torch.full((4, 2), 10 - lr * lam_big * (0.5 + beta * 10), dtype=F64),
                                rtol=1e-12, atol=0)
-    torch.testing.assert_close(bias.detach(), -lr * t64(1.0, 2.0, 3.0), rtol=0, atol=0)
+    gb = t64(1.0, 2.0, 3.0)
+    torch.testing.assert_close(bias.detach(), -lr * (ETA * rho * math.sqrt(3) / gb.norm()) * gb, rtol=1e-12, atol=0)
 
 
 def test_lamb_norm_floor_formula():

@@ -20,7 +20,7 @@ __all__ = [
     "check_nonneg",
     "check_unit_interval",
     "floored_norms",
-    "he_norm",
+    "reference_norm",
     "is_adapted",
     "group_by_device_and_dtype",
     "norm_dtype",
@@ -149,19 +149,23 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def he_norm(p: Tensor) -> float:
-    """The expected norm of a He-initialised tensor of ``p``'s shape: sqrt(2·numel/fan_in).
+def reference_norm(p: Tensor) -> float:
+    """The reference norm of a tensor of ``p``'s shape, a Python float that depends only on it.
 
-    fan_in = numel / shape[0] (a conv's in_channels·kh·kw, a linear layer's in_features), so
-    the value is sqrt(2·shape[0]) and depends only on the shape: a Python float, known at
-    construction and baked into a compiled step. 1-d tensors (biases, norm scales) have no
-    fan-in and no natural scale: 0, i.e. no floor.
+    ndim >= 2 (conv and linear weights): the expected norm of a He-initialised tensor,
+    sqrt(2·numel/fan_in) with fan_in = numel / shape[0], i.e. sqrt(2·shape[0]).
+    ndim <= 1 (biases, normalisation scales): sqrt(numel), unit RMS per element: the size of a
+    normalisation scale at its initialisation (ones), and of the unit-variance activations a
+    bias is added to in a He-initialised network.
+    Known at construction, so a compiled step bakes it in as a constant.
     """
-    return math.sqrt(2.0 * p.shape[0]) if p.ndim >= 2 else 0.0
+    if p.ndim >= 2:
+        return math.sqrt(2.0 * p.shape[0])
+    return math.sqrt(p.numel())
 
 
 def floored_norms(w_norms: list[Tensor], params: list[Tensor], norm_floor: float) -> list[Tensor]:
-    """max(‖w‖, norm_floor·he_norm(w)) per tensor; the norms themselves when norm_floor is 0.
+    """max(‖w‖, norm_floor·reference_norm(w)) per tensor; the norms themselves when norm_floor is 0.
 
     Why a floor: a zero-initialised layer (the last conv of a residual model) has ‖w‖ = 0.
     The paper then falls back to λ = 1, a raw γ·g step, and from the next step on moves the
@@ -171,7 +175,7 @@ def floored_norms(w_norms: list[Tensor], params: list[Tensor], norm_floor: float
     """
     if norm_floor == 0.0:
         return w_norms
-    return torch._foreach_maximum(w_norms, [norm_floor * he_norm(p) for p in params])
+    return torch._foreach_maximum(w_norms, [norm_floor * reference_norm(p) for p in params])
 
 
 def trust_ratio(

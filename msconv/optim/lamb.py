@@ -5,7 +5,7 @@ Per parameter tensor w with gradient g (step t, counted per tensor)::
     m ← β1·m + (1 − β1)·g              v ← β2·v + (1 − β2)·g²
     u = (m / (1 − β1^t)) / (sqrt(v / (1 − β2^t)) + eps) + β·w     (no bias correction: m, v)
     λ = ‖w‖ / ‖u‖, λ = 1 where ‖w‖ = 0 or ‖u‖ = 0 (capped at max_trust_ratio if given;
-    norm_floor=ρ > 0 puts max(‖w‖, ρ·sqrt(2·shape[0])) in place of ‖w‖, as in LARS)
+    norm_floor=ρ > 0 puts max(‖w‖, ρ·‖w_ref‖) in place of ‖w‖, ‖w_ref‖ as in LARS)
     w ← w − γ_t·λ·u
 
 Excluded tensors (``exclude_1d``, ``lars_exclude``) take the plain Adam step γ_t·u without
@@ -58,10 +58,10 @@ class LAMB(LayerwiseOptimizer):
         max_trust_ratio (float or None): upper bound on λ (the paper's φ; 1.0 gives timm's
             ``trust_clip``). Default None, no bound.
         exclude_1d (bool): exclude tensors with ``ndim <= 1`` from λ and weight decay.
-        norm_floor (float): ρ >= 0; λ's numerator becomes max(‖w‖, ρ·sqrt(2·shape[0])), the
-            norm of a He-initialised tensor of that shape (``ndim >= 2`` only), so a
-            zero-initialised layer is not stuck near zero (see :class:`msconv.optim.LARS`).
-            Default 0, the paper.
+        norm_floor (float): ρ >= 0; λ's numerator becomes max(‖w‖, ρ·‖w_ref‖), ‖w_ref‖ the
+            norm of a He-initialised tensor of that shape (sqrt(2·shape[0])) or, for 1-d
+            tensors, sqrt(numel), so a zero-initialised tensor is not stuck near zero (see
+            :class:`msconv.optim.LARS`). Default 0, the paper.
         foreach (bool or None): multi-tensor path; ``None`` picks it. Same numbers either way.
 
     State per tensor: ``step`` (0-dim float tensor on the parameter's device, so bias

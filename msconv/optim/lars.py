@@ -6,8 +6,9 @@ momentum m and global learning rate γ_t::
     λ = η‖w‖ / (‖g‖ + β‖w‖ + eps)          denominator="paper"
     λ = η‖w‖ / (‖g + βw‖ + eps)            denominator="combined" (SimCLR/BYOL/optax form)
     λ = 1 where ‖w‖ = 0 or ‖g‖ = 0
-    (norm_floor=ρ > 0: ‖w‖ in the numerator is max(‖w‖, ρ·sqrt(2·fan_out)), the norm of a
-     He-initialised tensor of that shape, so a zero-initialised layer gets λ = ηρ·sqrt(2·fan_out)/‖g‖)
+    (norm_floor=ρ > 0: ‖w‖ in the numerator is max(‖w‖, ρ·‖w_ref‖), ‖w_ref‖ the norm of a
+     He-initialised tensor of that shape, sqrt(2·shape[0]), or sqrt(numel) for 1-d tensors;
+     a zero-initialised tensor then gets λ = ηρ‖w_ref‖/‖g‖ instead of 1)
     r = γ_t·λ                              (trust_clip=True: r = min(γ_t, λ), apex LARC "clip")
     v ← m·v + r·(g + βw)
     w ← w − v                              (nesterov=True: w ← w − (r·(g + βw) + m·v))
@@ -67,13 +68,16 @@ class LARS(LayerwiseOptimizer):
         denominator (str): ``"paper"`` or ``"combined"``.
         exclude_1d (bool): exclude tensors with ``ndim <= 1`` (biases, norm scales) from the
             trust ratio and weight decay.
-        norm_floor (float): ρ >= 0. The ‖w‖ in λ's numerator becomes max(‖w‖, ρ·‖w_He‖), where
-            ‖w_He‖ = sqrt(2·numel/fan_in) = sqrt(2·shape[0]) is the expected norm of a
-            He-initialised tensor of that shape (tensors with ``ndim >= 2``; 1-d ones get no
-            floor). Default 0: the paper, where a zero-initialised layer (the last conv of a
-            residual model) takes one raw γ·g step and then moves by η times its tiny norm, so
-            it stays near zero. With ρ > 0 it moves from the start as fast, relatively, as a
-            freshly initialised layer; ``msconv train`` uses ρ = 1 (measured in
+        norm_floor (float): ρ >= 0. The ‖w‖ in λ's numerator becomes max(‖w‖, ρ·‖w_ref‖):
+            for weights (``ndim >= 2``) ‖w_ref‖ = sqrt(2·numel/fan_in) = sqrt(2·shape[0]), the
+            expected norm of a He-initialised tensor of that shape; for biases and norm scales
+            sqrt(numel), unit RMS. Default 0: the paper, where a zero-initialised tensor (the
+            last conv of a residual model, every bias) takes one raw γ·g step and then moves by
+            η times its tiny norm, so it stays near zero. With ρ > 0 it moves from the start
+            as fast, relatively, as a freshly initialised one, and the floor stops mattering
+            once ‖w‖ exceeds it. Recommended with ``exclude_1d=False``: an excluded bias takes
+            raw γ·g steps, too large at the γ that suits the weights (measured on a DnCNN:
+            γ = 3 diverges with biases excluded and is the best rate with them adapted;
             ``bench/paper_large_batch.py``).
         foreach (bool or None): multi-tensor ``torch._foreach_*`` path; ``None`` picks it
             (see ``bench/bench_lars.py``). Both paths give the same numbers.
