@@ -26,7 +26,7 @@ from msconv.models import build_model
 from msconv.multilevel import MGE
 from msconv.optim import WarmupPolyLR
 from msconv.tasks import Denoise
-from msconv.train.io import psnr_ssim
+from msconv.train.metrics import psnr_ssim
 
 COLS = ["conv", "noise_restriction", "train_level", "work_units", "steps", "fine_psnr", "input_psnr", "seconds"]
 

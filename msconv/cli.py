@@ -94,7 +94,7 @@ def _run_guarded(fn) -> int:
 
     from msconv.data import ImageReadError
     from msconv.train.config import ConfigError
-    from msconv.train.io import CheckpointError
+    from msconv.train.checkpoint import CheckpointError
     from msconv.train.trainer import NonFiniteError
 
     if os.environ.get("MSCONV_DEBUG"):

@@ -1,4 +1,4 @@
-"""Full-Multiscale schedule (SPEC §3): stage order, iterations, batch sizes, estimator per stage,
+"""Full-Multiscale schedule: stage order, iterations, batch sizes, estimator per stage,
 state carried over, one LR schedule, adaptive advance, resume, non-finite steps, errors."""
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def test_one_lr_schedule_spans_all_stages_also_when_a_stage_ends_early():
 
     fmg = FullMultiscale(2, [6, 6, 4], 2, sample_batches=make_sampler(2), validate=validate, validate_every=2,
                          patience=1)
-    fmg.lr_scheduler(opt, warmup_steps=2, power=2.0)
+    sched = fmg.lr_scheduler(opt, warmup_steps=2, power=2.0)
     assert fmg.total_steps == 16
     lrs = {}
     for step in fmg:
@@ -109,6 +109,7 @@ def test_one_lr_schedule_spans_all_stages_also_when_a_stage_ends_early():
         opt.zero_grad()
         step.loss(model).backward()
         opt.step()
+        sched.step()  # the loop owns the scheduler; the schedule only fast-forwards it over skipped iterations
     # Stage 1 (level 2) validates at steps 2 and 4 and stops after 4 of its 6; stage 2 likewise.
     assert [(s.steps_run, s.advanced_early) for s in fmg.stages] == [(4, True), (4, True), (4, False)]
     assert calls == [2, 2, 1, 1]
@@ -137,6 +138,7 @@ def test_resume_from_state_dict_continues_the_same_data_lr_and_weights():
             opt.zero_grad()
             step.loss(model, None, [(x.double(), y.double()) for x, y in step.batches]).backward()
             opt.step()
+            sched.step()
             if step.global_step == stop_after:
                 return seen, [copy.deepcopy(o.state_dict()) for o in (model, opt, sched, fmg)]
         return seen, model
@@ -185,7 +187,6 @@ def test_bad_schedule_configuration_errors_name_the_argument_and_the_fix():
         step.loss(tiny_model())
 
 
-@pytest.mark.skipif(not hasattr(msconv, "MFConv2d"), reason="MFConv2d not available yet (msconv.nn.mfconv)")
 def test_full_multiscale_trains_a_mesh_free_model_at_every_grid_scale():
     torch.manual_seed(0)
     model = nn.Sequential(msconv.MFConv2d(1, 4, 3), nn.Tanh(), msconv.MFConv2d(4, 1, 3)).double()
@@ -195,3 +196,23 @@ def test_full_multiscale_trains_a_mesh_free_model_at_every_grid_scale():
     history = fmg.fit(model, torch.optim.SGD(model.parameters(), lr=0.05))
     assert scales == {1.0, 2.0, 4.0}
     assert all(not h["skipped"] and h["flops"] > 0 for h in history)
+
+
+def test_single_mge_and_full_multiscale_are_one_schedule_type_sized_by_one_work_formula():
+    from msconv.multilevel import Schedule, plan, step_work
+
+    single = plan("single", 2, [4, 4, 4], budget=100)
+    mge = plan("mge", 2, [4, 4, 4], budget=130)
+    fmg = plan("fmg", 2, [4, 4, 4], budget=165)
+    assert [(s.base_level, s.levels, s.batch_sizes, s.iterations) for s in single] == [(0, 0, [4], 25)]
+    assert [(s.base_level, s.levels, s.batch_sizes, s.iterations) for s in mge] == [(0, 2, [4, 4, 4], 20)]
+    assert [(s.base_level, s.levels, s.batch_sizes, s.iterations) for s in fmg] == [
+        (2, 0, [16], 40), (1, 1, [8, 8], 20), (0, 2, [4, 4, 4], 10)]
+    for stages, budget in ((single, 100), (mge, 130), (fmg, 165)):
+        assert sum(s.iterations * step_work(s.batch_sizes, s.base_level) for s in stages) == pytest.approx(budget)
+        sched = Schedule(stages, sample_batches=make_sampler(5))
+        assert sched.planned_work() == pytest.approx(budget)
+        assert sum(1 for _ in sched) == sched.total_steps
+    assert [s.lr_scale for s in plan("fmg", 2, [4, 4, 4], iterations=7, lr_batch_power=0.5)] == [2.0, 2.0 ** 0.5, 1.0]
+    with pytest.raises(ValueError, match="exactly one of budget"):
+        plan("mge", 1, [2, 2])

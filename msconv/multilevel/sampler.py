@@ -1,4 +1,4 @@
-"""Multilevel data: fresh, independent samples for every level of every step (SPEC §3).
+"""Multilevel data: fresh, independent samples for every level of every step .
 
 The official research code draws its multilevel batches from an ``IterableDataset`` that every
 DataLoader worker copies, so every level and every step sees the same images, and its
@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-__all__ = ["LevelIndex", "IndexStream", "MultilevelBatchSampler", "MultilevelDataset", "collate_levels", "multilevel_loader"]
+__all__ = ["LevelIndex", "IndexStream", "MultilevelBatchSampler", "MultilevelDataset", "collate_levels", "multilevel_loader",
+           "resolve_rank_world"]
 
 
 class LevelIndex(NamedTuple):
@@ -98,7 +99,8 @@ class IndexStream:
         self.position, self.perm = state["position"], list(state["perm"])
 
 
-def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+def resolve_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size): the given values, else torch.distributed's when initialised, else (0, 1)."""
     import torch.distributed as dist
 
     on = dist.is_available() and dist.is_initialized()
@@ -152,7 +154,7 @@ class MultilevelBatchSampler(Sampler):
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
             raise ValueError(f"MultilevelBatchSampler: steps must be None or an int >= 0, got steps={steps!r}")
         self.steps = steps
-        self.rank, self.world_size = _dist_rank_world(rank, world_size)
+        self.rank, self.world_size = resolve_rank_world(rank, world_size)
         self._sizes = batch_sizes
         self.current_sizes()  # validate now, not in the first step
 

@@ -10,11 +10,21 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["TrainConfig", "load_yaml", "ConfigError", "MODES"]
+from msconv.models import CONV_KINDS, MODELS
+from msconv.multilevel.allocation import ALLOCATIONS
+from msconv.multilevel.schedule import MODES
+from msconv.reference import RESTRICT_KINDS
+from msconv.tasks import TASKS, Denoise
 
-MODES = ("single", "mge", "fmg")
+__all__ = ["TrainConfig", "load_yaml", "ConfigError", "MODES", "OPTIMIZERS", "DEFAULT_LR", "LR_BATCH_POWERS"]
+
 OPTIMIZERS = ("adam", "sgd", "lars", "lamb")
 DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "lars": 1.0, "lamb": 1e-2}
+# --lr-batch-scaling: a stage's LR times (its finest-level batch / the fine stage's) ** power.
+LR_BATCH_POWERS = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
+MASK_KINDS = ("boxes", "strokes", "mixed")
+SR_SCALES = (2, 4)
+SR_KERNELS = ("bicubic", "area")
 
 
 class ConfigError(ValueError):
@@ -25,22 +35,26 @@ def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _alts(choices) -> str:
+    return " | ".join(map(str, choices))
+
+
 @dataclass
 class TrainConfig:
     # --- task
-    task: str = _f("denoise", "denoise | deblur | inpaint | sr", choices=("denoise", "deblur", "inpaint", "sr"))
+    task: str = _f("denoise", _alts(TASKS), choices=tuple(TASKS))
     noise_sigma: float = _f(None, "noise std on the 0-255 scale (default: 25 for denoise, 2.55 for deblur)")
     noise_restriction: str = _f("average", "denoise: how the noise reaches coarse grids: average (restricted with the image, "
                                 "std halves per level) | preserve (the same draw rescaled to the fine grid's std)",
-                                choices=("average", "preserve"))
+                                choices=Denoise.NOISE_RESTRICTIONS)
     blur_sigma: float = _f(1.6, "deblur: Gaussian blur std in reference (finest-grid) pixels")
     mask_fraction: float = _f(0.25, "inpaint: fraction of pixels missing")
-    mask_kind: str = _f("mixed", "inpaint: boxes | strokes | mixed", choices=("boxes", "strokes", "mixed"))
-    sr_scale: int = _f(2, "sr: upscaling factor 2 or 4", choices=(2, 4))
-    sr_kernel: str = _f("bicubic", "sr: downsampling kernel bicubic | area", choices=("bicubic", "area"))
+    mask_kind: str = _f("mixed", f"inpaint: {_alts(MASK_KINDS)}", choices=MASK_KINDS)
+    sr_scale: int = _f(2, f"sr: upscaling factor {_alts(SR_SCALES)}", choices=SR_SCALES)
+    sr_kernel: str = _f("bicubic", f"sr: downsampling kernel {_alts(SR_KERNELS)}", choices=SR_KERNELS)
     # --- model
-    model: str = _f("dncnn", "dncnn | unet | resnet | espcn", choices=("dncnn", "unet", "resnet", "espcn"))
-    conv: str = _f("standard", "standard (nn.Conv2d) | mf (msconv.MFConv2d)", choices=("standard", "mf"))
+    model: str = _f("dncnn", _alts(MODELS), choices=tuple(MODELS))
+    conv: str = _f("standard", "standard (nn.Conv2d) | mf (msconv.MFConv2d)", choices=CONV_KINDS)
     depth: int = _f(None, "dncnn: layers (default 17); unet: poolings (default 2)")
     width: int = _f(None, "channels of the first layer (model default if unset)")
     blocks: int = _f(None, "resnet: residual blocks (default 4)")
@@ -48,18 +62,18 @@ class TrainConfig:
                                "grid, >= 2**levels/2, or coarse grids cannot resolve the kernel)")
     mf_order: int = _f(2, "conv mf: derivative order p of the Gaussian-derivative basis")
     # --- multiscale
-    mode: str = _f("single", "single | mge | fmg", choices=MODES)
+    mode: str = _f("single", _alts(MODES), choices=MODES)
     levels: int = _f(2, "coarser levels below the finest grid (mge, fmg)")
     batch_size: int = _f(4, "fine-level batch size (single; level 0 of mge)")
     batch_sizes: list = _f(None, "mge: per-level batch sizes, finest first, e.g. 4,4,4 (default: batch_size at every level)")
-    allocation: str = _f("fixed", "mge batch allocation: fixed | paper | mlmc", choices=("fixed", "paper", "mlmc"))
-    restriction: str = _f("average", "restriction of inputs and targets: average | full_weighting | bilinear | nearest",
-                          choices=("average", "full_weighting", "bilinear", "nearest"))
+    allocation: str = _f("fixed", f"mge batch allocation: {_alts(ALLOCATIONS)}", choices=ALLOCATIONS)
+    restriction: str = _f("average", f"restriction of inputs and targets: {_alts(RESTRICT_KINDS)}",
+                          choices=RESTRICT_KINDS)
     fmg_iteration_ratio: float = _f(2.0, "fmg: each coarser stage runs this many times the iterations of the next finer one")
     fmg_batch_ratio: float = _f(2.0, "fmg: each coarser stage multiplies the batch sizes by this")
     lr_batch_scaling: str = _f("none", "fmg: each stage's LR times (its finest-level batch / the fine stage's)^p: "
                                "none (p=0) | sqrt (p=1/2) | linear (p=1, the SGD rule for large batches)",
-                               choices=("none", "sqrt", "linear"))
+                               choices=tuple(LR_BATCH_POWERS))
     fmg_adaptive: bool = _f(False, "fmg: end a stage early when validation on its grid stops improving")
     fmg_validate_every: int = _f(20, "fmg --fmg-adaptive: validate every this many steps of a stage")
     fmg_patience: int = _f(3, "fmg --fmg-adaptive: validations without improvement before moving to the next stage")
@@ -145,8 +159,6 @@ class TrainConfig:
                 raise ConfigError(f"--{_opt(name)} must be > 0, got {v!r}")
         if self.iterations is not None and (not isinstance(self.iterations, int) or self.iterations < 1):
             raise ConfigError(f"--iterations must be an int >= 1, got {self.iterations!r}")
-        if self.mode == "single" and self.levels and self.batch_sizes:
-            pass  # batch_sizes are ignored by single-scale training
         if self.mode != "single" and self.levels == 0:
             raise ConfigError(f"--mode {self.mode} needs --levels >= 1 (levels=0 is single-scale training; use --mode single)")
         if self.batch_sizes is not None:

@@ -1,0 +1,43 @@
+"""Validation metrics: PSNR and SSIM of a restored image, on the device it was computed on.
+
+Both come from torchmetrics. SSIM is configured to be scikit-image's ``structural_similarity``
+with its defaults (7×7 uniform window, K1 = 0.01, K2 = 0.03, sample covariances, the border of
+half a window left out of the mean), so figures agree with scikit-image to rounding:
+
+* sample covariances: scikit-image scales every (co)variance by N/(N−1), N = 49; in the SSIM
+  formula that is the same as dividing C2 by N/(N−1), i.e. K2·sqrt((N−1)/N);
+* border: torchmetrics averages the SSIM map over the whole image; here the map is taken in full
+  and its 3-pixel border (where scikit-image's map depends on padding) is cropped before the mean.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["psnr_ssim", "PSNR_CAP_DB"]
+
+PSNR_CAP_DB = 100.0  # an exact reconstruction reports this instead of +inf
+_WIN = 7
+_K2_SAMPLE = 0.03 * math.sqrt((_WIN * _WIN - 1) / (_WIN * _WIN))
+
+
+def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """PSNR (dB, peak 1) and SSIM of one image (C, H, W) against its clean original, on the full
+    image (H, W >= 7); the prediction is clipped to [0, 1]. Computed in float64 on the tensors'
+    device."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    if pred.dim() != 3 or pred.shape != target.shape:
+        raise ValueError(f"psnr_ssim: pred and target must be one (C, H, W) image each of the same shape, got "
+                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
+    if min(pred.shape[1:]) < _WIN:
+        raise ValueError(f"psnr_ssim: SSIM needs images of at least {_WIN}x{_WIN} pixels, got {tuple(pred.shape)}")
+    p = pred.detach().clamp(0, 1).double().unsqueeze(0)
+    t = target.detach().double().unsqueeze(0)
+    psnr = float(peak_signal_noise_ratio(p, t, data_range=1.0))
+    _, ssim_map = structural_similarity_index_measure(p, t, gaussian_kernel=False, kernel_size=_WIN, data_range=1.0,
+                                                      k2=_K2_SAMPLE, return_full_image=True)
+    r = (_WIN - 1) // 2
+    ssim = float(ssim_map[..., r:-r, r:-r].mean())
+    return (min(psnr, PSNR_CAP_DB) if math.isfinite(psnr) else PSNR_CAP_DB), ssim

@@ -1,0 +1,156 @@
+"""Everything one training run is made of, built from a :class:`TrainConfig` in one place.
+
+:func:`build_run` returns a :class:`Run`: the data, the task, the model on its device, the
+stage plan (:func:`plan_stages`), the optimizer and the learning-rate schedule, the crop sampler
+and the corruption generator (whose states a checkpoint keeps, so a resumed run is exact).
+Options reach the task and the model only when they apply to them.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from msconv.data import CropSampler, ImageSet, load_dataset
+from msconv.models import MODELS, build_model
+from msconv.multilevel.schedule import Stage, plan
+from msconv.tasks import TASKS, Task, build_task
+from msconv.train.config import LR_BATCH_POWERS, TrainConfig
+
+__all__ = ["Run", "build_run", "plan_stages", "resolve_device", "task_options", "model_options"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available in this torch build/machine; use --device cpu")
+    return dev
+
+
+def _accepted(cls, options: dict) -> dict:
+    """The options ``cls.__init__`` takes, without those left unset (None)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in options.items() if k in params and v is not None}
+
+
+def task_options(cfg: TrainConfig) -> dict:
+    """Keyword arguments of ``cfg.task``'s class, from the options that apply to it."""
+    return _accepted(TASKS[cfg.task], {
+        "noise_sigma": cfg.resolved_noise_sigma, "noise_restriction": cfg.noise_restriction,
+        "blur_sigma": cfg.blur_sigma, "mask_fraction": cfg.mask_fraction, "mask_kind": cfg.mask_kind,
+        "scale": cfg.sr_scale, "kernel": cfg.sr_kernel, "pre_upsample": cfg.model != "espcn",
+    })
+
+
+def model_options(cfg: TrainConfig) -> dict:
+    """Size keyword arguments of ``cfg.model``'s class that were set and apply to it."""
+    return _accepted(MODELS[cfg.model], {"depth": cfg.depth, "width": cfg.width, "blocks": cfg.blocks})
+
+
+def base_batch_sizes(cfg: TrainConfig) -> list[int]:
+    """The finest stage's per-level batch sizes, finest first."""
+    if cfg.mode == "single":
+        return [cfg.batch_size]
+    if cfg.batch_sizes:
+        return list(cfg.batch_sizes)
+    if cfg.allocation == "paper":
+        return [cfg.batch_size * 4 ** l for l in range(cfg.levels + 1)]
+    return [cfg.batch_size] * (cfg.levels + 1)
+
+
+def plan_stages(cfg: TrainConfig) -> list[Stage]:
+    """The stages of ``cfg.mode``, with iterations scaled so the run spends ``cfg.budget``
+    work units (or runs ``cfg.iterations`` steps in all); see :func:`msconv.multilevel.plan`."""
+    from msconv.train.config import ConfigError
+
+    stages = plan(cfg.mode, cfg.levels, base_batch_sizes(cfg),
+                  budget=None if cfg.iterations is not None else cfg.budget, iterations=cfg.iterations,
+                  iteration_ratio=cfg.fmg_iteration_ratio, batch_ratio=cfg.fmg_batch_ratio,
+                  lr_batch_power=LR_BATCH_POWERS[cfg.lr_batch_scaling])
+    if sum(s.iterations for s in stages) < 1:
+        raise ConfigError("--budget is too small for a single step; raise --budget")
+    return stages
+
+
+def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    lr = cfg.resolved_lr
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    from msconv.optim import LAMB, LARS
+
+    if cfg.optimizer == "lars":
+        return LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, exclude_1d=True)
+    return LAMB(params, lr=lr, weight_decay=cfg.weight_decay, exclude_1d=True)
+
+
+def warn_unresolved_mf(cfg: TrainConfig) -> None:
+    """Mesh-free layers on grids coarser than 2σ: the derivative taps are a small fraction of
+    their fine-grid size (≈ 0 beyond 4σ), the layer is close to a 1×1 mix there, and what the
+    coarse grids learn does not carry over (bench/results/paper_transfer measures it)."""
+    coarsest = 2 ** (cfg.levels if cfg.mode != "single" else 0)
+    sigma = 0.5 if cfg.mf_sigma is None else cfg.mf_sigma
+    if cfg.conv == "mf" and sigma < coarsest / 2:
+        warnings.warn(
+            f"--conv mf: sigma={sigma:g} reference pixels is not resolved on the coarsest grid (s={coarsest}; "
+            f"needs sigma >= s/2 = {coarsest / 2:g}): its derivative taps nearly vanish there and training on it "
+            f"does not transfer to the fine grid. Set --mf-sigma {coarsest / 2:g} or more, or use --conv standard",
+            UserWarning, stacklevel=4)
+
+
+@dataclass
+class Run:
+    """The objects of one training run (see :func:`build_run`)."""
+
+    cfg: TrainConfig
+    train_set: ImageSet
+    val_set: ImageSet
+    task: Task
+    model: torch.nn.Module
+    device: torch.device
+    stages: list[Stage]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: CropSampler
+    corrupt_rng: torch.Generator
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.iterations for s in self.stages)
+
+    @property
+    def allocation(self) -> str:
+        """The batch allocation of the stages' estimators (single-scale has one level: fixed)."""
+        return self.cfg.allocation if self.cfg.mode != "single" else "fixed"
+
+
+def build_run(cfg: TrainConfig, data: tuple[ImageSet, ImageSet] | None = None) -> Run:
+    """Data (``data`` = (train, validation) sets, else loaded from ``cfg``), task, model (seeded
+    with ``cfg.seed``, on ``cfg.device``), stage plan, optimizer and warm-up/poly LR schedule."""
+    cfg = cfg.validated()
+    on_bad = "skip" if cfg.skip_bad_files else "error"
+    train_set, val_set = data or load_dataset(cfg.data, cfg.val_data, cfg.gray, cfg.val_fraction, cfg.split_seed, on_bad)
+    task = build_task(cfg.task, **task_options(cfg))
+    c = train_set.channels
+    upscale = cfg.sr_scale if (cfg.task == "sr" and cfg.model == "espcn") else 1
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, task.in_channels(c), task.out_channels(c), cfg.conv, upscale,
+                        mf_sigma=cfg.mf_sigma, mf_order=cfg.mf_order, **model_options(cfg))
+    device = resolve_device(cfg.device)
+    model.to(device)
+    warn_unresolved_mf(cfg)
+    stages = plan_stages(cfg)
+    optimizer = build_optimizer(cfg, model.parameters())
+    from msconv.optim import WarmupPolyLR
+
+    total = sum(s.iterations for s in stages)
+    warm = int(cfg.warmup * total)
+    scheduler = WarmupPolyLR(optimizer, warm, max(total, warm + 1), cfg.lr_power)
+    return Run(cfg, train_set, val_set, task, model, device, stages, optimizer, scheduler,
+               CropSampler(train_set, cfg.crop, seed=cfg.seed), torch.Generator().manual_seed(cfg.seed + 1))
