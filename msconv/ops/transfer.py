@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from msconv import reference
+from msconv.nn._memory import check_fits
 from msconv.ops import _backend
 from msconv.ops._common import check_choice, check_image, check_int, empty_like_format
 from msconv.ops._taps import taps
@@ -196,6 +197,9 @@ def prolong(
     sizes = _prolong_sizes(x, levels, size)
     if levels == 0:
         return x
+    h, w = sizes[-1]
+    check_fits(x.shape[0] * x.shape[1] * h * w * x.element_size(), x.device, "prolong",
+               f"levels={levels} on x.shape={tuple(x.shape)} (output {h}×{w})", "use fewer levels")
     b = _backend.resolve("prolong", x.device, backend)
     if b == "reference":
         return reference.prolong_ref(x, kind, levels, size)
