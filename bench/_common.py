@@ -1,5 +1,9 @@
-"""Shared benchmark plumbing: timing (CPU: torch.utils.benchmark, GPU: triton.testing.do_bench),
-environment columns, CSV writing and a plain-text table."""
+"""Shared benchmark plumbing: the common options (:func:`bench_parser`, :func:`kernel_parser`),
+timing (CPU: torch.utils.benchmark, GPU: triton.testing.do_bench; p50/p20/p80), environment
+columns (device, torch and msconv versions, git sha), CSV writing and a plain-text table.
+
+Every ``bench/bench_<name>.py`` has ``main(argv) -> int`` (the exit code) so ``msconv bench``
+can run them in turn."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +14,8 @@ import subprocess
 
 import torch
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Where CSVs go by default; MSCONV_BENCH_RESULTS redirects them (tests, scratch runs).
+RESULTS = os.environ.get("MSCONV_BENCH_RESULTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def git_sha() -> str:
@@ -73,20 +78,36 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join([line(cols), line(["-" * w for w in width]), *map(line, cells)])
 
 
-def kernel_parser(doc: str, name: str, quick_help: str) -> argparse.ArgumentParser:
-    """The options every kernel microbenchmark takes: --quick, --device, --dtype, --out."""
+SMOKE_HELP = ("the smallest sizes and a few milliseconds of timing: checks that the benchmark runs end to end "
+              "(figures are not meaningful); CSV *_smoke.csv")
+
+
+def bench_parser(doc: str, name: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --quick, --smoke, --out."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
+    p.add_argument("--out", default=None, help=f"CSV path (default bench/results/{name}_<device>[_quick|_smoke].csv)")
+    return p
+
+
+def kernel_parser(doc: str, name: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every kernel microbenchmark takes: --quick, --smoke, --device, --dtype, --out."""
+    p = bench_parser(doc, name, quick_help)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-    p.add_argument("--out", default=None, help=f"CSV path (default bench/results/{name}_<device>[_quick].csv)")
     return p
+
+
+def size_tag(args: argparse.Namespace) -> str:
+    """The CSV name suffix of the size tier: '_smoke', '_quick' or ''."""
+    return "_smoke" if getattr(args, "smoke", False) else "_quick" if args.quick else ""
 
 
 def report(rows: list[dict], args: argparse.Namespace, name: str, cols: list[str], note: str = "") -> str:
     """Write a kernel benchmark's CSV (default name from the device and --quick) and print its table."""
     tag = "cuda_" + torch.cuda.get_device_name().replace(" ", "_") if args.device == "cuda" else "cpu"
-    out = args.out or os.path.join(RESULTS, f"{name}_{tag}{'_quick' if args.quick else ''}.csv")
+    out = args.out or os.path.join(RESULTS, f"{name}_{tag}{size_tag(args)}.csv")
     write_csv(rows, out)
     print(f"device: {rows[0]['device']}, torch {rows[0]['torch']}, dtype {args.dtype}{note}")
     print(table(rows, cols))

@@ -67,23 +67,26 @@ def bench_case(n, c, h, scale, order, stride, dtype, device, backends, mrt):
     return rows
 
 
-def run(quick=False, device="cpu", dtype="float32", min_run_time=None):
+SMOKE = [(1, 2, 16, 1.0, 2, 1)]
+
+
+def run(quick=False, device="cpu", dtype="float32", min_run_time=None, smoke=False):
     device = torch.device(device)
     dt = getattr(torch, dtype)
     backends = [b for b in ("cpp", "cuda", "triton") if _backend._available(b, device) is None]
     if device.type == "cpu":
         backends = [b for b in backends if b != "triton"]  # the interpreter is not a performance path
-    mrt = min_run_time if min_run_time is not None else (0.1 if quick else 0.3)
+    mrt = min_run_time if min_run_time is not None else (0.005 if smoke else 0.1 if quick else 0.3)
     env = env_columns(device)
     rows = []
-    for case in QUICK if quick else FULL:
+    for case in SMOKE if smoke else QUICK if quick else FULL:
         rows += [{**r, **env} for r in bench_case(*case, dt, device, backends, mrt)]
     return rows
 
 
 def main(argv=None) -> int:
     args = kernel_parser(__doc__, "mf_jets", "fewer, smaller cases, shorter timing").parse_args(argv)
-    rows = run(args.quick, args.device, args.dtype)
+    rows = run(args.quick, args.device, args.dtype, smoke=args.smoke)
     report(rows, args, "mf_jets", ["shape", "scale", "K", "order", "stride", "pass", "impl", "p50_ms", "speedup_vs_ref",
                                    "speedup_vs_dense"])
     return 0

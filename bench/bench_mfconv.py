@@ -44,6 +44,7 @@ from msconv.ops import mfconv as mfops  # noqa: E402
 SIGMA, ORDER = 0.5, 2
 FULL = {"scales": [1.0, 0.5, 0.25, 0.125], "channels": [16, 32, 64, 128], "n": 4, "hw": 64}
 QUICK = {"scales": [1.0, 0.5, 0.25, 0.125], "channels": [16, 64], "n": 2, "hw": 64}
+SMOKE = {"scales": [1.0], "channels": [2], "n": 1, "hw": 16}
 
 
 def _impls(scale, c, device, dtype, backends):
@@ -103,12 +104,12 @@ def _time_interleaved(fns, device, min_run_time, rounds):
     return out
 
 
-def run(quick=False, device="cpu", dtype="float32", min_run_time=None, rounds=None):
+def run(quick=False, device="cpu", dtype="float32", min_run_time=None, rounds=None, smoke=False):
     device = torch.device(device)
     dt = getattr(torch, dtype)
-    cfg = QUICK if quick else FULL
-    mrt = min_run_time if min_run_time is not None else (0.1 if quick else 0.4)
-    rounds = rounds if rounds is not None else (3 if quick else 5)
+    cfg = SMOKE if smoke else QUICK if quick else FULL
+    mrt = min_run_time if min_run_time is not None else (0.005 if smoke else 0.1 if quick else 0.4)
+    rounds = rounds if rounds is not None else (1 if smoke else 3 if quick else 5)
     backends = ["reference"]
     if mfops._jets_op() is not None:
         backends += [b for b in ("cpp", "cuda", "triton") if _backend._available(b, device) is None]
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5, quick 3)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = run(args.quick, args.device, args.dtype, rounds=args.rounds)
+    rows = run(args.quick, args.device, args.dtype, rounds=args.rounds, smoke=args.smoke)
     report(rows, args, "mfconv", ["scale", "K", "channels", "pass", "impl", "p50_ms", "p20_ms", "p80_ms",
                                   "speedup_vs_dense", "x_vs_conv3x3", "auto_pick"], f", sigma {SIGMA}, order {ORDER}")
     return 0

@@ -25,7 +25,6 @@ to it (.png).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -35,7 +34,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, env_columns, table, write_csv  # noqa: E402
+from _common import RESULTS, bench_parser, env_columns, size_tag, table, write_csv  # noqa: E402
 
 import msconv  # noqa: E402
 from msconv.data import CropSampler, bundled_images, load_folder  # noqa: E402
@@ -185,8 +184,7 @@ def plot(rows: list[dict], path: str) -> str | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small crops and few draws (about a minute on 2 cores)")
+    p = bench_parser(__doc__, "mge", "small crops and few draws (about a minute on 2 cores)")
     p.add_argument("--draws", type=int, help="independent gradient draws per estimator")
     p.add_argument("--crop", type=int, help="finest-grid crop size")
     p.add_argument("--levels", type=int, help="coarser levels below the finest")
@@ -198,17 +196,17 @@ def main(argv=None) -> int:
                    help="how noise reaches coarse grids (msconv.tasks.Denoise): average, preserve or both, comma separated")
     p.add_argument("--data", help="a folder of training images (default: the bundled photographs)")
     p.add_argument("--threads", type=int, default=min(torch.get_num_threads(), 2))
-    p.add_argument("--out", help="CSV path (default bench/results/mge_cpu[_quick].csv)")
     args = p.parse_args(argv)
     quick = {"draws": 16, "crop": 32, "levels": 2, "batch": 4, "width": 8, "noise": [0.0, 50.0]}
+    smoke = {"draws": 2, "crop": 8, "levels": 1, "batch": 4, "width": 2, "noise": [50.0]}
     full = {"draws": 96, "crop": 64, "levels": 3, "batch": 4, "width": 16, "noise": [0.0, 25.0, 75.0]}
-    for k, v in (quick if args.quick else full).items():
+    for k, v in (smoke if args.smoke else quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.crop % 2**args.levels:
         p.error(f"--crop {args.crop} must be divisible by 2**levels = {2**args.levels} so every level has whole cells")
     rows = run(args)
-    out = args.out or os.path.join(RESULTS, f"mge_cpu{'_quick' if args.quick else ''}.csv")
+    out = args.out or os.path.join(RESULTS, f"mge_cpu{size_tag(args)}.csv")
     write_csv(rows, out)
     png = plot(rows, os.path.splitext(out)[0] + ".png")
     print(table(rows, ["model", "input", "estimator", "levels", "batch_sizes", "grad_var", "work_units", "flops", "seconds",

@@ -86,14 +86,17 @@ def bench_case(case, shape, dtype, device, impls, min_run_time):
     return rows
 
 
-def run(quick=False, device="cpu", dtype="float32", min_run_time=None):
+SMOKE_SHAPES = [(1, 2, 16, 16)]
+
+
+def run(quick=False, device="cpu", dtype="float32", min_run_time=None, smoke=False):
     device = torch.device(device)
     dt = getattr(torch, dtype)
     backends = [b for b in ("cpp", "cuda", "triton") if _backend._available(b, device) is None]
     if device.type == "cpu":
         backends = [b for b in backends if b != "triton"]  # the interpreter is not a performance path
-    shapes = QUICK_SHAPES if quick else FULL_SHAPES
-    mrt = min_run_time if min_run_time is not None else (0.2 if quick else 0.5)
+    shapes = SMOKE_SHAPES if smoke else QUICK_SHAPES if quick else FULL_SHAPES
+    mrt = min_run_time if min_run_time is not None else (0.005 if smoke else 0.2 if quick else 0.5)
     cases = ["pyramid_average", "restrict_average", "restrict_full_weighting", "prolong_bilinear"]
     env = env_columns(device)
     rows = []
@@ -112,7 +115,7 @@ def run(quick=False, device="cpu", dtype="float32", min_run_time=None):
 
 def main(argv=None) -> int:
     args = kernel_parser(__doc__, "transfer", "fewer shapes, shorter timing (the demo)").parse_args(argv)
-    rows = run(args.quick, args.device, args.dtype)
+    rows = run(args.quick, args.device, args.dtype, smoke=args.smoke)
     report(rows, args, "transfer", ["op", "shape", "pass", "impl", "p50_ms", "p20_ms", "p80_ms", "speedup_vs_torch"])
     return 0
 

@@ -28,12 +28,17 @@ def _bench_names(bench_dir: str) -> list[str]:
     return sorted(os.path.basename(f)[len("bench_"):-3] for f in glob.glob(os.path.join(bench_dir, "bench_*.py")))
 
 
+def _bench_dir() -> str:
+    import os
+
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
 def _cmd_bench(args) -> int:
     import importlib
     import os
 
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    bench_dir = os.path.join(here, "bench")
+    bench_dir = _bench_dir()
     if not os.path.isdir(bench_dir):
         print("msconv bench: the bench/ folder is not next to the package (run from a source checkout)", file=sys.stderr)
         return 2
@@ -43,11 +48,20 @@ def _cmd_bench(args) -> int:
         print(f"msconv bench: no benchmark {args.which!r}; available: {', '.join(available)}", file=sys.stderr)
         return 2
     names = available if args.which == "all" else [args.which]
+    failed = []
     for name in names:
         mod = importlib.import_module(f"bench_{name}")
         rc = mod.main(args.rest)
+        if isinstance(rc, bool) or not isinstance(rc, int):
+            print(f"msconv bench: bench/bench_{name}.py main() returned a {type(rc).__name__}, not an exit code; "
+                  "its main(argv) must return an int (0 on success)", file=sys.stderr)
+            rc = 1
         if rc:
-            return rc
+            failed.append((name, rc))
+    if failed:
+        if len(names) > 1:
+            print(f"msconv bench: failed: {', '.join(f'{n} (exit {rc})' for n, rc in failed)}", file=sys.stderr)
+        return failed[0][1]
     return 0
 
 
@@ -166,7 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     pi = sub.add_parser("info", help="versions, compiled kernels, Triton, and the backend each op uses")
     pi.add_argument("--json", action="store_true", help="print as JSON")
     pi.set_defaults(func=_cmd_info)
-    pb = sub.add_parser("bench", help="run a kernel microbenchmark and print its table (CSV into bench/results/)")
+    pb = sub.add_parser("bench", help="run a kernel microbenchmark and print its table (CSV into bench/results/)",
+                        description="Run bench/bench_<which>.py (or every one, 'all', each in turn; a failing one does "
+                        "not stop the rest). Options after the name go to every benchmark run: --quick (smaller), "
+                        "--smoke (tiny, checks that it runs), --out, ... CSVs go to bench/results/ or "
+                        "$MSCONV_BENCH_RESULTS.")
     pb.add_argument("which", help="which benchmark: transfer, mfconv, mge, lars, ... or all")
     pb.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark (see --help there)")
     pb.set_defaults(func=_cmd_bench)
