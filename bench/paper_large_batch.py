@@ -25,7 +25,6 @@ trainer passed before.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -53,9 +52,14 @@ def layerwise_options(options: dict[str, dict]):
     (they override the trainer's own keyword arguments).
     """
     real = {name: getattr(msconv.optim, name) for name in options}
+
+    def forcing(cls, forced):
+        # Not functools.partial: there the trainer's own keywords (exclude_1d=True) would win.
+        return lambda *a, **kw: cls(*a, **{**kw, **forced})
+
     try:
         for name, cls in real.items():
-            setattr(msconv.optim, name, functools.partial(cls, **options[name]))
+            setattr(msconv.optim, name, forcing(cls, options[name]))
         yield
     finally:
         for name, cls in real.items():
@@ -67,7 +71,14 @@ def rates(spec: str, optimizers: list[str]) -> dict[str, list[float]]:
         return {o: [DEFAULT_LR[o]] for o in optimizers}
     if spec == "sweep":
         return {o: GRID[o] for o in optimizers}
-    raise SystemExit(f"--lrs must be 'default' or 'sweep', got {spec!r}")
+    try:  # explicit rates, e.g. lars=3,adam=3e-3
+        given = {k: [float(v)] for k, v in (kv.split("=") for kv in spec.split(","))}
+    except ValueError:
+        raise SystemExit(f"--lrs must be 'default', 'sweep' or e.g. 'lars=3,adam=3e-3', got {spec!r}") from None
+    missing = [o for o in optimizers if o not in given]
+    if missing:
+        raise SystemExit(f"--lrs {spec!r} gives no rate for {missing}; add e.g. {missing[0]}=0.01")
+    return {o: given[o] for o in optimizers}
 
 
 def run_cells(args, name: str, cells) -> tuple[list[dict], list[dict]]:
@@ -94,23 +105,47 @@ def best_rows(rows: list[dict]) -> list[dict]:
     """Per (model, optimizer, coarse batch) the row at the rate with the highest final validation PSNR."""
     best: dict[tuple, dict] = {}
     for r in rows:
-        key = (r["model"], r["optimizer"], r["coarse_batch_x"])
-        if r["val_psnr"] != "" and (key not in best or r["val_psnr"] > best[key]["val_psnr"]):
+        key = (r.get("model") or "dncnn", r["optimizer"], str(r["coarse_batch_x"]))
+        if r["val_psnr"] != "" and (key not in best or float(r["val_psnr"]) > float(best[key]["val_psnr"])):
             best[key] = r
     return list(best.values())
+
+
+def summarize(folder: str) -> int:
+    """Merge the sweeps run one optimizer at a time (``FOLDER/<name>/large_batch_sweep.csv``) into
+    ``FOLDER/best.csv``: each (optimizer, coarse batch) at its best rate, and the rate grid."""
+    import csv
+    import glob
+
+    rows = []
+    for path in sorted(glob.glob(os.path.join(folder, "*", "large_batch_sweep.csv"))):
+        sweep = os.path.basename(os.path.dirname(path))
+        rows += [{"sweep": sweep, **r} for r in csv.DictReader(open(path))]
+    if not rows:
+        raise SystemExit(f"--summarize {folder}: no */large_batch_sweep.csv below it")
+    best = best_rows([{**r, "optimizer": r["sweep"]} for r in rows])
+    cols = ["sweep", "coarse_batch_x", "lr", "lr_batch_scaling", "val_psnr", "test_psnr", "test_ssim", "iterations"]
+    write_csv([{c: r.get(c, "") for c in cols} for r in best], os.path.join(folder, "best.csv"))
+    print(table(best, cols))
+    print(f"\nwrote {os.path.join(folder, 'best.csv')}")
+    return 0
 
 
 def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--multipliers", default="4,16,64", help="coarsest-stage batch / fine batch (levels=2: 4 ** k)")
     p.add_argument("--optimizers", default="sgd,adam,lars,lamb")
-    p.add_argument("--lrs", default="default", help="default (the CLI's rate per optimizer) or sweep (GRID)")
+    p.add_argument("--lrs", default="default",
+                   help="default (the CLI's rate per optimizer), sweep (GRID) or explicit, e.g. lars=3,adam=3e-3")
     p.add_argument("--crop", type=int, default=128, help="training crop (fine grid)")
     p.add_argument("--norm-floor", type=float, default=1.0, help="LARS/LAMB norm_floor (0: the paper's update)")
     p.add_argument("--models", default="dncnn", help="zoo models, e.g. dncnn,unet,resnet,espcn (width 16, depth 6, 2 blocks)")
     p.add_argument("--scaling", default="", help="per-stage LR rule overrides, e.g. lars=sqrt,adam=none")
     p.add_argument("--lr-power", type=float, default=None, help="polynomial decay power (default: the CLI's)")
+    p.add_argument("--summarize", metavar="FOLDER", help="only merge FOLDER/*/large_batch_sweep.csv into FOLDER/best.csv")
     args = p.parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize)
     scaling = {**SCALING, **dict(kv.split("=") for kv in args.scaling.split(",") if kv)}
     optimizers = [o for o in args.optimizers.split(",") if o]
     name = "large_batch" + ("_sweep" if args.lrs == "sweep" else "")
