@@ -1,4 +1,4 @@
-"""Shared plumbing of the paper experiments (bench/paper_*.py, SPEC §6 and issue 7).
+"""Shared plumbing of the paper experiments (bench/paper_*.py).
 
 Each experiment is a list of ``msconv compare`` runs (the same code path as the CLI): one
 :class:`msconv.train.TrainConfig` per cell of its table, every mode of a cell on the same data,

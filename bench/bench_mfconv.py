@@ -19,7 +19,7 @@ Columns ``speedup_vs_dense`` (dense p50 / row p50) and ``x_vs_conv3x3`` (row p50
 measured side by side in one run: the implementations of a configuration are timed in
 ``--rounds`` interleaved rounds (torch.utils.benchmark blocked_autorange each) and the
 percentiles taken over all rounds, so load that comes and goes on a shared machine hits them
-alike. SPEC §6 bars: at s = ¼ ≥ 4× faster than dense (fwd+bwd); at
+alike. Targets: at s = ¼ ≥ 4× faster than dense (fwd+bwd); at
 s = 1 within 1.3× of the 3×3 conv. CSV into bench/results/mfconv_<device>[_quick].csv.
 
     python bench/bench_mfconv.py [--quick] [--device cpu|cuda] [--dtype float32] [--threads T] [--rounds R] [--out FILE]

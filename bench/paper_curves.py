@@ -4,7 +4,7 @@ Every mode is trained to completion at budgets B, B/2, …, B/2^k work units (ea
 full schedule: warm-up, decay, and for Full-Multiscale all its stages), at 256² crops. The target
 is single-scale's final validation PSNR at the largest budget B; for each mode we report the
 smallest budget (and its training wall-clock) whose final PSNR is within 0.1 dB of it, and the
-ratios single/mode of both — SPEC §6's bar is ≥ 16× fewer work units and ≥ 8× less wall-clock.
+ratios single/mode of both — the target is ≥ 16× fewer work units and ≥ 8× less wall-clock.
 The compare run at budget B also gives the within-run figure (work until the validation curve
 first came within 0.1 dB).
 

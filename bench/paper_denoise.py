@@ -8,9 +8,9 @@ to single-scale (CSV, JSON and the per-cell quality-vs-work / quality-vs-time pl
 On this CPU the DnCNN is small (``--depth``/``--width``) and the budget short; the defaults finish
 in about 25 minutes on one core. Multiscale denoising uses ``noise_restriction=preserve`` (every
 grid sees the fine grid's noise level; see msconv.tasks.Denoise); the cell ``*_avgnoise`` repeats
-σ = 25 with SPEC §3's default (noise restricted with the image) to show what that choice is worth.
+σ = 25 with the default (noise restricted with the image) to show what that choice is worth.
 Multiscale runs use 4 grids (128² … 16²) and Full-Multiscale iterations ×8 per coarser stage
-(``--levels``, ``--fmg-iteration-ratio``; SPEC's default schedule is ``--levels 2
+(``--levels``, ``--fmg-iteration-ratio``; the default schedule is ``--levels 2
 --fmg-iteration-ratio 2``, whose results are kept in bench/results/paper_denoise_L2r2/).
 
     python bench/paper_denoise.py [--sigmas 15,25,50] [--convs standard,mf] [--budget 800] [--tiny]
@@ -35,8 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="single,mge,fmg")
     p.add_argument("--levels", type=int, default=3, help="coarser grids below the finest (mge, fmg)")
     p.add_argument("--fmg-iteration-ratio", type=float, default=8.0,
-                   help="Full-Multiscale iterations x this per coarser stage (batches x 2); SPEC's default is 2")
-    p.add_argument("--no-avgnoise", action="store_true", help="skip the σ=25 cell with SPEC's default noise restriction")
+                   help="Full-Multiscale iterations x this per coarser stage (batches x 2); the default is 2")
+    p.add_argument("--no-avgnoise", action="store_true", help="skip the σ=25 cell with the default noise restriction")
     args = p.parse_args(argv)
     name = "denoise"
     out = out_dir(args, name)

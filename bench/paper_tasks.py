@@ -5,7 +5,7 @@ fine-equivalent work units), on the other restoration tasks. Training on Train40
 deblurring (Gaussian blur σ = 1.6 reference pixels + noise σ = 2.55/255) and inpainting (25% of the
 pixels missing in boxes and strokes; the mask is an input channel) are validated on BSD68 centre
 crops and tested on the full BSD68 images with a small DnCNN; SR ×2 (bicubic) trains ESPCN,
-validates on Set5 and tests on Set14 (luma, BT.601). Every task uses SPEC §3's rule: corrupt at the
+validates on Set5 and tests on Set14 (luma, BT.601). Every task uses the same rule: corrupt at the
 finest grid, restrict input and target alike. Multiscale runs use 4 grids and Full-Multiscale
 iterations ×8 per coarser stage (``--levels``, ``--fmg-iteration-ratio``).
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="single,mge,fmg")
     p.add_argument("--levels", type=int, default=3, help="coarser grids below the finest (mge, fmg)")
     p.add_argument("--fmg-iteration-ratio", type=float, default=8.0,
-                   help="Full-Multiscale iterations x this per coarser stage (batches x 2); SPEC's default is 2")
+                   help="Full-Multiscale iterations x this per coarser stage (batches x 2); the default is 2")
     args = p.parse_args(argv)
     name = "tasks"
     out = out_dir(args, name)

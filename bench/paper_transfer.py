@@ -4,7 +4,7 @@ Train a small DnCNN on one grid only — level 0 (the fine grid), 1 or 2 (crops 
 4×) — for the same budget of fine-equivalent work units, then measure its PSNR at the *fine*
 grid (BSD68 centre crops, σ = 25). This is what Full-Multiscale relies on: its coarse stages are
 worth their cost only if the model they produce is already good on the finer grids. Rows:
-standard and mesh-free convolutions, noise restricted with the image (SPEC §3's default,
+standard and mesh-free convolutions, noise restricted with the image (the default,
 ``average``: std σ/2^l on level l) or preserved (``preserve``: the same draw at std σ on every
 grid; msconv.tasks.Denoise). The loop is msconv.MGE(levels=0, base_level=l) — the plain loss on
 grid l, in grid_scale(2^l) — with Adam and a warm-up + linear decay schedule.

@@ -4,7 +4,7 @@ The paper's claim: MGE reaches single-scale gradient variance at a fraction of t
 work. bench/bench_mge.py measures it (R independent gradient draws per estimator at a fixed
 initialisation of a 3-layer denoiser; single-scale, and MGE with fixed, paper and mlmc batch
 allocation; plus the variance of each level-difference term); this script runs it on Train400
-crops, with clean input (no noise) and with σ = 25 noise — restricted with the image (SPEC §3's
+crops, with clean input (no noise) and with σ = 25 noise — restricted with the image (the
 default) and with the noise level preserved on coarse grids (msconv.tasks.Denoise) — for
 nn.Conv2d and MFConv2d. ``efficiency`` = how many times less work than single-scale the estimator
 needs for the same variance (> 1: MGE pays).

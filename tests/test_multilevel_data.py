@@ -1,4 +1,4 @@
-"""Multilevel data (SPEC §3): fresh samples per level and step, disjoint within a step, every
+"""Multilevel data: fresh samples per level and step, disjoint within a step, every
 sample once per epoch, no duplicates across loader workers or ranks."""
 from __future__ import annotations
 

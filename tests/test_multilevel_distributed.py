@@ -1,4 +1,4 @@
-"""Distributed MGE (SPEC §3): 2 processes, gloo on CPU, each rank its share of every level.
+"""Distributed MGE: 2 processes, gloo on CPU, each rank its share of every level.
 
 Each rank trains (a) a DistributedDataParallel model (whose all-reduces are counted with a
 communication hook) and (b) a plain model whose gradients go

@@ -1,4 +1,4 @@
-"""Cost accounting for one multilevel step (SPEC §3): work units, FLOPs and wall-clock.
+"""Cost accounting for one multilevel step : work units, FLOPs and wall-clock.
 
 Units
 -----

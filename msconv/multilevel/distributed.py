@@ -1,4 +1,4 @@
-"""Multi-process MGE under ``torchrun`` (SPEC §3, "Scale out").
+"""Multi-process MGE under ``torchrun``.
 
 How to wire it (every rank runs the same script)::
 
