@@ -437,7 +437,7 @@ def test_convert_inplace_and_bad_args():
     assert same is net and isinstance(net[0], msconv.MFConv2d)
     with pytest.raises(ValueError, match="order must be an int >= 0"):
         msconv.convert(_convnet(), order=-1)
-    with pytest.raises(ValueError, match="sigma must be a number > 0"):
+    with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
         msconv.convert(_convnet(), sigma=0)
 
 

@@ -64,6 +64,11 @@ def _to_tensor(a: np.ndarray, gray: bool, what: str) -> torch.Tensor:
         a = a.astype(np.float32) / float(np.iinfo(a.dtype).max)
     else:
         a = a.astype(np.float32)
+        if not np.isfinite(a).all():
+            raise ImageReadError(
+                f"{what}: the image holds {int((~np.isfinite(a)).sum())} non-finite value(s) (NaN or inf), which "
+                "would poison every crop and loss that touches them; fix or remove the file"
+            )
         if a.max(initial=0) > 1.0 + 1e-6:
             a = a / 255.0
     if a.ndim == 3 and a.shape[2] == 4:  # RGBA: drop alpha
@@ -101,6 +106,14 @@ def load_image(path: str, gray: bool = True) -> torch.Tensor:
                 a = np.asarray(im, dtype=np.float32)
             else:
                 a = np.asarray(im.convert("RGB" if im.mode not in ("L", "LA") else "L"))
+    except Image.DecompressionBombError as e:
+        # A few-kB file can declare 100000×100000 pixels (tens of GB once decoded); PIL refuses
+        # headers above 2 × Image.MAX_IMAGE_PIXELS before decoding.
+        raise ImageReadError(
+            f"cannot read image file {path!r}: {e} Its header declares more pixels than PIL decodes safely (a damaged "
+            "or malicious file). Remove or replace the file, pass on_bad_file='skip' (CLI: --skip-bad-files) to skip "
+            "it with a warning, or, for a genuine image that large, raise PIL.Image.MAX_IMAGE_PIXELS"
+        ) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(
             f"cannot read image file {path!r}: {type(e).__name__}: {e}. Remove or replace the file, or pass "
@@ -206,8 +219,24 @@ class CropSampler:
     """
 
     def __init__(self, ds: ImageSet, crop: int, seed: int = 0, augment: bool = True):
-        if not isinstance(crop, int) or crop < 1:
-            raise ValueError(f"crop must be a positive int, got {crop!r}")
+        if isinstance(crop, bool) or not hasattr(crop, "__index__") or crop < 1:
+            raise ValueError(f"CropSampler: crop must be a positive int (pixels), got crop={crop!r}")
+        if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+            raise TypeError(f"CropSampler: seed must be an int, got seed={seed!r}")
+        if not isinstance(ds, ImageSet) or len(ds) == 0:
+            raise ValueError(
+                f"CropSampler: ds must be a non-empty ImageSet (from load_folder, bundled_images, ...), got "
+                f"{type(ds).__name__}{' with no images' if isinstance(ds, ImageSet) else ''}"
+            )
+        bad = [n for im, n in zip(ds.images, ds.names) if not (isinstance(im, torch.Tensor) and im.dim() == 3)]
+        if bad:
+            raise ValueError(f"CropSampler: every image must be a (C, H, W) tensor; {bad[0]!r} is not")
+        channels = {im.shape[0] for im in ds.images}
+        if len(channels) > 1:
+            raise ValueError(
+                f"CropSampler: the images have different channel counts {sorted(channels)}, so their crops cannot "
+                "form one batch; load them all gray or all RGB (gray=True/False)"
+            )
         small = [(n, tuple(im.shape[1:])) for im, n in zip(ds.images, ds.names) if min(im.shape[1:]) < crop]
         if small:
             n, s = small[0]
@@ -215,8 +244,8 @@ class CropSampler:
                 f"crop={crop} is larger than image {n!r} of size {s} ({len(small)} image(s) too small); "
                 f"use --crop <= {ds.min_side()}"
             )
-        self.ds, self.crop, self.augment = ds, crop, augment
-        self.generator = torch.Generator().manual_seed(seed)
+        self.ds, self.crop, self.augment = ds, int(crop), augment
+        self.generator = torch.Generator().manual_seed(int(seed))
         self.order: list[int] = []
         self.pos = 0
         self.epoch = 0
@@ -232,6 +261,9 @@ class CropSampler:
 
     def next_batch(self, n: int) -> torch.Tensor:
         """(n, C, crop, crop) float32 clean crops."""
+        if isinstance(n, bool) or not hasattr(n, "__index__") or n < 1:
+            raise ValueError(f"CropSampler.next_batch: n must be a positive int (the batch size), got n={n!r}")
+        n = int(n)
         g, c = self.generator, self.crop
         out = []
         for _ in range(n):

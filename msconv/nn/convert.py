@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -9,7 +11,18 @@ import torch.nn as nn
 from msconv import reference
 from msconv.nn.mfconv import MFConv2d
 
-__all__ = ["convert", "fit_mf_weight"]
+__all__ = ["convert", "fit_mf_weight", "PoorFitWarning", "FIT_WARN_THRESHOLD"]
+
+# Relative fit error above which convert() warns. Measured at order 2, σ = ½, 3×3 (fit error →
+# relative output error on three 256² bundled photos): Gaussian 0.09 → 0.014, identity 0.10 →
+# 0.14; Laplacian 0.27 → 6.1 (its response to photos is small), Sobel 0.30 → 0.17, one-pixel
+# shift 0.30 → 0.27, box 0.36 → 0.10, Kaiming-random 0.46-0.58 → 0.24-0.59. 0.2 keeps the
+# kernels a 2nd-order Gaussian basis represents silent and flags the rest.
+FIT_WARN_THRESHOLD = 0.2
+
+
+class PoorFitWarning(UserWarning):
+    """convert(): a layer's mesh-free fit is far from its nn.Conv2d weights."""
 
 
 def _window_offsets(conv: nn.Conv2d) -> int | None:
@@ -69,7 +82,10 @@ def fit_mf_weight(weight: torch.Tensor, first_offset: int, order: int, sigma: fl
     return theta.T.reshape(*weight.shape[:2], -1), float(err)
 
 
-def convert(model: nn.Module, order: int = 2, sigma: float | None = None, inplace: bool = False):
+def convert(
+    model: nn.Module, order: int = 2, sigma: float | None = None, inplace: bool = False,
+    warn_above: float | None = FIT_WARN_THRESHOLD,
+):
     """Replace every nn.Conv2d in ``model`` by an MFConv2d fitted by least squares (at s = 1).
 
     Each layer keeps its channels, stride, groups, bias and padding_mode; θ minimises the
@@ -80,27 +96,51 @@ def convert(model: nn.Module, order: int = 2, sigma: float | None = None, inplac
 
     Returns ``(model, report)``: ``report`` is a list of dicts, one per nn.Conv2d found, with
     ``name``, ``converted`` (bool), ``rel_error`` (the relative fit error, None if skipped) and
-    ``reason`` (why it was skipped, else ""). ``inplace=False`` converts a deep copy.
+    ``reason`` (why it was skipped, else ""), and ``shared_with`` (the other names under which the
+    same nn.Conv2d is registered: a conv used in several places is converted once and the one
+    MFConv2d takes all of its places, so the weights stay tied). ``inplace=False`` converts a
+    deep copy. A :class:`PoorFitWarning` names each layer whose ``rel_error`` exceeds
+    ``warn_above`` (None: never warn); such a layer computes a visibly different function.
 
     >>> net, report = msconv.convert(torchvision_like_model, order=2)
     >>> [(r["name"], round(r["rel_error"], 3)) for r in report if r["converted"]]
     """
     if isinstance(order, bool) or not isinstance(order, int) or order < 0:
         raise ValueError(f"convert: order must be an int >= 0, got order={order!r}")
-    if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0):
-        raise ValueError(f"convert: sigma must be a number > 0 in reference pixels or None, got sigma={sigma!r}")
+    if sigma is not None and not (
+        isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and math.isfinite(sigma) and sigma > 0
+    ):
+        raise ValueError(
+            f"convert: sigma must be a finite number > 0 in reference pixels or None (kernel_size / 6 per layer), "
+            f"got sigma={sigma!r}"
+        )
+    if warn_above is not None and not (isinstance(warn_above, (int, float)) and warn_above >= 0):
+        raise ValueError(f"convert: warn_above must be a number >= 0 or None, got warn_above={warn_above!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
+    # Every place each conv is registered (named_modules lists a shared module only once).
+    places: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, nn.Conv2d):
+            places.setdefault(id(mod), []).append(name)
     report, swaps = [], []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Conv2d):
             continue
+        shared = [p for p in places[id(mod)] if p != name]
         why = _why_not(mod)
         if why is not None:
-            report.append({"name": name, "converted": False, "rel_error": None, "reason": why})
+            report.append({"name": name, "converted": False, "rel_error": None, "reason": why, "shared_with": shared})
             continue
         k = mod.kernel_size[0]
         sig = float(sigma) if sigma is not None else k / 6.0
+        if not torch.isfinite(mod.weight).all():
+            raise ValueError(
+                f"convert: layer {name or '<model>'!r} has non-finite weights (NaN or inf); a least-squares fit "
+                "of them would be NaN. Load trained weights or re-initialise the layer first"
+            )
         theta, err = fit_mf_weight(mod.weight, _window_offsets(mod), order, sig, mod.stride[0])
         new = MFConv2d(
             mod.in_channels, mod.out_channels, k, mod.stride[0], groups=mod.groups, bias=mod.bias is not None,
@@ -111,8 +151,16 @@ def convert(model: nn.Module, order: int = 2, sigma: float | None = None, inplac
             if mod.bias is not None:
                 new.bias.copy_(mod.bias)
         new.train(mod.training)
-        swaps.append((name, new))
-        report.append({"name": name, "converted": True, "rel_error": err, "reason": ""})
+        swaps += [(place, new) for place in places[id(mod)]]
+        report.append({"name": name, "converted": True, "rel_error": err, "reason": "", "shared_with": shared})
+        if warn_above is not None and err > warn_above:
+            warnings.warn(
+                f"convert: layer {name or '<model>'!r} ({mod.in_channels}->{mod.out_channels}, kernel_size={k}) fits "
+                f"with relative error {err:.2f} > {warn_above:g} (order={order}, sigma={sig:g}): the MFConv2d computes "
+                "a visibly different function. Fine-tune after converting, or raise order (or adjust sigma) for a "
+                "closer fit; warn_above=None silences this",
+                PoorFitWarning, stacklevel=2,
+            )
     for name, new in swaps:
         if name == "":
             model = new

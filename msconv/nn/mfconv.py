@@ -2,15 +2,47 @@
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 
 import torch
 import torch.nn as nn
 
 from msconv import reference
+from msconv.nn._memory import check_fits
 from msconv.nn.grid import current_grid_scale
+from msconv.ops._common import is_channels_last
 from msconv.ops.mfconv import METHODS, PADDING_MODES, mf_conv2d
 
-__all__ = ["MFConv2d"]
+__all__ = ["MFConv2d", "UnresolvedSigmaWarning"]
+
+
+class UnresolvedSigmaWarning(UserWarning):
+    """An MFConv2d runs on a grid coarser than twice its σ, where its derivative taps vanish."""
+
+
+# (σ, s) pairs already warned about: the warning is about the configuration, not each call.
+_WARNED_UNRESOLVED: set = set()
+
+
+def _init_bound(order: int, sigma: float, fan_in: int) -> torch.Tensor:
+    """Per-basis-function uniform bound of the default θ init, float64 ``[M]`` (see reset_parameters)."""
+    taps, _ = reference.mf_taps(order, sigma, 1.0)
+    energy = torch.stack([(taps[a] ** 2).sum() * (taps[b] ** 2).sum() for a, b in reference.mf_multi_indices(order)])
+    return (1.0 / (fan_in * len(energy) * energy)).sqrt()
+
+
+def _representable(bound: torch.Tensor, dtype: torch.dtype) -> bool:
+    return bool(torch.isfinite(bound).all()) and float(bound.max()) <= torch.finfo(dtype).max
+
+
+def _smallest_representable_sigma(order: int, fan_in: int, dtype: torch.dtype) -> float:
+    """Bisection for the σ below which the θ init overflows ``dtype`` (for the error message)."""
+    lo, hi = 1e-3, 1.0
+    for _ in range(30):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if _representable(_init_bound(order, mid, fan_in), dtype) else (mid, hi)
+    return hi
 
 
 def _square(value, name: str) -> int:
@@ -116,7 +148,7 @@ class MFConv2d(nn.Module):
             raise ValueError(f"MFConv2d: order must be an int >= 0 (the highest derivative order), got order={order!r}")
         if sigma is None:
             sigma = k / 6.0
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (math.isfinite(sigma) and sigma > 0):
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(
                 f"MFConv2d: sigma must be a finite number > 0 in reference pixels, got sigma={sigma!r}; "
                 "leave it None for kernel_size / 6"
@@ -150,11 +182,20 @@ class MFConv2d(nn.Module):
         θ_m ~ U(±√(3·v_m)) with v_m = 1/(3·C_in/g·M·G_m) gives each of the C_in/g·M terms an
         equal share and Var(y) = 1/3 again. The bias is nn.Conv2d's, U(±1/√fan_in).
         """
-        m = self.weight.shape[-1]
-        taps, _ = reference.mf_taps(self.order, self._sigma, 1.0)
-        energy = torch.stack([(taps[a] ** 2).sum() * (taps[b] ** 2).sum() for a, b in reference.mf_multi_indices(self.order)])
         fan = self.in_channels // self.groups
-        bound = (1.0 / (fan * m * energy)).sqrt().to(device=self.weight.device, dtype=torch.float32)
+        bound = _init_bound(self.order, self._sigma, fan)
+        dtype = self.weight.dtype
+        if not _representable(bound, dtype):
+            # A σ far below the reference pixel: the derivative taps hold almost no energy on the
+            # s = 1 grid (≈ exp(−1/(4σ²))), so θ would have to be huge to give them a share.
+            floor = _smallest_representable_sigma(self.order, fan, dtype)
+            raise ValueError(
+                f"MFConv2d: sigma={self._sigma:g} is too small for order={self.order} in {dtype}: the derivative taps "
+                f"vanish on the reference grid (s = 1) and the initial weights are not finite (the smallest "
+                f"sigma that is representable here is about {floor:.3g}); use sigma >= 0.5 (= s/2, where the "
+                "derivative taps are resolved at s = 1; the default is kernel_size / 6), or order=0 for a pure blur"
+            )
+        bound = bound.to(device=self.weight.device, dtype=torch.float32)
         with torch.no_grad():
             u = torch.rand(self.weight.shape, device=self.weight.device, dtype=torch.float32) * 2 - 1
             self.weight.copy_(u * bound)
@@ -165,19 +206,91 @@ class MFConv2d(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "sigma" in state_dict:
-            self._sigma = float(state_dict[prefix + "sigma"])
+            sigma = state_dict[prefix + "sigma"]
+            value = float(sigma) if isinstance(sigma, torch.Tensor) and sigma.numel() == 1 else float("nan")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"MFConv2d.load_state_dict: {prefix}sigma must be a finite number > 0, got {sigma!r}; "
+                    "the checkpoint is damaged or not from an MFConv2d"
+                )
+            self._sigma = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[N, C_in, H, W]`` on the grid of ``current_grid_scale()`` → ``[N, C_out, ceil(H/S), ceil(W/S)]``."""
+        """``[N, C_in, H, W]`` on the grid of ``current_grid_scale()`` → ``[N, C_out, ceil(H/S), ceil(W/S)]``.
+
+        Under ``torch.autocast`` the layer computes in its weights' dtype (float32 kernels: the
+        derivative taps of a fine grid are too small for float16/bfloat16 sums) and returns the
+        autocast dtype, as nn.Conv2d does. A channels_last input gives a channels_last output.
+        """
         if isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex()):
             raise TypeError(
                 f"MFConv2d: input must be a floating tensor, got x.dtype={x.dtype}; convert it first, "
                 "e.g. x.float() / 255 for 8-bit images"
             )
+        scale = current_grid_scale()
         sigma = self.sigma if self.learn_sigma else self._sigma
+        if isinstance(x, torch.Tensor) and not torch.compiler.is_compiling():
+            # Host-side checks on Python numbers, skipped while tracing so that a compiled forward
+            # has no graph break: a compiled model gets them from its eager calls only.
+            sig = float(sigma)
+            if not (math.isfinite(sig) and sig > 0):
+                raise ValueError(
+                    f"MFConv2d: the learnable sigma is now {sig:g}, not a finite number > 0: training pushed it "
+                    "there (a diverging run); lower the learning rate, or use learn_sigma=False"
+                )
+            self._warn_if_unresolved(sig, scale)
+            self._check_size(x, sig, scale)
+        out_dtype = None
+        if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type) and torch.float64 not in (
+            x.dtype, self.weight.dtype
+        ):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        if out_dtype is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                y = self._conv(x.to(self.weight.dtype), sigma, scale).to(out_dtype)
+        else:
+            y = self._conv(x, sigma, scale)
+        if is_channels_last(x) and not is_channels_last(y):
+            y = y.contiguous(memory_format=torch.channels_last)
+        return y
+
+    def _conv(self, x, sigma, scale):
         return mf_conv2d(
-            x, self.weight, self.bias, sigma, current_grid_scale(), self.stride[0], self.padding_mode,
-            self.groups, self.method,
+            x, self.weight, self.bias, sigma, scale, self.stride[0], self.padding_mode, self.groups, self.method,
+        )
+
+    def _warn_if_unresolved(self, sigma: float, scale: float) -> None:
+        """Once per (σ, s): on grids coarser than 2σ the derivative taps nearly vanish (≈ 0 beyond
+        s = 4σ), the layer is close to a 1×1 mix of blurred inputs there, and what a coarse grid
+        trains does not carry over to the fine one."""
+        if scale <= 2 * sigma or self.order == 0 or (sigma, scale) in _WARNED_UNRESOLVED:
+            return
+        _WARNED_UNRESOLVED.add((sigma, scale))
+        warnings.warn(
+            f"MFConv2d: sigma={sigma:g} reference pixels is not resolved on the grid grid_scale({scale:g}) "
+            f"(needs sigma >= s/2 = {scale / 2:g}): its derivative taps nearly vanish there, so the layer acts "
+            f"as a blur and those weights get almost no gradient. Use sigma >= {scale / 2:g}, or keep this "
+            "layer on finer grids",
+            UnresolvedSigmaWarning, stacklevel=5,  # the caller of layer(x), past nn.Module.__call__
+        )
+
+    def _check_size(self, x: torch.Tensor, sigma: float, scale: float) -> None:
+        """Refuse, before allocating, a stencil whose padded input cannot fit in the device's memory."""
+        if x.dim() != 4:
+            return  # mf_conv2d raises its own clear error
+        k = 2 * math.ceil(4.0 * sigma / scale + 0.5) + 1
+        n, c, h, w = x.shape
+        if self.padding_mode == "circular" and self.method in ("auto", "fft"):
+            return  # the FFT path's memory does not grow with the stencil
+        nbytes = n * c * (h + k - 1) * (w + k - 1) * x.element_size()
+        if self.method == "dense":
+            nbytes += self.out_channels * (c // self.groups) * k * k * x.element_size()
+        check_fits(
+            nbytes, x.device, "MFConv2d",
+            f"sigma={sigma:g} on grid_scale({scale:g}) (a {k}×{k} stencil, input {tuple(x.shape)} padded to "
+            f"{h + k - 1}×{w + k - 1})",
+            "use a smaller sigma (the stencil radius is about 4·sigma/s pixels; kernel_size/6 by default) or "
+            "a coarser grid; padding_mode='circular' computes wide stencils by FFT without this padding",
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,323 @@
+"""Bad input to the public API: every case a clear error (naming the argument, the value and the
+fix) or a correct result, never a deep traceback or a silently wrong number.
+
+Sections, one per area: MFConv2d, convert(), transfer operators, data loading. Cases that go
+through the trainer or the CLI belong in their own section below the library ones.
+"""
+from __future__ import annotations
+
+import struct
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import msconv
+from msconv.data import CropSampler, ImageReadError, ImageSet, load_folder, load_image
+from msconv.nn import PoorFitWarning, UnresolvedSigmaWarning
+from msconv.nn import _memory, mfconv
+from msconv.nn._memory import AllocationTooLargeError
+
+
+@pytest.fixture
+def fresh_unresolved_warnings(monkeypatch):
+    """The unresolved-σ warning fires once per (σ, s) per process: start each test afresh."""
+    monkeypatch.setattr(mfconv, "_WARNED_UNRESOLVED", set())
+
+
+# ============================================================================ MFConv2d
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.03, 0.01])
+def test_mfconv_tiny_sigma_is_a_clear_error_not_nan_weights(sigma):
+    # Before: NaN/inf weights, silently (the derivative taps' energy underflows the init bound).
+    with pytest.raises(ValueError, match=rf"sigma={sigma:g} is too small.*sigma >= 0.5"):
+        msconv.MFConv2d(2, 2, 3, sigma=sigma)
+
+
+def test_mfconv_small_but_representable_sigma_still_builds():
+    layer = msconv.MFConv2d(2, 2, 3, sigma=0.08)
+    assert torch.isfinite(layer.weight).all()
+    assert torch.isfinite(layer(torch.randn(1, 2, 8, 8))).all()
+
+
+def test_mfconv_tiny_sigma_limit_depends_on_dtype():
+    # float16 overflows far sooner than float32: the same check covers it.
+    msconv.MFConv2d(2, 2, 3, sigma=0.1)
+    with pytest.raises(ValueError, match="too small for order=2 in torch.float16"):
+        msconv.MFConv2d(2, 2, 3, sigma=0.1, dtype=torch.float16)
+
+
+def test_mfconv_huge_sigma_refused_before_allocating(monkeypatch):
+    # Before: the allocator's "can't allocate 25601920036 bytes" traceback (or tens of GB taken).
+    monkeypatch.setattr(_memory, "_host_memory_bytes", lambda: 16 * 2**30)
+    layer = msconv.MFConv2d(2, 2, 3, sigma=1e4)  # building it allocates nothing large
+    with pytest.raises(AllocationTooLargeError, match=r"sigma=10000 on grid_scale\(1\).*use a smaller sigma"):
+        layer(torch.randn(1, 2, 8, 8))
+    with pytest.raises(MemoryError):  # also a MemoryError for code that catches that
+        layer(torch.randn(1, 2, 8, 8))
+
+
+def test_mfconv_huge_sigma_refused_on_any_machine():
+    with pytest.raises(AllocationTooLargeError, match="GiB"):
+        msconv.MFConv2d(1, 1, 3, sigma=1e7)(torch.randn(1, 1, 4, 4))
+
+
+def test_mfconv_huge_sigma_with_circular_padding_uses_fft_and_runs():
+    layer = msconv.MFConv2d(1, 1, 3, sigma=300.0, padding_mode="circular")
+    assert torch.isfinite(layer(torch.randn(1, 1, 8, 8))).all()
+
+
+@pytest.mark.parametrize("value", [float("nan"), -0.1, 0.0])
+def test_mfconv_learnable_sigma_gone_bad_is_a_clear_error(value):
+    layer = msconv.MFConv2d(2, 2, 3, learn_sigma=True)
+    with torch.no_grad():
+        layer.sigma.fill_(value)
+    with pytest.raises(ValueError, match="learnable sigma is now"):
+        layer(torch.randn(1, 2, 8, 8))
+
+
+def test_mfconv_state_dict_with_bad_sigma_is_refused():
+    layer = msconv.MFConv2d(2, 2, 3)
+    state = layer.state_dict()
+    state["sigma"] = torch.tensor(float("nan"))
+    with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
+        layer.load_state_dict(state)
+    assert layer._sigma == 0.5
+
+
+def test_mfconv_numpy_scalar_sigma_accepted():
+    assert msconv.MFConv2d(2, 2, 3, sigma=np.float32(0.75))._sigma == 0.75
+
+
+@pytest.mark.parametrize(
+    "x, error, match",
+    [
+        (torch.ones(1, 2, 8, 8, dtype=torch.int64), TypeError, "floating tensor"),
+        (torch.ones(2, 8, 8), ValueError, "4 dimensions"),
+        (torch.ones(1, 3, 8, 8), ValueError, "C_in=3"),
+        (torch.ones(1, 2, 8, 8, dtype=torch.float64), TypeError, "move the layer"),
+    ],
+)
+def test_mfconv_bad_input_tensors(x, error, match):
+    with pytest.raises(error, match=match):
+        msconv.MFConv2d(2, 2, 3)(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mfconv_under_autocast_matches_conv2d_convention(dtype):
+    # Before: TypeError (weight float32 vs a bf16 input from the previous autocast layer), and a
+    # float32 output where nn.Conv2d gives the autocast dtype.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    mf, _ = msconv.convert(net, warn_above=None)
+    x = torch.randn(2, 3, 16, 16)
+    ref = mf(x)
+    with torch.autocast("cpu", dtype=dtype):
+        y = mf(x)
+        assert net(x).dtype == dtype
+    assert y.dtype == dtype
+    assert (y.float() - ref).abs().max() <= 0.05 * ref.abs().max()
+    y.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mf.parameters())
+
+
+def test_mfconv_float64_is_left_alone_by_autocast():
+    layer = msconv.MFConv2d(2, 2, 3, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(1, 2, 8, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"stride": 2}, {"padding_mode": "circular"}, {"method": "dense"}, {"learn_sigma": True},
+     {"padding_mode": "circular", "method": "fft"}],
+)
+def test_mfconv_keeps_channels_last(kwargs):
+    # Before: NCHW output for most paths.
+    layer = msconv.MFConv2d(8, 16, 3, **kwargs)
+    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    for s in (1.0, 0.5):
+        with msconv.grid_scale(s):
+            y = layer(x)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        with msconv.grid_scale(s):
+            assert torch.allclose(y, layer(x.contiguous()), atol=1e-5)
+
+
+def test_unresolved_sigma_warns_once_naming_sigma_and_grid(fresh_unresolved_warnings):
+    layer = msconv.MFConv2d(2, 2, 3)  # σ = 0.5: resolved up to s = 1
+    x = torch.randn(1, 2, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # s = 1 = 2σ: fine
+    with pytest.warns(UnresolvedSigmaWarning, match=r"sigma=0.5 .*grid_scale\(4\).*sigma >= 2"):
+        with msconv.grid_scale(4.0):
+            layer(msconv.restrict(x, levels=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with msconv.grid_scale(4.0):
+            layer(msconv.restrict(x, levels=2))
+    assert not [w for w in caught if issubclass(w.category, UnresolvedSigmaWarning)]
+
+
+def test_order_zero_is_never_unresolved(fresh_unresolved_warnings):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnresolvedSigmaWarning)
+        with msconv.grid_scale(8.0):
+            msconv.MFConv2d(2, 2, 3, order=0)(torch.randn(1, 2, 4, 4))
+
+
+# ============================================================================ convert()
+
+
+def test_convert_shared_conv_keeps_the_tie_and_reports_it():
+    # Before: only the first use was replaced (the tie broken) and the report had one entry.
+    c = nn.Conv2d(4, 4, 3, padding=1)
+    net, report = msconv.convert(nn.Sequential(c, nn.ReLU(), c), warn_above=None)
+    assert isinstance(net[0], msconv.MFConv2d) and net[0] is net[2]
+    assert len(report) == 1 and report[0]["converted"] and report[0]["shared_with"] == ["2"]
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in net[0].parameters())
+
+
+def test_convert_shared_conv_inplace_too():
+    c = nn.Conv2d(4, 4, 3, padding=1)
+    seq = nn.Sequential(c, nn.ReLU(), nn.Sequential(c))
+    net, _ = msconv.convert(seq, inplace=True, warn_above=None)
+    assert net is seq and net[0] is net[2][0] and isinstance(net[0], msconv.MFConv2d)
+
+
+def test_convert_warns_on_a_poor_fit_naming_layer_and_error():
+    # Before: silent (random 3×3 kernels fit to 0.56-0.67 relative).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
+    with pytest.warns(PoorFitWarning, match=r"layer '0' .*relative error 0\.\d\d > 0.2"):
+        _, report = msconv.convert(net)
+    assert report[0]["rel_error"] > 0.4
+
+
+def test_convert_silent_on_a_good_fit_and_when_asked():
+    conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]) / 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PoorFitWarning)
+        _, report = msconv.convert(conv)
+        assert report[0]["rel_error"] < 0.2
+        msconv.convert(nn.Conv2d(3, 8, 3, padding=1), warn_above=None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"sigma": float("nan")}, ValueError, "sigma must be a finite number > 0"),
+        ({"sigma": float("inf")}, ValueError, "sigma must be a finite number > 0"),
+        ({"sigma": True}, ValueError, "sigma must be a finite number > 0"),
+        ({"sigma": 0.01}, ValueError, "too small"),
+        ({"warn_above": -1}, ValueError, "warn_above"),
+    ],
+)
+def test_convert_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        msconv.convert(nn.Conv2d(2, 2, 3, padding=1), **kwargs)
+
+
+def test_convert_bad_model_and_nan_weights():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        msconv.convert(torch.randn(3, 3))
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite weights"):
+        msconv.convert(nn.Sequential(conv))
+
+
+# ============================================================================ transfer operators
+
+
+def test_prolong_too_many_levels_refused_before_allocating():
+    # Before: the allocator's traceback (4 GB requested for the tap tables, then more).
+    with pytest.raises(AllocationTooLargeError, match=r"prolong: levels=40 .*use fewer levels"):
+        msconv.prolong(torch.randn(1, 1, 4, 4), levels=40)
+    assert msconv.prolong(torch.randn(1, 1, 4, 4), levels=3).shape == (1, 1, 32, 32)
+
+
+# ============================================================================ data loading
+
+
+def _png_declaring(path, width: int, height: int) -> None:
+    """A tiny, valid-looking PNG whose IHDR declares width × height 8-bit gray pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _good_png(path) -> None:
+    from PIL import Image
+
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)).save(path)
+
+
+def test_decompression_bomb_is_a_clear_error(tmp_path):
+    # Before: PIL's DecompressionBombError traceback.
+    bomb = tmp_path / "bomb.png"
+    _png_declaring(bomb, 100_000, 100_000)
+    assert bomb.stat().st_size < 200
+    with pytest.raises(ImageReadError, match=r"bomb\.png.*10000000000 pixels.*on_bad_file='skip'"):
+        load_image(str(bomb))
+    _good_png(tmp_path / "good.png")
+    with pytest.raises(ImageReadError, match="bomb.png"):
+        load_folder(str(tmp_path))
+
+
+def test_decompression_bomb_is_skipped_with_a_warning(tmp_path):
+    # Before: the same traceback even with on_bad_file='skip'.
+    _png_declaring(tmp_path / "bomb.png", 100_000, 100_000)
+    _good_png(tmp_path / "good.png")
+    with pytest.warns(UserWarning, match=r"skipping unreadable image file .*bomb\.png.*10000000000 pixels"):
+        ds = load_folder(str(tmp_path), on_bad_file="skip")
+    assert ds.names == ["good.png"]
+
+
+def test_float_image_with_nan_is_refused(tmp_path):
+    # Before: NaN pixels were loaded silently (clamp keeps NaN) and poisoned every crop.
+    from PIL import Image
+
+    a = np.full((16, 16), 0.5, np.float32)
+    a[3, 4] = np.nan
+    path = tmp_path / "nan.tif"
+    Image.fromarray(a, mode="F").save(path)
+    with pytest.raises(ImageReadError, match="non-finite"):
+        load_image(str(path))
+
+
+def _set(*shapes):
+    return ImageSet([torch.rand(*s) for s in shapes], [f"im{i}" for i in range(len(shapes))])
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: CropSampler(_set(), 8), "non-empty ImageSet"),
+        (lambda: CropSampler([torch.rand(1, 16, 16)], 8), "non-empty ImageSet"),
+        (lambda: CropSampler(_set((1, 16, 16)), True), "crop must be a positive int"),
+        (lambda: CropSampler(_set((1, 16, 16)), 8.0), "crop must be a positive int"),
+        (lambda: CropSampler(_set((1, 16, 16), (3, 16, 16)), 8), "different channel counts"),
+        (lambda: CropSampler(_set((1, 16, 16)), 8).next_batch(0), "n must be a positive int"),
+        (lambda: CropSampler(_set((1, 16, 16)), 8).next_batch(-2), "n must be a positive int"),
+    ],
+)
+def test_crop_sampler_bad_arguments(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+def test_crop_sampler_accepts_numpy_ints():
+    s = CropSampler(_set((1, 16, 16)), np.int64(8), seed=np.int64(3))
+    assert s.next_batch(np.int64(2)).shape == (2, 1, 8, 8)
