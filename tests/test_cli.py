@@ -20,10 +20,11 @@ def tiny_args(photo_dir, out):
 
 def test_train_writes_its_files_and_resumes(photo_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--mode", "fmg", "--iterations", "6", "--max-steps", "4"] + tiny_args(photo_dir, out)) == 0
+    fmg = ["train", "--mode", "fmg", "--iterations", "6", "--levels", "2", "--fmg-iteration-ratio", "2"]
+    assert main(fmg + ["--max-steps", "4"] + tiny_args(photo_dir, out)) == 0
     assert "stopped at step 4" in capsys.readouterr().out
     assert not (out / "result.json").exists()
-    assert main(["train", "--mode", "fmg", "--iterations", "6", "--resume"] + tiny_args(photo_dir, out)) == 0
+    assert main(fmg + ["--resume"] + tiny_args(photo_dir, out)) == 0
     assert "fmg/standard finished" in capsys.readouterr().out
     for f in ["metrics.csv", "checkpoint.pt", "result.json", "model.pt", "config.json"]:
         assert (out / f).exists(), f

@@ -11,7 +11,7 @@ from msconv.data import load_dataset
 from msconv.multilevel import step_work
 from msconv.train import plan_stages
 from msconv.train.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from msconv.train.compare import compare, to_single_quality
+from msconv.train.compare import compare, summarize, to_single_quality
 from msconv.train.config import ConfigError, TrainConfig, load_yaml
 from msconv.train.trainer import NonFiniteError, Trainer
 
@@ -19,7 +19,9 @@ from _photo_data import photo_dir  # noqa: F401 - the fixture (tests/_photo_data
 
 
 def tiny(photo_dir, out, **kw):
+    # The product defaults' 8:1 Full-Multiscale ratio would leave the finest stage no steps at 8 iterations.
     base = dict(data=photo_dir, crop=32, depth=3, width=4, blocks=1, batch_size=2, levels=2, iterations=8,
+                fmg_iteration_ratio=2.0,
                 val_crop=32, val_points=4, ckpt_every=100, progress=False, tensorboard=False, out=str(out),
                 lr=3e-3, threads=1)
     base.update(kw)
@@ -33,27 +35,27 @@ def test_step_work_and_budget_scaling():
     assert [(s.base_level, s.levels, s.batch_sizes, s.iterations) for s in single] == [(0, 0, [4], 25)]
     mge = plan_stages(TrainConfig(mode="mge", budget=130, batch_size=4, levels=2))
     assert mge[0].batch_sizes == [4, 4, 4] and mge[0].iterations == 20  # 6.5 work units per step
-    fmg = plan_stages(TrainConfig(mode="fmg", budget=165, batch_size=4, levels=2))
-    # Coarsest first; iterations halve and batches halve per finer stage (the defaults).
+    fmg = plan_stages(TrainConfig(mode="fmg", budget=165, batch_size=4, levels=2, fmg_iteration_ratio=2.0))
+    # Coarsest first; iterations halve and batches halve per finer stage.
     assert [s.base_level for s in fmg] == [2, 1, 0]
     assert [s.batch_sizes for s in fmg] == [[16], [8, 8], [4, 4, 4]]
     assert [s.iterations for s in fmg] == [40, 20, 10]
     assert abs(sum(s.iterations * s.work_per_step for s in fmg) - 165) < 1e-9
-    fixed = plan_stages(TrainConfig(mode="fmg", iterations=14, levels=2))
+    fixed = plan_stages(TrainConfig(mode="fmg", iterations=14, levels=2, fmg_iteration_ratio=2.0))
     assert sum(s.iterations for s in fixed) == 14
 
 
 def test_config_errors_name_the_option(tmp_path):
     with pytest.raises(ConfigError, match="--crop 90 must be a multiple of 4"):
-        TrainConfig(mode="mge", crop=90).validated()
+        TrainConfig(mode="mge", crop=90, levels=2).validated()
     with pytest.raises(ConfigError, match="--batch-sizes must be 3"):
-        TrainConfig(mode="mge", batch_sizes=[4, 4]).validated()
+        TrainConfig(mode="mge", batch_sizes=[4, 4], levels=2).validated()
     with pytest.raises(ConfigError, match="unknown option"):
         TrainConfig.from_dict({"learning_rate": 1})
     with pytest.raises(ConfigError, match="--mode mge needs --levels >= 1"):
         TrainConfig(mode="mge", levels=0).validated()
     p = tmp_path / "c.yaml"
-    p.write_text("task: deblur\nbatch-sizes: 2,4,8\nlr: 0.01\n")
+    p.write_text("task: deblur\nbatch-sizes: 2,4,8\nlevels: 2\nlr: 0.01\n")
     cfg = TrainConfig.from_dict(load_yaml(str(p)))
     assert cfg.task == "deblur" and cfg.batch_sizes == [2, 4, 8] and cfg.resolved_noise_sigma == 2.55
     p.write_text("[1, 2]")
@@ -208,18 +210,76 @@ def test_compare_writes_summary(photo_dir, tmp_path):
     s = compare(tiny(photo_dir, tmp_path, iterations=None, budget=12, count_flops=True, test_data=photo_dir))
     assert [r["mode"] for r in s["runs"]] == ["single", "mge", "fmg"]
     keys = {"mode", "conv", "psnr", "ssim", "test_psnr", "test_ssim", "work_units", "flops", "wall_clock_s",
-            "iterations", "work_units_to_single_quality", "wall_clock_to_single_quality_s"}
+            "iterations", "work_units_to_single_quality", "wall_clock_to_single_quality_s", "start_psnr",
+            "ratio_resolution"}
     on_disk = json.load(open(tmp_path / "summary.json"))
-    assert set(on_disk) == {"config", "runs"} and all(set(r) == keys for r in on_disk["runs"])
+    assert set(on_disk) == {"config", "runs", "baseline_learned", "verdict"} and all(set(r) == keys for r in on_disk["runs"])
     for r in on_disk["runs"]:
         assert abs(r["work_units"] - 12) <= 3 and r["flops"] > 0
         assert np.isfinite(r["test_psnr"]) and 0 < r["test_ssim"] <= 1  # full test images, once at the end
     single = on_disk["runs"][0]
-    assert single["work_units_to_single_quality"] is not None  # single reaches its own final PSNR
     md = (tmp_path / "summary.md").read_text()
     assert md.count("\n| ") == 4 and "× less work" in md
+    gain = single["psnr"] - single["start_psnr"]
+    assert on_disk["baseline_learned"] == (gain >= 1.0)
+    if on_disk["baseline_learned"]:
+        assert single["work_units_to_single_quality"] is not None  # single reaches its own final PSNR
+    else:  # 12 work units of a 3-layer model: no ratio may be claimed
+        assert all(r["work_units_to_single_quality"] is None for r in on_disk["runs"]) and "did not learn" in md
     for png in ("psnr_vs_work_units.png", "psnr_vs_wall_clock.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def _result(mode, history, wall=1.0):
+    return {"mode": mode, "conv": "standard", "psnr": history[-1][1], "ssim": 0.5, "work_units": history[-1][0],
+            "flops": 1, "wall_clock_s": wall, "iterations": 10,
+            "val_history": [{"work_units": w, "wall_clock_s": w / 10, "psnr": p} for w, p in history]}
+
+
+def test_summary_gives_no_savings_when_the_baseline_did_not_learn(tmp_path):
+    # The user-reported failure: every mode ended at the input's PSNR and the summary claimed
+    # "work to quality 0.0" for all of them.
+    flat = [(0.0, 20.28), (10.0, 20.28), (100.0, 20.29)]
+    s = summarize(TrainConfig(), [_result("single", flat), _result("fmg", flat)], str(tmp_path))
+    assert s["baseline_learned"] is False and "did not learn" in s["verdict"] and "--budget" in s["verdict"]
+    assert all(r["work_units_to_single_quality"] is None for r in s["runs"])
+    md = (tmp_path / "summary.md").read_text()
+    rows = [l for l in md.splitlines() if l.startswith("| single") or l.startswith("| fmg")]
+    assert "did not learn" in md and len(rows) == 2 and all(l.endswith("| — | — | — | — |") for l in rows)
+
+
+def test_summary_reports_nan_as_nan_and_never_divides_by_zero(tmp_path):
+    single = [(0.0, 20.3), (1.0, 24.0), (10.0, 27.0), (100.0, 28.0)]
+    nan_run = [(0.0, 20.3), (1.0, float("nan")), (100.0, float("nan"))]
+    s = summarize(TrainConfig(), [_result("single", single), _result("mge", nan_run)], str(tmp_path))
+    assert s["baseline_learned"] is True
+    mge = s["runs"][1]
+    assert mge["work_units_to_single_quality"] is None
+    line = [l for l in (tmp_path / "summary.md").read_text().splitlines() if l.startswith("| mge")][0]
+    assert "| nan |" in line
+
+
+def test_summary_ratio_and_its_resolution(tmp_path):
+    single = [(0.0, 20.0), (12.5, 24.0), (25.0, 26.0), (50.0, 27.0), (100.0, 28.0)]
+    fmg = [(0.0, 20.0), (12.5, 28.0), (25.0, 28.5), (50.0, 28.6), (100.0, 28.7)]
+    s = summarize(TrainConfig(), [_result("single", single), _result("fmg", fmg)], str(tmp_path))
+    assert s["runs"][1]["work_units_to_single_quality"] == 12.5 and s["runs"][0]["work_units_to_single_quality"] == 100
+    assert s["runs"][1]["ratio_resolution"] == 2.0
+    md = (tmp_path / "summary.md").read_text()
+    assert "| 8.00 |" in md and "within a factor 2.00" in md
+
+
+def test_validation_points_are_log_spaced_over_the_budget(photo_dir, tmp_path):
+    tr = Trainer(tiny(photo_dir, tmp_path, iterations=None, budget=512, batch_size=2, val_points=5))
+    th = [tr._val_threshold(j) for j in range(6)]
+    assert th[0] == 0 and th[-1] == pytest.approx(tr.planned_work)
+    assert th[1] == pytest.approx(tr.planned_work / 256)
+    assert all(b / a == pytest.approx(4.0) for a, b in zip(th[1:], th[2:]))
+
+
+def test_a_budget_too_small_to_learn_warns_and_names_the_option(photo_dir, tmp_path):
+    with pytest.warns(UserWarning, match="--budget 200 or more"):
+        plan_stages(tiny(photo_dir, tmp_path, iterations=None, budget=8, batch_size=2))
 
 
 def test_fmg_adaptive_moves_on_when_validation_stalls(photo_dir, tmp_path):

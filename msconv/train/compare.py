@@ -7,44 +7,82 @@ Writes ``OUT/<mode>/…`` (each a full ``msconv train`` run), ``OUT/summary.json
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from msconv.train.config import MODES, ConfigError, TrainConfig
 from msconv.train.trainer import Trainer
 
-__all__ = ["compare", "summarize", "to_single_quality", "QUALITY_TOLERANCE_DB"]
+__all__ = ["compare", "summarize", "to_single_quality", "baseline_verdict", "QUALITY_TOLERANCE_DB", "LEARNED_MARGIN_DB"]
 
 QUALITY_TOLERANCE_DB = 0.1
+# A single-scale run whose final validation PSNR is less than this above its starting PSNR (the
+# corrupted input, for the residual zoo models) has not learned: nothing can be "as good" as it
+# faster, so no savings are reported against it.
+LEARNED_MARGIN_DB = 1.0
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def to_single_quality(history: list[dict], target_psnr: float | None, tol: float = QUALITY_TOLERANCE_DB):
     """(work units, wall-clock s) spent until validation PSNR first came within ``tol`` dB of
-    ``target_psnr``; (None, None) if it never did."""
-    if target_psnr is None:
+    ``target_psnr``; (None, None) if it never did (or there is no finite target)."""
+    if not _finite(target_psnr):
         return None, None
     for rec in history:
-        if rec["psnr"] is not None and rec["psnr"] >= target_psnr - tol:
+        if _finite(rec["psnr"]) and rec["psnr"] >= target_psnr - tol:
             return rec["work_units"], rec["wall_clock_s"]
     return None, None
+
+
+def baseline_verdict(single: dict | None) -> tuple[bool, str]:
+    """(whether single-scale learned, a sentence saying so with its figures)."""
+    if single is None:
+        return False, "no single-scale run to compare against: no savings are reported"
+    h = single["val_history"]
+    start, final = (h[0]["psnr"] if h else None), single["psnr"]
+    if not _finite(final):
+        return False, f"single-scale's final validation PSNR is {final} (not finite): no savings are reported"
+    if not _finite(start):
+        return False, "single-scale has no finite starting PSNR: no savings are reported"
+    gain = final - start
+    if gain < LEARNED_MARGIN_DB:
+        return False, (f"single-scale did not learn: {start:.2f} -> {final:.2f} dB ({gain:+.2f} dB, less than "
+                       f"{LEARNED_MARGIN_DB:g} dB over the start), so no savings ratio is meaningful and none is "
+                       f"reported. Raise --budget (or lower --lr for a deep model) and run again")
+    return True, f"single-scale learned: {start:.2f} -> {final:.2f} dB ({gain:+.2f} dB)"
+
+
+def ratio_resolution(history: list[dict]) -> float | None:
+    """The largest factor between consecutive validation work units after the start: a ratio read
+    off these curves is exact only to within this factor either way."""
+    w = [r["work_units"] for r in history if r["work_units"] > 0]
+    steps = [b / a for a, b in zip(w, w[1:]) if a > 0]
+    return max(steps) if steps else None
 
 
 def summarize(cfg: TrainConfig, results: list[dict], out: str) -> dict:
     """Build and write summary.json / summary.md / plots from per-mode results."""
     single = next((r for r in results if r["mode"] == "single"), None)
-    target = single["psnr"] if single else None
+    learned, verdict = baseline_verdict(single)
+    target = single["psnr"] if learned else None
     runs = []
     for r in results:
         wu, t = to_single_quality(r["val_history"], target)
         runs.append({
             "mode": r["mode"], "conv": r["conv"], "psnr": r["psnr"], "ssim": r["ssim"],
+            "start_psnr": r["val_history"][0]["psnr"] if r["val_history"] else None,
             "test_psnr": r.get("test_psnr"), "test_ssim": r.get("test_ssim"),
             "work_units": r["work_units"], "flops": r["flops"], "wall_clock_s": r["wall_clock_s"],
             "iterations": r["iterations"], "work_units_to_single_quality": wu, "wall_clock_to_single_quality_s": t,
+            "ratio_resolution": ratio_resolution(r["val_history"]),
         })
     config = {k: v for k, v in cfg.to_dict().items() if k not in ("resume", "progress", "out", "max_steps")}
     config.update(modes=[r["mode"] for r in results], quality_tolerance_db=QUALITY_TOLERANCE_DB,
                   engine=results[0].get("engine") if results else None)
-    summary = {"config": config, "runs": runs}
+    summary = {"config": config, "baseline_learned": learned, "verdict": verdict, "runs": runs}
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     md = summary_markdown(summary)
@@ -55,18 +93,24 @@ def summarize(cfg: TrainConfig, results: list[dict], out: str) -> dict:
 
 
 def _fmt(v, spec):
-    return "—" if v is None else format(v, spec)
+    if v is None:
+        return "—"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # nan / inf are reported as such, never as a score
+    return format(v, spec)
 
 
 def _ratio(a, b):
-    return None if (a is None or b is None or b == 0) else a / b
+    return None if not (_finite(a) and _finite(b)) or a <= 0 or b <= 0 else a / b
 
 
 def summary_markdown(summary: dict) -> str:
     """A Markdown table; ratios are single-scale's figure divided by the mode's (× less)."""
     runs = summary["runs"]
     single = next((r for r in runs if r["mode"] == "single"), None)
+    learned = summary.get("baseline_learned", True)
     c = summary["config"]
+    res = [r["ratio_resolution"] for r in runs if r.get("ratio_resolution")]
     lines = [
         f"# msconv compare: {c['task']} with {c['model']} ({c['conv']} conv), budget {c['budget']:g} work units",
         "",
@@ -75,21 +119,28 @@ def summary_markdown(summary: dict) -> str:
         f"over the mode's (so > 1 means the mode needs less); 'to quality' = spent until validation PSNR was within "
         f"{c['quality_tolerance_db']} dB of single-scale's final PSNR.",
         "",
+        f"**{summary.get('verdict', '')}.**" if summary.get("verdict") else "",
+        "",
         "| mode | PSNR (dB) | ΔPSNR vs single | SSIM | test PSNR (dB) | test SSIM | work units | FLOPs | wall-clock (s) | iterations "
         "| work to quality | × less work | time to quality (s) | × less time |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
-        dp = None if (single is None or r["psnr"] is None or single["psnr"] is None) else r["psnr"] - single["psnr"]
+        dp = None if (single is None or not _finite(r["psnr"]) or not _finite(single["psnr"])) else r["psnr"] - single["psnr"]
+        s_wu = single and single["work_units_to_single_quality"]
+        s_t = single and single["wall_clock_to_single_quality_s"]
         lines.append(
             f"| {r['mode']} | {_fmt(r['psnr'], '.2f')} | {_fmt(dp, '+.2f')} | {_fmt(r['ssim'], '.4f')} "
             f"| {_fmt(r.get('test_psnr'), '.2f')} | {_fmt(r.get('test_ssim'), '.4f')} "
             f"| {r['work_units']:.1f} | {r['flops']:.3g} | {r['wall_clock_s']:.1f} | {r['iterations']} "
             f"| {_fmt(r['work_units_to_single_quality'], '.1f')} "
-            f"| {_fmt(_ratio(single and single['work_units_to_single_quality'], r['work_units_to_single_quality']), '.2f')} "
+            f"| {_fmt(_ratio(s_wu, r['work_units_to_single_quality']) if learned else None, '.2f')} "
             f"| {_fmt(r['wall_clock_to_single_quality_s'], '.1f')} "
-            f"| {_fmt(_ratio(single and single['wall_clock_to_single_quality_s'], r['wall_clock_to_single_quality_s']), '.2f')} |"
+            f"| {_fmt(_ratio(s_t, r['wall_clock_to_single_quality_s']) if learned else None, '.2f')} |"
         )
+    if learned and res:
+        lines += ["", f"Validation points are log-spaced in work units, at most {max(res):.2f}× apart, so each "
+                      f"'× less' ratio is known to within a factor {max(res):.2f} either way."]
     return "\n".join(lines) + "\n"
 
 

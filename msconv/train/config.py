@@ -16,12 +16,16 @@ from msconv.multilevel.schedule import MODES
 from msconv.reference import RESTRICT_KINDS
 from msconv.tasks import TASKS, Denoise
 
-__all__ = ["TrainConfig", "load_yaml", "ConfigError", "MODES", "OPTIMIZERS", "DEFAULT_LR", "LR_BATCH_POWERS"]
+__all__ = ["TrainConfig", "load_yaml", "ConfigError", "MODES", "OPTIMIZERS", "DEFAULT_LR", "LR_BATCH_POWERS", "CLI_MODEL_SIZES"]
 
 OPTIMIZERS = ("adam", "sgd", "lars", "lamb")
-DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "lars": 1.0, "lamb": 1e-2}
+DEFAULT_LR = {"adam": 2e-3, "sgd": 1e-2, "lars": 1.0, "lamb": 1e-2}
 # --lr-batch-scaling: a stage's LR times (its finest-level batch / the fine stage's) ** power.
 LR_BATCH_POWERS = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
+# Model sizes the CLI uses when --depth/--width are not given: a DnCNN that learns several dB and
+# lets `msconv compare` (three modes at the default budget) finish in minutes on a 2-core CPU.
+# The classes' own defaults stay the published sizes (DnCNN-S: 17 layers x 64 channels).
+CLI_MODEL_SIZES = {"dncnn": {"depth": 8, "width": 32}}
 MASK_KINDS = ("boxes", "strokes", "mixed")
 SR_SCALES = (2, 4)
 SR_KERNELS = ("bicubic", "area")
@@ -44,8 +48,9 @@ class TrainConfig:
     # --- task
     task: str = _f("denoise", _alts(TASKS), choices=tuple(TASKS))
     noise_sigma: float = _f(None, "noise std on the 0-255 scale (default: 25 for denoise, 2.55 for deblur)")
-    noise_restriction: str = _f("average", "denoise: how the noise reaches coarse grids: average (restricted with the image, "
-                                "std halves per level) | preserve (the same draw rescaled to the fine grid's std)",
+    noise_restriction: str = _f("preserve", "denoise: how the noise reaches coarse grids: preserve (the same draw rescaled "
+                                "to the fine grid's std, so every grid poses the same problem) | average (restricted with "
+                                "the image, std halves per level: coarse training then does not transfer)",
                                 choices=Denoise.NOISE_RESTRICTIONS)
     blur_sigma: float = _f(1.6, "deblur: Gaussian blur std in reference (finest-grid) pixels")
     mask_fraction: float = _f(0.25, "inpaint: fraction of pixels missing")
@@ -55,21 +60,23 @@ class TrainConfig:
     # --- model
     model: str = _f("dncnn", _alts(MODELS), choices=tuple(MODELS))
     conv: str = _f("standard", "standard (nn.Conv2d) | mf (msconv.MFConv2d)", choices=CONV_KINDS)
-    depth: int = _f(None, "dncnn: layers (default 17); unet: poolings (default 2)")
-    width: int = _f(None, "channels of the first layer (model default if unset)")
+    depth: int = _f(None, "dncnn: layers (default 8, sized so that `msconv compare` with the defaults takes about 5 "
+                          "minutes on 2 CPU cores; the classic DnCNN-S is --depth 17 --width 64); unet: poolings (default 2)")
+    width: int = _f(None, "channels of the first layer (dncnn: 32; other models: their own default)")
     blocks: int = _f(None, "resnet: residual blocks (default 4)")
     mf_sigma: float = _f(None, "conv mf: σ of a 3x3 layer in reference pixels (default 0.5; size it for the coarsest "
                                "grid, >= 2**levels/2, or coarse grids cannot resolve the kernel)")
     mf_order: int = _f(2, "conv mf: derivative order p of the Gaussian-derivative basis")
     # --- multiscale
     mode: str = _f("single", _alts(MODES), choices=MODES)
-    levels: int = _f(2, "coarser levels below the finest grid (mge, fmg)")
+    levels: int = _f(3, "coarser levels below the finest grid (mge, fmg): 3 = four grids, 128² down to 16² for the default crop")
     batch_size: int = _f(4, "fine-level batch size (single; level 0 of mge)")
     batch_sizes: list = _f(None, "mge: per-level batch sizes, finest first, e.g. 4,4,4 (default: batch_size at every level)")
     allocation: str = _f("fixed", f"mge batch allocation: {_alts(ALLOCATIONS)}", choices=ALLOCATIONS)
     restriction: str = _f("average", f"restriction of inputs and targets: {_alts(RESTRICT_KINDS)}",
                           choices=RESTRICT_KINDS)
-    fmg_iteration_ratio: float = _f(2.0, "fmg: each coarser stage runs this many times the iterations of the next finer one")
+    fmg_iteration_ratio: float = _f(8.0, "fmg: each coarser stage runs this many times the iterations of the next finer one "
+                                     "(with --fmg-batch-ratio 2, each coarser stage does 4x the work of the next finer one)")
     fmg_batch_ratio: float = _f(2.0, "fmg: each coarser stage multiplies the batch sizes by this")
     lr_batch_scaling: str = _f("none", "fmg: each stage's LR times (its finest-level batch / the fine stage's)^p: "
                                "none (p=0) | sqrt (p=1/2) | linear (p=1, the SGD rule for large batches)",
@@ -88,19 +95,21 @@ class TrainConfig:
     skip_bad_files: bool = _f(False, "skip unreadable image files with a warning instead of stopping")
     # --- optimisation
     optimizer: str = _f("adam", "adam | sgd | lars | lamb", choices=OPTIMIZERS)
-    lr: float = _f(None, "peak learning rate (default: adam 1e-3, sgd 1e-2, lars 1.0, lamb 1e-2)")
+    lr: float = _f(None, "peak learning rate (default: adam 2e-3, sgd 1e-2, lars 1.0, lamb 1e-2)")
     weight_decay: float = _f(0.0, "weight decay")
     momentum: float = _f(0.9, "sgd / lars momentum")
     warmup: float = _f(0.05, "linear warm-up, as a fraction of all steps")
     lr_power: float = _f(1.0, "polynomial decay power after warm-up (0: constant)")
-    budget: float = _f(400.0, "compute budget in fine-equivalent work units (one fine sample forward+backward = 1)")
+    budget: float = _f(1200.0, "compute budget per mode in fine-equivalent work units (one forward+backward of one "
+                             "--crop sized sample = 1)")
     iterations: int = _f(None, "total optimizer steps instead of --budget (fmg: split over the stages by --fmg-iteration-ratio, at least one each)")
     # --- run
     seed: int = _f(0, "seed of model init, sampling and corruption")
     split_seed: int = _f(0, "seed of the train/validation split")
     out: str = _f("runs/train", "output folder (metrics.csv, tb/, checkpoint.pt, result.json)")
     resume: bool = _f(False, "continue from OUT/checkpoint.pt")
-    val_points: int = _f(10, "validations spread evenly over the budget (plus one at the start)")
+    val_points: int = _f(24, "validations at log-spaced work units from budget/256 to the budget (plus one at the start), "
+                              "so savings up to 256x can be read off the curves")
     ckpt_every: int = _f(25, "checkpoint every this many steps (and at every stage end)")
     on_nonfinite: str = _f("skip", "non-finite loss or gradient: skip the step | stop the run", choices=("skip", "stop"))
     max_skips: int = _f(10, "stop after this many consecutive skipped steps")
