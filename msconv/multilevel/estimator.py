@@ -104,6 +104,10 @@ class MGE:
         base_level: the level of the estimator's finest grid relative to the grid the data
             arrives on (Full-Multiscale stage k uses ``base_level=k``); every evaluation runs in
             ``msconv.grid_scale(2 ** (base_level + l))``.
+        data_level: the level the batches arrive on (0: the finest grid; at most ``base_level``).
+            A coarse Full-Multiscale stage can be handed batches drawn directly on its own finest
+            grid, so no fine-grid pixels are sampled, corrupted and restricted only to be averaged
+            away; work units stay relative to level 0.
         fuse: ``"auto"`` (fuse same-resolution evaluations unless the model has batch-coupled
             layers), ``True`` (fuse; error if it would be wrong) or ``False``.
         count_flops: count FLOPs with ``torch.utils.flop_counter`` (small Python overhead per op).
@@ -139,9 +143,14 @@ class MGE:
         count_flops: bool = True,
         multiple_of: int | None = None,
         pyramid_fn: Callable | None = None,
+        data_level: int = 0,
     ) -> None:
         self.levels = _check_int(levels, "levels", 0)
         self.base_level = _check_int(base_level, "base_level", 0)
+        self.data_level = _check_int(data_level, "data_level", 0)
+        if self.data_level > self.base_level:
+            raise ValueError(f"MGE: data_level={data_level} is coarser than base_level={base_level}, the estimator's finest "
+                             "grid; the batches must arrive on that grid or a finer one")
         if restriction not in RESTRICT_KINDS:
             raise ValueError(f"MGE: unknown restriction={restriction!r}; use one of {RESTRICT_KINDS}")
         if fuse not in ("auto", True, False):
@@ -220,7 +229,7 @@ class MGE:
             if isinstance(y, torch.Tensor) and y.shape[:1] != x.shape[:1]:
                 raise ValueError(f"MGE.loss: batches[{l}] has x.shape={tuple(x.shape)} but y.shape={tuple(y.shape)}; "
                                  "x and y must hold the same samples")
-            depth = self.base_level + l + (1 if l < self.levels else 0)
+            depth = self.base_level + l + (1 if l < self.levels else 0) - self.data_level
             allowed = max_levels(x.shape[2], x.shape[3])
             if depth > allowed:
                 raise ValueError(
@@ -234,7 +243,7 @@ class MGE:
     def _levels_of(self, pair: Batch, l: int) -> tuple[list, list]:
         """x and y on grids base+l (and base+l+1 below the coarsest level)."""
         x, y = pair
-        lo = self.base_level + l
+        lo = self.base_level + l - self.data_level
         depth = lo + (1 if l < self.levels else 0)
         if self.pyramid_fn is not None:
             xs, ys = self.pyramid_fn(x, y, depth, self.restriction)
@@ -262,7 +271,7 @@ class MGE:
         batches = self._check_batches(batches)
         L, b = self.levels, self.base_level
         fused, note = self._fusion(model)
-        fine_hw = [tuple(x.shape[2:]) for x, _ in batches]
+        fine_hw = [tuple(d * 2**self.data_level for d in x.shape[2:]) for x, _ in batches]
 
         # grids[j] = [(pair l, sign, x_j, y_j)]: the fine term of pair j and the coarse term of pair j-1.
         grids: list[list] = [[] for _ in range(L + 1)]

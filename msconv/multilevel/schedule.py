@@ -160,6 +160,11 @@ class Schedule:
             batches with :func:`multilevel_loader` from one shared :class:`IndexStream`, so the
             run walks through the data once across stages and never repeats within a step.
         sample_batches: alternative data source, ``sample_batches(batch_sizes) -> [(x, y), …]``.
+        batches_on_stage_grid: ``sample_batches(batch_sizes, level)`` draws each stage's batches
+            directly on its finest grid (``level`` = the stage's base level) instead of the finest
+            grid of the run, and each stage's MGE takes them there (``data_level``). A coarse stage
+            then never samples, corrupts or restricts the fine pixels it would average away, which
+            keeps its time per work unit at the fine stage's.
         loader_kwargs: extra DataLoader arguments (``num_workers`` ...).
         seed, shuffle: the data order.
         validate: ``validate() -> float`` (lower is better), called every ``validate_every``
@@ -181,6 +186,7 @@ class Schedule:
         *,
         dataset=None,
         sample_batches: Callable[[list[int]], list] | None = None,
+        batches_on_stage_grid: bool = False,
         loader_kwargs: dict | None = None,
         seed: int = 0,
         shuffle: bool = True,
@@ -208,11 +214,15 @@ class Schedule:
         for i, st in enumerate(self.stages):
             st.index = i
             try:
-                st.estimator = MGE(st.levels, st.batch_sizes, restriction, allocation, base_level=st.base_level, **kwargs)
+                st.estimator = MGE(st.levels, st.batch_sizes, restriction, allocation, base_level=st.base_level,
+                                   data_level=st.base_level if batches_on_stage_grid else 0, **kwargs)
             except ValueError as e:
                 raise ValueError(f"{_owner}: stage {i} (finest level {st.base_level}): {e}") from None
             st.batch_sizes = list(st.estimator.batch_sizes)
+        if batches_on_stage_grid and sample_batches is None:
+            raise ValueError(f"{type(self).__name__}: batches_on_stage_grid=True needs sample_batches=(batch_sizes, level)")
         self.dataset, self.sample_batches = dataset, sample_batches
+        self.batches_on_stage_grid = batches_on_stage_grid
         self.loader_kwargs = dict(loader_kwargs or {})
         self.stream = IndexStream(len(dataset), shuffle, seed) if dataset is not None else None
         self.fast_forward_scheduler = fast_forward_scheduler
@@ -256,7 +266,13 @@ class Schedule:
                                          rank=self.rank, world_size=self.world_size, **self.loader_kwargs)
         else:
             for _ in range(remaining):
-                yield self.sample_batches(list(stage.estimator.batch_sizes)) if self.sample_batches else None
+                sizes = list(stage.estimator.batch_sizes)
+                if self.sample_batches is None:
+                    yield None
+                elif self.batches_on_stage_grid:
+                    yield self.sample_batches(sizes, stage.base_level)
+                else:
+                    yield self.sample_batches(sizes)
 
     def __iter__(self) -> Iterator[ScheduleStep]:
         resume, self._resume = self._resume, None

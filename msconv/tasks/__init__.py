@@ -82,6 +82,15 @@ class Task:
 
         return pyramid(x, depth, kind), pyramid(y, depth, kind)
 
+    def corrupt_on_grid(self, y: torch.Tensor, generator: torch.Generator, level: int, kind: str = "average"):
+        """A corrupted pair on grid ``level`` from clean finest-grid images ``y``: what
+        :meth:`corrupt` then :meth:`restrict_pair` give (the pair MGE would evaluate there).
+
+        Tasks whose corruption has a direct coarse-grid form override this to skip the fine-grid
+        work (a coarse Full-Multiscale stage draws 4**level times more samples per work unit)."""
+        x, y = self.corrupt(y, generator)
+        return self.restrict_pair(x, y, level, kind)
+
     def input_for_metrics(self, x: torch.Tensor) -> torch.Tensor:
         """The corrupted image as a picture (for 'input PSNR' baselines), same size as x."""
         return x
@@ -130,6 +139,22 @@ class Denoise(Task):
         _check_image(y, "denoise")
         g = _check_generator(generator, "denoise")
         return y + (self.noise_sigma / 255.0) * _randn(y.shape, g, y), y
+
+    def corrupt_on_grid(self, y, generator, level, kind="average"):
+        """The clean crop restricted to ``level``, plus white noise drawn on that grid: std σ with
+        ``preserve``, σ/2**level with ``average`` — the distribution the fine-grid route gives
+        (a 2**level × 2**level cell average of i.i.d. N(0, σ²) is N(0, σ²/4**level), independent
+        across cells), at 4**level times fewer random numbers. Other restriction kinds correlate
+        neighbouring cells, so they take the fine-grid route."""
+        if level == 0 or kind != "average":
+            return super().corrupt_on_grid(y, generator, level, kind)
+        _check_image(y, "denoise")
+        g = _check_generator(generator, "denoise")
+        from msconv import restrict
+
+        yc = restrict(y, kind, levels=level)
+        std = self.noise_sigma / 255.0 / (1.0 if self.noise_restriction == "preserve" else 2.0 ** level)
+        return yc + std * _randn(yc.shape, g, yc), yc
 
 
 def gaussian_taps(sigma: float, scale: float = 1.0, dtype=torch.float32) -> torch.Tensor:

@@ -75,7 +75,7 @@ class Trainer:
         # count_flops on for that step) because the counter's per-op overhead would otherwise
         # inflate every step's wall-clock.
         self.schedule = Schedule(
-            run.stages, cfg.restriction, run.allocation, sample_batches=self.draw,
+            run.stages, cfg.restriction, run.allocation, sample_batches=self.draw, batches_on_stage_grid=True,
             validate=self.stage_val_loss if cfg.fmg_adaptive else None,
             validate_every=cfg.fmg_validate_every, patience=cfg.fmg_patience, fast_forward_scheduler=self.scheduler,
             estimator_kwargs={"count_flops": False, "pyramid_fn": self.task.pyramid_pair})
@@ -105,13 +105,14 @@ class Trainer:
             pairs.append((x.to(self.device), y.to(self.device)))
         return pairs
 
-    def draw(self, sizes) -> list:
-        """One fresh corrupted batch per level, ``[(x_l, y_l)]`` with ``sizes[l]`` samples, on the device."""
+    def draw(self, sizes, level: int = 0) -> list:
+        """One fresh corrupted batch per estimator level, ``[(x_l, y_l)]`` with ``sizes[l]`` samples,
+        on grid ``level`` (the stage's finest), on the device."""
         out = []
         for n in sizes:
             clean = self.sampler.next_batch(n)
             # Corruption runs on the CPU generator (reproducible on any device), then moves.
-            x, y = self.task.corrupt(clean, self.corrupt_rng)
+            x, y = self.task.corrupt_on_grid(clean, self.corrupt_rng, level, self.cfg.restriction)
             out.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
         return out
 
