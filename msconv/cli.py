@@ -91,14 +91,26 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args, **overrides):
-    from msconv.train.config import TrainConfig, load_yaml
+    """Options: defaults < (with --resume) OUT/config.json of the run being resumed < --config FILE
+    < the command line."""
+    from msconv.train.config import TrainConfig, load_yaml, options_of_run
 
-    d = load_yaml(args.config) if getattr(args, "config", None) else {}
+    d = {}
+    if getattr(args, "resume", False):
+        d.update(options_of_run(getattr(args, "out", None) or overrides.get("out") or TrainConfig.out))
+    if getattr(args, "config", None):
+        d.update(load_yaml(args.config))
     names = {f.name for f in TrainConfig.fields()}
     d.update({k: v for k, v in vars(args).items() if k in names})
     for k, v in overrides.items():
         d.setdefault(k, v)
     return TrainConfig.from_dict(d, source=args.config or "options")
+
+
+def _is_finite(v) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _run_guarded(fn) -> int:
@@ -132,6 +144,12 @@ def _cmd_train(args) -> int:
 
         cfg = _config_from_args(args)
         r = Trainer(cfg).run()
+        if r["complete"] and not _is_finite(r["psnr"]):
+            print(f"msconv: {cfg.mode}/{cfg.conv} finished, but the model's validation outputs are not finite "
+                  f"(val PSNR {r['psnr']}, {r['skipped_steps']} of {r['iterations']} steps skipped as non-finite): "
+                  f"the model is broken, not scored. {cfg.out}/result.json records psnr NaN. Lower --lr, or for "
+                  "--conv mf raise --mf-sigma, and train again", file=sys.stderr)
+            return _EXIT_NONFINITE
         state = "finished" if r["complete"] else f"stopped at step {r['iterations']} (resume with --resume)"
         print(f"{cfg.mode}/{cfg.conv} {state}: val PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}, "
               f"{r['work_units']:.1f} work units, {r['flops']:.3g} FLOPs, {r['wall_clock_s']:.1f} s, "
@@ -164,8 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser(
         "train", help="train an image-restoration CNN: single-scale, MGE or Full-Multiscale",
         description="Train one model on one task. Writes OUT/metrics.csv, OUT/tb (TensorBoard), OUT/checkpoint.pt "
-        "(atomic; --resume continues exactly), OUT/result.json and OUT/model.pt. Exit codes: 2 bad options or data, "
-        "3 stopped on a non-finite loss, 4 unreadable checkpoint.",
+        "(atomic; --resume continues exactly), OUT/result.json and OUT/model.pt. `--resume --out OUT` alone continues a "
+        "run with the options in OUT/config.json; of those, only --lr, --on-nonfinite, --max-skips and "
+        "--divergence-factor may be changed on --resume (the learning-rate schedule goes on from the new peak --lr). "
+        "Exit codes: 2 bad options or data, 3 stopped on a non-finite or diverging loss or finished with non-finite "
+        "validation outputs, 4 unreadable checkpoint.",
         )
     _add_config_options(pt)
     pt.set_defaults(func=_cmd_train)

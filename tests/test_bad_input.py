@@ -321,3 +321,132 @@ def test_crop_sampler_bad_arguments(make, match):
 def test_crop_sampler_accepts_numpy_ints():
     s = CropSampler(_set((1, 16, 16)), np.int64(8), seed=np.int64(3))
     assert s.next_batch(np.int64(2)).shape == (2, 1, 8, 8)
+
+
+# ============================================================================ trainer and CLI
+# Through msconv.train and `msconv train` (msconv.cli.main): options, YAML, checkpoints, output
+# folder, non-finite models and losses.
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+from msconv.cli import main  # noqa: E402
+from msconv.train import psnr_ssim  # noqa: E402
+from msconv.train.checkpoint import CheckpointError, load_checkpoint, save_atomic  # noqa: E402
+from msconv.train.config import ConfigError, TrainConfig, load_yaml  # noqa: E402
+from msconv.train.trainer import NonFiniteError, Trainer  # noqa: E402
+
+from _photo_data import photo_dir  # noqa: E402,F401 - the fixture (tests/_photo_data.py)
+
+
+def _cfg(photo_dir, out, **kw):
+    base = dict(data=photo_dir, crop=32, depth=3, width=4, batch_size=2, levels=1, iterations=6, val_crop=32,
+                val_points=2, ckpt_every=100, progress=False, tensorboard=False, out=str(out), lr=3e-3, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _cli(photo_dir, out, *extra):
+    return ["train", "--data", photo_dir, "--crop", "32", "--depth", "3", "--width", "4", "--batch-size", "2",
+            "--val-crop", "32", "--val-points", "2", "--iterations", "6", "--no-progress", "--no-tensorboard",
+            "--threads", "1", "--out", str(out), *extra]
+
+
+def test_psnr_of_a_non_finite_prediction_is_nan_never_a_score():
+    # Before: NaN predictions scored PSNR 100 dB (non-finite PSNR was mapped to the cap).
+    y = torch.rand(1, 16, 16)
+    for bad in (float("nan"), float("inf")):
+        pred = y.clone()
+        pred[0, 3, 3] = bad
+        p, s = psnr_ssim(pred, y)
+        assert np.isnan(p) and np.isnan(s)
+    assert psnr_ssim(y, y)[0] == 100.0  # an exact reconstruction keeps the cap
+
+
+def test_cli_nan_model_fails_and_result_says_nan(photo_dir, tmp_path, monkeypatch, capsys):
+    # Before: exit 0, "val PSNR 100.00 dB", result.json psnr 100.
+    import msconv.train.run as run_module
+
+    build = run_module.build_model
+
+    def broken(*a, **kw):
+        m = build(*a, **kw)
+        m.register_forward_hook(lambda mod, inp, out: out * float("nan"))
+        return m
+
+    monkeypatch.setattr(run_module, "build_model", broken)
+    out = tmp_path / "run"
+    assert main(_cli(photo_dir, out, "--max-skips", "1000")) == 3
+    err = capsys.readouterr().err
+    assert "validation outputs are not finite" in err and "val PSNR nan" in err
+    r = json.loads((out / "result.json").read_text())
+    assert np.isnan(r["psnr"]) and np.isnan(r["val_history"][-1]["psnr"])
+
+
+def test_cli_mlmc_with_batch_size_one_is_refused(photo_dir, tmp_path, capsys):
+    # Before: the batch sizes silently stayed "1 1" (a level's variance needs two samples).
+    assert main(_cli(photo_dir, tmp_path, "--mode", "mge", "--allocation", "mlmc", "--batch-size", "1")) == 2
+    assert "--batch-size 2 or more" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--batch-sizes entry >= 2"):
+        TrainConfig(mode="mge", allocation="mlmc", levels=1, batch_sizes=[4, 1]).validated()
+    TrainConfig(mode="mge", allocation="mlmc", levels=1, batch_size=2).validated()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("gray: 'no'\n", {"gray": False}), ("gray: 'yes'\n", {"gray": True}), ("gray: no\n", {"gray": False}),
+     ("lr: 1e-3\n", {"lr": 0.001}), ("budget: 60\n", {"budget": 60.0}), ("threads: '2'\n", {"threads": 2})],
+)
+def test_yaml_values_are_coerced_to_the_option_type(tmp_path, text, expected):
+    # Before: gray "no" was read as true (a non-empty string); lr 1e-3 (a string to PyYAML) ended in a TypeError.
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    cfg = TrainConfig.from_dict(load_yaml(str(p)), source=str(p))
+    for k, v in expected.items():
+        assert getattr(cfg, k) == v and type(getattr(cfg, k)) is type(v)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [("gray: maybe\n", r"gray must be true or false.*'maybe'"),
+     ("threads: two\n", r"threads must be an int, got 'two'"),
+     ("lr: fast\n", r"lr must be a number, got 'fast'"),
+     ("out: 5\n", r"--out must be a str, got 5"),
+     ("data: null\n", r"--data cannot be empty"),
+     ("budget: .inf\n", r"--budget must be a finite number, got inf"),
+     ("crop: 3.5\n", r"--crop must be an int, got 3.5")],
+)
+def test_yaml_bad_values_are_clear_errors(tmp_path, text, match):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict(load_yaml(str(p)), source=str(p))
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_cli_non_finite_budget_names_the_option(tmp_path, capsys, value):
+    # Before: --budget inf was an OverflowError traceback; nan's message did not name the option.
+    assert main(["train", f"--budget={value}", "--out", str(tmp_path / "r")]) == 2
+    assert f"--budget must be a finite number, got {value}" in capsys.readouterr().err
+
+
+def test_cli_out_that_cannot_be_a_folder(photo_dir, tmp_path, capsys, monkeypatch):
+    # Before: raw OS tracebacks (FileExistsError, NotADirectoryError, PermissionError).
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(_cli(photo_dir, a_file)) == 2
+    assert "is an existing file, not a folder" in capsys.readouterr().err
+    assert main(_cli(photo_dir, a_file / "run")) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_open = open
+
+    def refuse(path, *a, **kw):  # read-only folder (chmod does not stop root, who runs CI here)
+        if str(path).startswith(str(read_only)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", refuse)
+    assert main(_cli(photo_dir, read_only)) == 2
+    assert "is not writable (Permission denied)" in capsys.readouterr().err

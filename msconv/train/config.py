@@ -7,6 +7,7 @@ an error naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ from msconv.multilevel.schedule import MODES
 from msconv.reference import RESTRICT_KINDS
 from msconv.tasks import TASKS, Denoise
 
-__all__ = ["TrainConfig", "load_yaml", "ConfigError", "MODES", "OPTIMIZERS", "DEFAULT_LR", "LR_BATCH_POWERS", "CLI_MODEL_SIZES"]
+__all__ = ["TrainConfig", "load_yaml", "options_of_run", "RUN_RECORD_KEYS", "ConfigError", "MODES", "OPTIMIZERS", "DEFAULT_LR", "LR_BATCH_POWERS", "CLI_MODEL_SIZES"]
 
 OPTIMIZERS = ("adam", "sgd", "lars", "lamb")
 DEFAULT_LR = {"adam": 2e-3, "sgd": 1e-2, "lars": 1.0, "lamb": 1e-2}
@@ -26,9 +27,15 @@ LR_BATCH_POWERS = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
 # lets `msconv compare` (three modes at the default budget) finish in minutes on a 2-core CPU.
 # The classes' own defaults stay the published sizes (DnCNN-S: 17 layers x 64 channels).
 CLI_MODEL_SIZES = {"dncnn": {"depth": 8, "width": 32}}
+# --allocation mlmc needs this many samples per level to measure a level's variance.
+MLMC_MIN_BATCH = 2
 MASK_KINDS = ("boxes", "strokes", "mixed")
 SR_SCALES = (2, 4)
 SR_KERNELS = ("bicubic", "area")
+
+
+# Keys a run's config.json adds to its options (a record of what ran, not settings).
+RUN_RECORD_KEYS = ("engine", "stages")
 
 
 class ConfigError(ValueError):
@@ -113,6 +120,8 @@ class TrainConfig:
     ckpt_every: int = _f(25, "checkpoint every this many steps (and at every stage end)")
     on_nonfinite: str = _f("skip", "non-finite loss or gradient: skip the step | stop the run", choices=("skip", "stop"))
     max_skips: int = _f(10, "stop after this many consecutive skipped steps")
+    divergence_factor: float = _f(100.0, "divergence guard: a finite loss above this many times its running median "
+                                  "(the stage's last 50 good steps, from its 20th) is treated as non-finite (0: off)")
     progress: bool = _f(True, "show a progress bar")
     tensorboard: bool = _f(True, "write TensorBoard event files to OUT/tb")
     count_flops: bool = _f(True, "count FLOPs (once per distinct step shape, with torch.utils.flop_counter)")
@@ -152,6 +161,8 @@ class TrainConfig:
 
     def validated(self) -> "TrainConfig":
         for f in self.fields():
+            _check_type(f, getattr(self, f.name))
+        for f in self.fields():
             choices = f.metadata.get("choices")
             v = getattr(self, f.name)
             if choices and v not in choices:
@@ -166,6 +177,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v <= 0:
                 raise ConfigError(f"--{_opt(name)} must be > 0, got {v!r}")
+        if self.divergence_factor != 0 and self.divergence_factor <= 1:
+            raise ConfigError(f"--divergence-factor must be 0 (off) or > 1, got {self.divergence_factor!r}")
         if self.iterations is not None and (not isinstance(self.iterations, int) or self.iterations < 1):
             raise ConfigError(f"--iterations must be an int >= 1, got {self.iterations!r}")
         if self.mode != "single" and self.levels == 0:
@@ -176,6 +189,14 @@ class TrainConfig:
                     f"--batch-sizes must be {self.levels + 1} positive ints (one per level, finest first, for "
                     f"--levels {self.levels}), got {self.batch_sizes!r}"
                 )
+        if self.mode != "single" and self.allocation == "mlmc":
+            smallest = min(self.batch_sizes or [self.batch_size])
+            if smallest < MLMC_MIN_BATCH:
+                raise ConfigError(
+                    f"--allocation mlmc measures each level's variance from at least {MLMC_MIN_BATCH} samples, but "
+                    f"--batch-size{'s' if self.batch_sizes else ''} gives a level {smallest}: with fewer the "
+                    f"variances are never measured and the sizes never adapt. Use --batch-size {MLMC_MIN_BATCH} or more"
+                    f"{' (and every --batch-sizes entry >= ' + str(MLMC_MIN_BATCH) + ')' if self.batch_sizes else ''}")
         mult = 2 ** (self.levels if self.mode != "single" else 0) * (self.sr_scale if self.task == "sr" else 1)
         if self.crop % mult:
             raise ConfigError(
@@ -206,8 +227,59 @@ def _opt(name: str) -> str:
     return name.replace("_", "-")
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1", "y"), ("false", "no", "off", "0", "n")
+
+
+def _check_type(f: dataclasses.Field, v) -> None:
+    """``v`` has field ``f``'s type (None only where the default is None; floats finite)."""
+    name, kind = _opt(f.name), f.type
+    if v is None:
+        if f.default is None:
+            return
+        raise ConfigError(f"--{name} cannot be empty (null); give a {kind} (default: {f.default!r}) or leave it out")
+    if kind == "bool":
+        ok = isinstance(v, bool)
+    elif kind == "int":
+        ok = isinstance(v, int) and not isinstance(v, bool)
+    elif kind == "float":
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if ok and not math.isfinite(v):
+            raise ConfigError(f"--{name} must be a finite number, got {v!r}")
+    elif kind == "str":
+        ok = isinstance(v, str)
+    else:
+        ok = True  # lists are checked by _coerce and the option's own rule
+    if not ok:
+        raise ConfigError(f"--{name} must be {'an' if kind == 'int' else 'a'} {kind}, got {v!r} ({type(v).__name__})")
+
+
+def _coerce_scalar(f: dataclasses.Field, v, source: str):
+    """A YAML string given for a bool/int/float field, as that type (PyYAML reads ``1e-3`` and
+    quoted values as strings); anything that does not convert is left for :func:`_check_type`."""
+    if not isinstance(v, str):
+        if f.type == "float" and isinstance(v, int) and not isinstance(v, bool):
+            return float(v)
+        return v
+    text = v.strip()
+    if f.type == "bool":
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{source}: {f.name} must be true or false (yes/no), got {v!r}")
+    if f.type in ("int", "float"):
+        try:
+            return int(text) if f.type == "int" else float(text)
+        except ValueError:
+            raise ConfigError(f"{source}: {f.name} must be a{'n int' if f.type == 'int' else ' number'}, got {v!r}") from None
+    return v
+
+
 def _coerce(name: str, v, source: str):
     """YAML and CLI values to the field's type; lists may be given as '4,4,4'."""
+    f = _FIELDS[name]
+    if f.type in ("bool", "int", "float"):
+        return _coerce_scalar(f, v, source)
     if name in ("batch_sizes", "inject_nan_at") and v is not None:
         if isinstance(v, str):
             try:
@@ -220,6 +292,9 @@ def _coerce(name: str, v, source: str):
             raise ConfigError(f"{source}: {name} must be a list of ints, got {v!r}")
         return list(v)
     return v
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def load_yaml(path: str) -> dict:
@@ -237,4 +312,20 @@ def load_yaml(path: str) -> dict:
         return {}
     if not isinstance(d, dict):
         raise ConfigError(f"--config: {path!r} must hold a mapping of option: value, got {type(d).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in d.items()}
+    d = {str(k).replace("-", "_"): v for k, v in d.items()}
+    for k in RUN_RECORD_KEYS:  # a run's config.json is a valid config file: its record of what ran is not an option
+        d.pop(k, None)
+    return d
+
+
+def options_of_run(out: str) -> dict:
+    """The options a run in folder ``out`` was started with (its ``config.json``), for ``--resume``
+    without repeating them; ``max_steps`` (one invocation's planned stop) and ``resume`` are left out.
+    ``{}`` when the folder has no config.json."""
+    path = os.path.join(out, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    d = load_yaml(path)
+    for k in ("max_steps", "resume"):
+        d.pop(k, None)
+    return d

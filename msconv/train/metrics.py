@@ -25,7 +25,7 @@ _K2_SAMPLE = 0.03 * math.sqrt((_WIN * _WIN - 1) / (_WIN * _WIN))
 def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
     """PSNR (dB, peak 1) and SSIM of one image (C, H, W) against its clean original, on the full
     image (H, W >= 7); the prediction is clipped to [0, 1]. Computed in float64 on the tensors'
-    device."""
+    device. A prediction with any NaN/inf value gives (nan, nan); an exact one PSNR_CAP_DB."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     if pred.dim() != 3 or pred.shape != target.shape:
@@ -33,6 +33,9 @@ def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
                          f"{tuple(pred.shape)} and {tuple(target.shape)}")
     if min(pred.shape[1:]) < _WIN:
         raise ValueError(f"psnr_ssim: SSIM needs images of at least {_WIN}x{_WIN} pixels, got {tuple(pred.shape)}")
+    if not bool(torch.isfinite(pred).all()):
+        # clamp() keeps NaN and maps inf into range: a broken model must never score.
+        return math.nan, math.nan
     p = pred.detach().clamp(0, 1).double().unsqueeze(0)
     t = target.detach().double().unsqueeze(0)
     psnr = float(peak_signal_noise_ratio(p, t, data_range=1.0))
@@ -40,4 +43,5 @@ def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
                                                       k2=_K2_SAMPLE, return_full_image=True)
     r = (_WIN - 1) // 2
     ssim = float(ssim_map[..., r:-r, r:-r].mean())
-    return (min(psnr, PSNR_CAP_DB) if math.isfinite(psnr) else PSNR_CAP_DB), ssim
+    # Only an exact reconstruction (MSE 0, PSNR +inf) is capped; anything else non-finite stays NaN.
+    return (PSNR_CAP_DB if psnr == math.inf else min(psnr, PSNR_CAP_DB)), ssim

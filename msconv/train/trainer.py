@@ -10,8 +10,12 @@ FLOPs and wall-clock count the training steps only (validation and checkpointing
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
+import re
+import statistics
 import time
 import warnings
 
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from msconv.data import ImageSet
 from msconv.multilevel import Schedule
 from msconv.train.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
-from msconv.train.config import TrainConfig
+from msconv.train.config import DEFAULT_LR, ConfigError, TrainConfig
 from msconv.train.metrics import psnr_ssim
 from msconv.train.run import build_run
 from msconv.train.sinks import CsvLog, ProgressBar, TensorBoardLog
@@ -34,10 +38,49 @@ VAL_SPAN = 256.0
 
 # Fields that change what a run computes; a checkpoint only resumes a run that agrees on them.
 _RUN_ONLY = {"out", "resume", "progress", "tensorboard", "threads", "max_steps", "ckpt_every", "inject_nan_at", "device"}
+# Fields a resumed run may change (the remedies a non-finite stop advises); the rest must agree.
+RESUME_MAY_CHANGE = ("lr", "on_nonfinite", "max_skips", "divergence_factor")
+# The divergence guard compares a loss with the median of the stage's last GUARD_WINDOW good
+# losses, once the stage has GUARD_WARMUP of them (early losses fall fast and say little).
+GUARD_WINDOW, GUARD_WARMUP = 50, 20
 
 
 class NonFiniteError(RuntimeError):
     """Training stopped on a non-finite loss or gradient (``on_nonfinite='stop'``)."""
+
+
+NONFINITE = "the loss or a gradient is not finite"
+
+
+def make_output_folder(out: str) -> None:
+    """Create ``out`` (``--out``) or raise :class:`ConfigError` saying why it cannot hold the run."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out!r} is an existing file, not a folder; give a folder path (it is created if missing)")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out!r}: cannot create the output folder ({e.strerror or e}: {e.filename or out}); "
+                          "give a path in a folder you can write to") from None
+    probe = os.path.join(out, f".msconv-write-test-{os.getpid()}")
+    try:  # os.access is not enough (root, network file systems): try to write
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"--out {out!r} is not writable ({e.strerror or e}); give a folder you can write to") from None
+
+
+def _default(name: str):
+    """A TrainConfig field's default (what a checkpoint from before the field existed ran with)."""
+    return next(f.default for f in TrainConfig.fields() if f.name == name)
+
+
+def _count(ck: dict, key: str) -> int:
+    """``ck[key]`` as a count >= 0; ValueError naming the key otherwise."""
+    v = ck[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or v != int(v):
+        raise ValueError(f"{key!r} must be a count >= 0, got {v!r}")
+    return int(v)
 
 
 def _centre_crop(im: torch.Tensor, side: int, multiple: int) -> torch.Tensor:
@@ -61,7 +104,7 @@ class Trainer:
         self.on_step = on_step
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        os.makedirs(cfg.out, exist_ok=True)
+        make_output_folder(cfg.out)
         self.ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
         run = build_run(cfg, data)
         self.parts = run  # the built pieces (msconv.train.Run)
@@ -93,6 +136,13 @@ class Trainer:
         self.val_history: list[dict] = []
         self.next_val = 0
         self.flops_cache: dict[str, int] = {}
+        # The divergence guard's reference: the current stage's recent good losses.
+        self.guard = {"stage": 0, "losses": []}
+        self.why_skipped: str | None = None
+        # A copy of the state after the latest step, and the latest one whose next loss was good (its
+        # weights are known to be fine): what a stop on divergence leaves in the checkpoint.
+        self._state_before_step: dict | None = None
+        self._last_good_state: dict | None = None
 
     # ------------------------------------------------------------------ data and validation
     def _corrupted_pairs(self, images, side: int, seed: int):
@@ -194,6 +244,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
             "corrupt_rng": self.corrupt_rng.get_state(), "torch_rng": torch.get_rng_state(),
             "schedule": self.schedule.state_dict(), "finished": self.finished,
+            "guard": {"stage": self.guard["stage"], "losses": list(self.guard["losses"])},
         }
 
     def save(self) -> None:
@@ -201,12 +252,17 @@ class Trainer:
 
     def load(self) -> None:
         ck = load_checkpoint(self.ckpt_path)
+        saved = ck.get("config")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"--resume: {self.ckpt_path!r} has no run configuration ('config'), so it cannot be "
+                                  "checked against this run; start fresh without --resume (or with another --out)")
         mine = {k: v for k, v in self.cfg.to_dict().items() if k not in _RUN_ONLY}
-        diff = sorted(k for k in mine if ck["config"].get(k) != mine[k])
+        diff = sorted(k for k in mine if k not in RESUME_MAY_CHANGE and saved.get(k, _default(k)) != mine[k])
         if diff:
-            detail = ", ".join(f"{k}: checkpoint {ck['config'].get(k)!r} vs now {mine[k]!r}" for k in diff[:5])
+            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in diff[:5])
             raise CheckpointError(
-                f"--resume: {self.ckpt_path!r} belongs to a different run ({detail}); use the same options, "
+                f"--resume: {self.ckpt_path!r} belongs to a different run ({detail}); use the same options "
+                f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may change on --resume), "
                 "or another --out to start fresh"
             )
         try:
@@ -217,13 +273,35 @@ class Trainer:
             self.corrupt_rng.set_state(ck["corrupt_rng"])
             torch.set_rng_state(ck["torch_rng"])
             self.schedule.load_state_dict(ck["schedule"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"--resume: {self.ckpt_path!r} is incomplete or incompatible ({e}); start fresh") from e
-        self.step, self.work_units, self.flops = int(ck["step"]), float(ck["work_units"]), int(ck["flops"])
-        self.wall, self.skipped_total = float(ck["wall_clock_s"]), int(ck["skipped_total"])
-        self.consecutive_skips, self.val_history = int(ck["consecutive_skips"]), list(ck["val_history"])
-        self.next_val, self.flops_cache = int(ck["next_val"]), dict(ck["flops_cache"])
-        self.finished = bool(ck["finished"])
+            self.step, self.work_units, self.flops = _count(ck, "step"), float(ck["work_units"]), _count(ck, "flops")
+            self.wall, self.skipped_total = float(ck["wall_clock_s"]), _count(ck, "skipped_total")
+            self.consecutive_skips, self.val_history = _count(ck, "consecutive_skips"), list(ck["val_history"])
+            self.next_val, self.flops_cache = _count(ck, "next_val"), dict(ck["flops_cache"])
+            self.finished = bool(ck["finished"])
+            guard = ck.get("guard", {"stage": 0, "losses": []})
+            self.guard = {"stage": int(guard["stage"]), "losses": [float(v) for v in guard["losses"]]}
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise CheckpointError(
+                f"--resume: {self.ckpt_path!r} is incomplete or incompatible ({type(e).__name__}: {e}); start fresh "
+                "without --resume (or with another --out)") from e
+        old_lr = saved.get("lr")
+        old_lr = DEFAULT_LR[self.cfg.optimizer] if old_lr is None else old_lr
+        if old_lr != self.cfg.resolved_lr:
+            self._rebase_lr(self.cfg.resolved_lr)
+
+    def _rebase_lr(self, lr: float) -> None:
+        """Continue the learning-rate schedule where it was, from peak ``lr`` instead of the saved one
+        (``--resume --lr``)."""
+        s = self.scheduler
+        s.base_lrs = [lr for _ in s.base_lrs]
+        for g, factor in zip(self.optimizer.param_groups, s.lr_lambdas):
+            value = lr * factor(s.last_epoch)
+            g["initial_lr"] = lr
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"].fill_(value)
+            else:
+                g["lr"] = value
+        s._last_lr = [self._group_lr(g) for g in self.optimizer.param_groups]
 
     # ------------------------------------------------------------------ one step
     def _one_step(self, stage, est, batches, draw_seconds):
@@ -242,6 +320,11 @@ class Trainer:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norms = torch.stack([torch.linalg.vector_norm(g) for g in grads] + [loss.detach().reshape(())])
         finite = bool(torch.isfinite(norms).all())
+        loss_value = float(loss.detach())
+        self.why_skipped = None if finite else NONFINITE
+        if finite:
+            self.why_skipped = self._diverged(stage.index, loss_value)
+            finite = self.why_skipped is None
         lr = self._lr() * stage.lr_scale
         if finite:
             self._scaled_step(stage.lr_scale)
@@ -249,7 +332,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             # A skipped first step steps the schedule before any optimizer.step(); that is intended.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()  # the loop is the schedule's only owner; skipped steps count too
         self.wall += time.perf_counter() - t0
         cost = est.last_cost
@@ -257,11 +340,33 @@ class Trainer:
             self.flops_cache[key] = int(cost.flops)
         self.work_units += float(cost.work_units)
         self.flops += self.flops_cache.get(key, 0)
-        return float(loss.detach()), not finite, sizes, lr
+        return loss_value, not finite, sizes, lr
 
     def _lr(self) -> float:
-        lr = self.optimizer.param_groups[0]["lr"]
+        return self._group_lr(self.optimizer.param_groups[0])
+
+    @staticmethod
+    def _group_lr(group) -> float:
+        lr = group["lr"]
         return float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+
+    def _diverged(self, stage_index: int, loss: float) -> str | None:
+        """Why a finite ``loss`` counts as diverged (None if it does not): far above the running
+        median of the stage's recent good losses. An exploding loss is still finite for a while,
+        and the weights that produce it are already ruined."""
+        if self.guard["stage"] != stage_index:
+            self.guard = {"stage": stage_index, "losses": []}
+        recent, factor = self.guard["losses"], self.cfg.divergence_factor
+        if not factor or len(recent) < GUARD_WARMUP:
+            return None
+        median = statistics.median(recent)
+        if median > 0 and loss > factor * median:
+            return (f"the loss {loss:.4g} is over {factor:g}x its running median {median:.4g} (divergence guard, "
+                    f"--divergence-factor {factor:g})")
+        return None
+
+    def _remember_good_loss(self, loss: float) -> None:
+        self.guard["losses"] = (self.guard["losses"] + [loss])[-GUARD_WINDOW:]
 
     def _scaled_step(self, factor: float) -> None:
         """optimizer.step() at ``factor`` times the scheduled LR (the schedule itself untouched)."""
@@ -288,19 +393,37 @@ class Trainer:
         return sinks
 
     def _stop_nonfinite(self, row: dict, sinks) -> None:
-        """Count a skipped step; raise :class:`NonFiniteError` when the run must stop."""
+        """Count a skipped step; raise :class:`NonFiniteError` when the run must stop.
+
+        The checkpoint it leaves: after a non-finite step, the state after it (the step changed no
+        weight); after a diverged one, the latest state whose next loss was still good, because the
+        weights that gave the exploding loss are already ruined."""
         cfg = self.cfg
         self.skipped_total += 1
         self.consecutive_skips += 1
-        msg = f"step {self.step}: the loss or a gradient is not finite (loss={row['loss']}); "
+        diverged = self.why_skipped != NONFINITE
+        msg = f"step {self.step}: {self.why_skipped} (loss={row['loss']}); "
         if cfg.on_nonfinite == "stop" or self.consecutive_skips >= cfg.max_skips:
             sinks[0].write(row)
-            self.save()
+            good = (self._last_good_state or self._state_before_step) if diverged else None
+            if good is None:
+                self.save()
+                good_step = self.step
+            else:
+                save_atomic(good, self.ckpt_path)
+                good_step = good["step"]
             why = ("--on-nonfinite stop" if cfg.on_nonfinite == "stop"
                    else f"{self.consecutive_skips} consecutive skipped steps (--max-skips {cfg.max_skips})")
+            remedies = [f"lower the learning rate (--lr {cfg.resolved_lr / 4:.3g})", "check the data"]
+            if cfg.on_nonfinite == "stop":
+                remedies.append("or skip such steps (--on-nonfinite skip)")
+            else:
+                remedies.append(f"or allow more consecutive skips (--max-skips {cfg.max_skips * 4})")
             raise NonFiniteError(
-                msg + f"stopped ({why}). The weights were not updated by it; the last good state is in "
-                f"{self.ckpt_path}. Lower --lr, check the data, or use --on-nonfinite skip, then --resume"
+                msg + f"stopped ({why}). The weights were not updated by this step; the last good state (step "
+                f"{good_step}) is in {self.ckpt_path}. To continue from it: {', '.join(remedies)}, and run "
+                f"`msconv train --resume --out {cfg.out}` with that option (the run's other options are read from "
+                f"{os.path.join(cfg.out, 'config.json')})"
             )
         for s in sinks:
             s.note(msg + "step skipped, weights unchanged")
@@ -322,6 +445,8 @@ class Trainer:
                 for s in sinks:
                     s.write(row)
             stop_at = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
+            if cfg.divergence_factor:
+                self._state_before_step = copy.deepcopy(self.state_dict())
             steps = iter(self.schedule) if not self.finished else iter(())
             while self.step < stop_at:
                 t0 = time.perf_counter()
@@ -338,6 +463,9 @@ class Trainer:
                     self._stop_nonfinite(row, sinks)
                 else:
                     self.consecutive_skips = 0
+                    self._remember_good_loss(loss)
+                    # This step's loss was good, so the weights it started from were: remember that state.
+                    self._last_good_state = self._state_before_step
                 stage_end = stage.steps_run >= stage.iterations
                 self.finished = stage_end and stage.index == len(self.stages) - 1
                 if self._val_due() or self.finished:
@@ -347,6 +475,8 @@ class Trainer:
                     s.write(row)
                 if self.step % cfg.ckpt_every == 0 or stage_end or self.step == stop_at:
                     self.save()
+                if cfg.divergence_factor:
+                    self._state_before_step = copy.deepcopy(self.state_dict())
                 if self.on_step is not None:
                     self.on_step(self, self.step)
         finally:
