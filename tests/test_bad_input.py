@@ -450,3 +450,61 @@ def test_cli_out_that_cannot_be_a_folder(photo_dir, tmp_path, capsys, monkeypatc
     monkeypatch.setattr("builtins.open", refuse)
     assert main(_cli(photo_dir, read_only)) == 2
     assert "is not writable (Permission denied)" in capsys.readouterr().err
+
+
+def test_orphaned_temporaries_are_cleaned_and_checkpoint_is_0644(tmp_path):
+    # Before: .tmp-*.pt files left by writers killed mid-save stayed forever; checkpoint.pt was 0600.
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphans = [tmp_path / f".tmp-{dead.pid}-0badc0de.pt", tmp_path / ".tmp-abc12_xy.pt"]  # killed writer; old naming
+    live = tmp_path / f".tmp-{os.getpid()}-00c0ffee.pt"  # a writer still running: left alone
+    for f in orphans + [live]:
+        f.write_bytes(b"partial")
+    old = os.umask(0o022)
+    try:
+        save_atomic({"format": "x"}, str(tmp_path / "checkpoint.pt"))
+    finally:
+        os.umask(old)
+    assert not any(f.exists() for f in orphans) and live.exists()
+    assert (os.stat(tmp_path / "checkpoint.pt").st_mode & 0o777) == 0o644
+    orphans[1].write_bytes(b"partial")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(str(tmp_path / "checkpoint.pt"))  # loading cleans too
+    assert not orphans[1].exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint.pt", live.name])
+
+
+def _checkpoint_of_a_short_run(photo_dir, out):
+    Trainer(_cfg(photo_dir, out, max_steps=2)).run()
+    return torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [("empty", r"empty \(0 bytes\), not a checkpoint"),
+     ("no config", r"has no run configuration \('config'\)"),
+     ("step abc", r"incomplete or incompatible \(ValueError: 'step' must be a count >= 0, got 'abc'\)"),
+     ("step inf", r"'step' must be a count >= 0, got inf"),
+     ("no scheduler", r"incomplete or incompatible \(KeyError: 'scheduler'\)")],
+)
+def test_cli_resume_from_a_damaged_checkpoint_is_a_clear_error(photo_dir, tmp_path, capsys, damage, match):
+    # Before: an IndexError traceback for an empty file; KeyError/ValueError tracebacks for the others.
+    out = tmp_path / "run"
+    ck = _checkpoint_of_a_short_run(photo_dir, out)
+    if damage == "empty":
+        (out / "checkpoint.pt").write_bytes(b"")
+    else:
+        if damage == "no config":
+            del ck["config"]
+        elif damage == "no scheduler":
+            del ck["scheduler"]
+        else:
+            ck["step"] = {"step abc": "abc", "step inf": float("inf")}[damage]
+        save_atomic(ck, str(out / "checkpoint.pt"))
+    assert main(_cli(photo_dir, out, "--resume")) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("msconv: error:") and "Traceback" not in err
+    assert __import__("re").search(match, err), err
