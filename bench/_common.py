@@ -11,6 +11,7 @@ import csv
 import os
 import platform
 import subprocess
+import sys
 
 import torch
 
@@ -82,9 +83,16 @@ SMOKE_HELP = ("the smallest sizes and a few milliseconds of timing: checks that 
               "(figures are not meaningful); CSV *_smoke.csv")
 
 
+def program_name(name: str) -> str:
+    """How the user started benchmark ``name``, for usage lines: ``python bench/bench_<name>.py``
+    when run as a script, else ``msconv bench <name>`` (argparse's default would say ``msconv``)."""
+    script = f"bench_{name}.py"
+    return f"python bench/{script}" if os.path.basename(sys.argv[0]) == script else f"msconv bench {name}"
+
+
 def bench_parser(doc: str, name: str, quick_help: str) -> argparse.ArgumentParser:
     """The options every benchmark takes: --quick, --smoke, --out."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=program_name(name), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     p.add_argument("--out", default=None, help=f"CSV path (default bench/results/{name}_<device>[_quick|_smoke].csv)")

@@ -39,8 +39,11 @@ def _cmd_bench(args) -> int:
     import os
 
     bench_dir = _bench_dir()
-    if not os.path.isdir(bench_dir):
-        print("msconv bench: the bench/ folder is not next to the package (run from a source checkout)", file=sys.stderr)
+    if not os.path.isdir(bench_dir) or not _bench_names(bench_dir):
+        # A wheel ships the library only; the benchmarks live in the source tree's bench/ folder.
+        print(f"msconv bench: the benchmarks are not installed with msconv (no bench_*.py in {bench_dir}); they "
+              "live in the bench/ folder of a source checkout: install from it with pip install -e . and run "
+              "msconv bench there, or run python bench/bench_<name>.py in it", file=sys.stderr)
         return 2
     sys.path.insert(0, bench_dir)
     available = _bench_names(bench_dir)
