@@ -508,3 +508,86 @@ def test_cli_resume_from_a_damaged_checkpoint_is_a_clear_error(photo_dir, tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("msconv: error:") and "Traceback" not in err
     assert __import__("re").search(match, err), err
+
+
+def _csv_rows(path):
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cli_resume_with_only_out_and_a_new_lr(photo_dir, tmp_path, capsys):
+    # Before: --resume needed every option again, and a changed --lr was refused as "a different run".
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(_cli(photo_dir, full)) == 0
+    assert main(_cli(photo_dir, cut, "--max-steps", "3")) == 0
+    assert main(["train", "--resume", "--out", str(cut), "--lr", "1e-3"]) == 0
+    assert "finished" in capsys.readouterr().out
+    a, b = _csv_rows(full / "metrics.csv"), _csv_rows(cut / "metrics.csv")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a[1:], b[1:]):  # the schedule goes on from the new peak: every later rate halved
+        scale = 1.0 if int(ra["step"]) <= 3 else 1e-3 / 2e-3  # from the default Adam 2e-3
+        assert float(rb["lr"]) == pytest.approx(float(ra["lr"]) * scale, rel=1e-9)
+    c = json.loads((cut / "config.json").read_text())
+    assert c["lr"] == 1e-3 and c["iterations"] == 6 and c["data"] == photo_dir
+
+
+def test_cli_resume_still_refuses_a_changed_computation(photo_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_cli(photo_dir, out, "--max-steps", "2")) == 0
+    assert main(["train", "--resume", "--out", str(out), "--crop", "16"]) == 4
+    err = capsys.readouterr().err
+    assert "different run (crop: checkpoint 32 vs now 16)" in err and "--lr, --on-nonfinite, --max-skips" in err
+
+
+def test_cli_config_json_of_a_run_is_a_valid_config(photo_dir, tmp_path):
+    # Before: "unknown option(s) ['engine', 'stages']".
+    first = tmp_path / "first"
+    assert main(_cli(photo_dir, first, "--mode", "fmg", "--fmg-iteration-ratio", "2")) == 0
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(first / "config.json"), "--out", str(again)]) == 0
+    a, b = json.loads((first / "result.json").read_text()), json.loads((again / "result.json").read_text())
+    assert a["psnr"] == b["psnr"] and a["stages"] == b["stages"]
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_stop_message_is_true(photo_dir, tmp_path, capsys, policy):
+    # Before: it suggested --on-nonfinite skip when skip was in effect, and "lower --lr then --resume",
+    # which resume refused.
+    out = tmp_path / "run"
+    nan_at = "3" if policy == "stop" else "3,4"
+    extra = ["--on-nonfinite", policy, "--max-skips", "2", "--inject-nan-at", nan_at]
+    assert main(_cli(photo_dir, out, *extra)) == 3
+    err = capsys.readouterr().err
+    assert ("--on-nonfinite skip" in err) == (policy == "stop")
+    assert f"--resume --out {out}" in err and "--lr 0.0005" in err
+    if policy == "skip":
+        assert "--max-skips 8" in err
+    # Doing what it says works: only the changed option on the command line.
+    fix = ["--on-nonfinite", "skip"] if policy == "stop" else ["--max-skips", "8"]
+    assert main(["train", "--resume", "--out", str(out), "--lr", "0.0005", *fix]) == 0
+
+
+def test_divergence_guard_stops_at_a_truly_good_state(photo_dir, tmp_path):
+    # Before: a finite but exploding loss (3.5e12) passed the check, and the "last good state" had |w| = 1.7e6.
+    seen = {}
+
+    def explode_after(trainer, step):
+        seen[step] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        if step == 25:
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    p.mul_(1e3)
+
+    cfg = _cfg(photo_dir, tmp_path, mode="single", iterations=40, on_nonfinite="stop", ckpt_every=1)
+    with pytest.raises(NonFiniteError, match=r"step 26: the loss .* is over 100x its running median .*divergence "
+                                             r"guard.*last good state \(step 24\)"):
+        Trainer(cfg, on_step=explode_after).run()
+    ck = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert ck["step"] == 24
+    for k, v in ck["model"].items():
+        assert torch.equal(v, seen[24][k])
+    # Off, the exploding run goes on.
+    r = Trainer(cfg.replace(divergence_factor=0.0, out=str(tmp_path / "off")), on_step=explode_after).run()
+    assert r["complete"] and r["skipped_steps"] == 0

@@ -419,9 +419,11 @@ class Trainer:
                 remedies.append("or skip such steps (--on-nonfinite skip)")
             else:
                 remedies.append(f"or allow more consecutive skips (--max-skips {cfg.max_skips * 4})")
+            where = (f"the last good state (step {good_step}, before the loss diverged)" if diverged else
+                     f"the state after step {good_step} (skipped steps change no weight)")
             raise NonFiniteError(
-                msg + f"stopped ({why}). The weights were not updated by this step; the last good state (step "
-                f"{good_step}) is in {self.ckpt_path}. To continue from it: {', '.join(remedies)}, and run "
+                msg + f"stopped ({why}). The weights were not updated by this step; {where} is in "
+                f"{self.ckpt_path}. To continue from it: {', '.join(remedies)}, and run "
                 f"`msconv train --resume --out {cfg.out}` with that option (the run's other options are read from "
                 f"{os.path.join(cfg.out, 'config.json')})"
             )
