@@ -582,7 +582,7 @@ def test_divergence_guard_stops_at_a_truly_good_state(photo_dir, tmp_path):
 
     cfg = _cfg(photo_dir, tmp_path, mode="single", iterations=40, on_nonfinite="stop", ckpt_every=1)
     with pytest.raises(NonFiniteError, match=r"step 26: the loss .* is over 100x its running median .*divergence "
-                                             r"guard.*last good state \(step 24\)"):
+                                             r"guard.*last good state \(step 24, before the loss diverged\)"):
         Trainer(cfg, on_step=explode_after).run()
     ck = load_checkpoint(str(tmp_path / "checkpoint.pt"))
     assert ck["step"] == 24

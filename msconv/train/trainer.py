@@ -402,7 +402,8 @@ class Trainer:
         self.skipped_total += 1
         self.consecutive_skips += 1
         diverged = self.why_skipped != NONFINITE
-        msg = f"step {self.step}: {self.why_skipped} (loss={row['loss']}); "
+        loss_note = "" if diverged else f" (loss={row['loss']})"  # a diverged step's reason gives the loss
+        msg = f"step {self.step}: {self.why_skipped}{loss_note}; "
         if cfg.on_nonfinite == "stop" or self.consecutive_skips >= cfg.max_skips:
             sinks[0].write(row)
             good = (self._last_good_state or self._state_before_step) if diverged else None
