@@ -213,7 +213,10 @@ class MFConv2d(nn.Module):
                     f"MFConv2d.load_state_dict: {prefix}sigma must be a finite number > 0, got {sigma!r}; "
                     "the checkpoint is damaged or not from an MFConv2d"
                 )
-            self._sigma = value
+            # Keep the exact σ when the buffer is just its rounding (0.3 is stored as 0.30000001): a
+            # resumed run must compute the same stencils as the run that saved it.
+            if value != float(torch.tensor(self._sigma, dtype=sigma.dtype)):
+                self._sigma = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, C_in, H, W]`` on the grid of ``current_grid_scale()`` → ``[N, C_out, ceil(H/S), ceil(W/S)]``.
