@@ -606,3 +606,13 @@ def test_resume_is_exact_with_an_mf_sigma_that_float32_rounds(photo_dir, tmp_pat
         assert torch.equal(a, b), k
     a, b = _csv_rows(tmp_path / "full" / "metrics.csv"), _csv_rows(tmp_path / "cut" / "metrics.csv")
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+@pytest.mark.parametrize("timeout", [-1, 0, "5", float("nan")])
+def test_init_distributed_timeout_is_checked(monkeypatch, timeout):
+    from msconv.multilevel import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    with pytest.raises(ValueError, match="init_distributed: timeout must be a number of seconds > 0"):
+        distributed.init_distributed("gloo", timeout=timeout)

@@ -39,12 +39,14 @@ import torch.nn as nn
 __all__ = ["init_distributed", "allreduce_gradients", "shard_batches"]
 
 
-def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
+def init_distributed(backend: str | None = None, timeout: float | None = 300.0) -> tuple[int, int, torch.device]:
     """Initialise torch.distributed from torchrun's environment (``RANK``, ``WORLD_SIZE``,
     ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``); returns ``(rank, world_size, device)``.
 
     Outside torchrun (no ``WORLD_SIZE``) nothing is initialised and ``(0, 1, device)`` comes back.
-    ``backend`` defaults to ``nccl`` with CUDA, else ``gloo``.
+    ``backend`` defaults to ``nccl`` with CUDA, else ``gloo``. ``timeout`` (seconds; None: torch's
+    default, 10 min for gloo) bounds the rendezvous and every collective, so a rank that hangs or
+    dies makes its peers fail with an error instead of waiting forever.
     """
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -54,7 +56,12 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+        import datetime
+
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"init_distributed: timeout must be a number of seconds > 0 or None, got timeout={timeout!r}")
+        kw = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), **kw)
     return dist.get_rank(), dist.get_world_size(), device
 
 
