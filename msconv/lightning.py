@@ -22,7 +22,9 @@ existing module needs no change); pass ``wrap_training_step=False`` to keep your
 Works with ``lightning`` (``lightning.pytorch``, preferred when installed) or the standalone
 ``pytorch_lightning`` package; the callback subclasses the one found. Lightning fetches one batch
 ahead, so a batch carries its own stage (a stage boundary never mixes two estimators) and an
-adaptive allocation (``mlmc``) resizes batches one step later than in a plain loop. Under DDP,
+adaptive allocation (``mlmc``) resizes batches one step later than in a plain loop. A Lightning
+checkpoint holds the schedule's position (the callback's state), so ``trainer.fit(module,
+ckpt_path=...)`` with a freshly built, identical schedule continues with the next batch. Under DDP,
 build the schedule with ``rank=``/``world_size=`` (or inside ``setup``), so each rank draws its
 share of every level.
 """
@@ -56,6 +58,7 @@ class MultiscaleBatch:
 
     def __init__(self, stage, iteration: int, global_step: int, batches: list) -> None:
         self.stage, self.iteration, self.global_step, self.batches = stage, iteration, global_step, batches
+        self.schedule_state: dict | None = None
 
     @property
     def level(self) -> int:
@@ -64,7 +67,9 @@ class MultiscaleBatch:
 
     def to(self, *args, **kwargs) -> "MultiscaleBatch":
         moved = [tuple(t.to(*args, **kwargs) if isinstance(t, torch.Tensor) else t for t in pair) for pair in self.batches]
-        return MultiscaleBatch(self.stage, self.iteration, self.global_step, moved)
+        out = MultiscaleBatch(self.stage, self.iteration, self.global_step, moved)
+        out.schedule_state = self.schedule_state
+        return out
 
     def loss(self, model: nn.Module, loss_fn: Callable | None = None) -> torch.Tensor:
         """The stage estimator's loss (:meth:`msconv.MGE.loss`) of ``model`` on this batch."""
@@ -95,7 +100,11 @@ class _ScheduleStream(torch.utils.data.IterableDataset):
                     f"MultiscaleTraining: {type(self.schedule).__name__} has no data source; build it with dataset= "
                     "or sample_batches="
                 )
-            yield MultiscaleBatch(step.stage, step.iteration, step.global_step, step.batches)
+            batch = MultiscaleBatch(step.stage, step.iteration, step.global_step, step.batches)
+            # The schedule's position after this step, taken now: Lightning fetches the next batch
+            # before this one's step ends, and a checkpoint must resume with that next batch.
+            batch.schedule_state = self.schedule.state_dict()
+            yield batch
 
 
 class MultiscaleTraining(pl.Callback):
@@ -124,6 +133,7 @@ class MultiscaleTraining(pl.Callback):
         self.schedule, self.loss_fn = schedule, loss_fn
         self.wrap_training_step, self.log = wrap_training_step, log
         self._original_step = None
+        self._position: dict | None = None
 
     def dataloader(self) -> torch.utils.data.DataLoader:
         """The Trainer's train dataloader: one :class:`MultiscaleBatch` per schedule step. The
@@ -155,8 +165,20 @@ class MultiscaleTraining(pl.Callback):
                 self.schedule.fast_forward_scheduler = step_schedulers[0]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if isinstance(batch, MultiscaleBatch) and not self.wrap_training_step and self.log:
-            self._log(pl_module, batch)
+        if isinstance(batch, MultiscaleBatch):
+            self._position = batch.schedule_state
+            if not self.wrap_training_step and self.log:
+                self._log(pl_module, batch)
+
+    def state_dict(self) -> dict:
+        """The schedule's position after the last finished step (saved in Lightning checkpoints)."""
+        return {"schedule": self._position} if self._position is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume the schedule where the checkpoint's run stopped (``trainer.fit(..., ckpt_path=...)``)."""
+        if state_dict.get("schedule") is not None:
+            self.schedule.load_state_dict(state_dict["schedule"])
+            self._position = state_dict["schedule"]
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         trainer.should_stop = True  # one epoch is the whole schedule; a second would start it again

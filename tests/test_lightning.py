@@ -134,3 +134,32 @@ def test_early_stage_end_fast_forwards_lightnings_scheduler():
     assert fmg.stages[0].advanced_early and fmg.stages[0].steps_run < 8 and fmg.stages[1].steps_run == 3
     sched = module.trainer.lr_scheduler_configs[0].scheduler
     assert sched.last_epoch == fmg.total_steps  # ran steps (by Lightning) + skipped ones (fast-forward)
+
+
+def test_checkpoint_resume_continues_the_schedule_exactly(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        fmg = msconv.FullMultiscale(levels=1, iterations=4, batch_sizes=4, dataset=pairs(seed=3), seed=5,
+                                    estimator_kwargs={"count_flops": False})
+        return fmg, Denoiser(fmg.total_steps)
+
+    fmg, whole = build()
+    fit(whole, MultiscaleTraining(fmg))
+
+    fmg, first = build()
+    ms = MultiscaleTraining(fmg)
+    with pytest.warns(UserWarning, match="max_steps"):
+        t = trainer(callbacks=[ms], max_steps=3)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            t.fit(first, train_dataloaders=ms.dataloader())
+    t.save_checkpoint(tmp_path / "stop.ckpt")
+
+    fmg, resumed = build()
+    ms = MultiscaleTraining(fmg)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer(callbacks=[ms]).fit(resumed, train_dataloaders=ms.dataloader(), ckpt_path=tmp_path / "stop.ckpt")
+    assert resumed.trainer.global_step == fmg.total_steps == 6
+    assert [s.steps_run for s in fmg.stages] == [4, 2]
+    torch.testing.assert_close(resumed.net.weight, whole.net.weight, rtol=0, atol=1e-6)
