@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.msconv-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all bench bench-paper clean
+.PHONY: setup demo test test-all bench bench-paper gpu-check clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,20 @@ bench: $(STAMP)
 PAPER := paper_transfer paper_denoise paper_tasks paper_curves paper_variance paper_large_batch
 bench-paper: $(STAMP)
 	@for s in $(PAPER); do echo "== bench/$$s.py"; $(VPY) bench/$$s.py || exit 1; done
+
+# One command on a GPU machine, no package registry needed: build with the CUDA kernels (pip
+# --no-deps --no-index), GPU tests, kernel benchmarks and a short single vs Full-Multiscale training
+# run, each step with its own timeout, under 8 minutes; results in bench/results/gpu/<device>/.
+# Uses the machine's torch (through a --system-site-packages .venv when one can be made, else the
+# machine's python itself). GPU_CHECK_ARGS=--dry-run shows the plan and simulates it on any machine.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@if [ ! -x $(VPY) ] && $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  $(PYTHON) -m venv --system-site-packages $(VENV) || rm -rf $(VENV); \
+	fi; \
+	py=$(VPY); if [ ! -x $$py ] || ! $$py -c "import torch" 2>/dev/null; then py=$(PYTHON); fi; \
+	echo "gpu-check with $$py"; \
+	PIP_BREAK_SYSTEM_PACKAGES=1 $$py bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info msconv/_C*.so wheelhouse
