@@ -2,10 +2,15 @@
 gather reference and, where it is built, the compiled CPU op."""
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    # Setting it here would switch every Triton kernel imported later in this pytest run, and the
+    # op tests' choice of device, to the interpreter: the GPU tests would test the wrong thing.
+    pytest.skip("a CUDA device is present: Triton runs compiled on it (the gpu tests); run this file "
+                "with TRITON_INTERPRET=1 in the environment to test the interpreter", allow_module_level=True)
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
 
