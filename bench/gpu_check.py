@@ -128,7 +128,7 @@ def plan(py: str, out: str, args, env: dict) -> list[Step]:
     build_env = {"MAX_JOBS": str(os.cpu_count() or 4), "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
     if cap:
         build_env["TORCH_CUDA_ARCH_LIST"] = cap  # this GPU only: a fraction of the default build time
-    pytest_cmd = [py, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
+    pytest_cmd = [py, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "--durations=15", "-p", "no:cacheprovider",
                   "--junitxml", os.path.join(out, "pytest_gpu.xml"), "tests"]
     if env.get("modules", {}).get("pytest_timeout"):
         pytest_cmd[5:5] = ["--timeout", "120"]
@@ -138,9 +138,9 @@ def plan(py: str, out: str, args, env: dict) -> list[Step]:
         f"bench/bench_{name}.py --quick on cuda -> {name}.csv")
     return [
         Step("build", [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."],
-             210, "pip install -e . (CUDA kernels for this GPU, no network)", build_env),
+             180, "pip install -e . (CUDA kernels for this GPU, no network)", build_env),
         Step("ext", [py, "-c", EXT_PROBE], 60, "msconv imports with its CUDA kernels"),
-        Step("pytest-gpu", pytest_cmd, 110, "pytest -m gpu", {"TRITON_INTERPRET": None}, needs=("pytest",)),
+        Step("pytest-gpu", pytest_cmd, 150, "pytest -m gpu", {"TRITON_INTERPRET": None}, needs=("pytest",)),
         bench("transfer", 50),
         bench("mf_jets", 40),
         bench("mfconv", 50),
