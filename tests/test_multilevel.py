@@ -378,3 +378,32 @@ def test_bench_mge_writes_a_row_per_estimator_and_level_difference(tmp_path):
             assert r["batch_sizes"] == "4/16" and float(r["work_units"]) == 4 * 1.25 + 16 * 0.25
         assert float(r["grad_var"]) > 0
     assert (tmp_path / "mge.png").stat().st_size > 0
+
+
+def test_a_new_allocation_rule_is_one_class_and_each_estimator_binds_its_own_copy():
+    from msconv.multilevel import Allocation, FullMultiscale
+
+    class Halving(Allocation):
+        """Halve the coarsest level's batch after every step (a toy rule with state)."""
+
+        name = "halving"
+
+        def bind(self, levels, level_work, multiple_of, count_flops):
+            bound = super().bind(levels, level_work, multiple_of, count_flops)
+            bound.seen = 0
+            return bound
+
+        def reallocate(self, step, level_costs):
+            self.seen = step
+            return None if self.levels == 0 else [8] * self.levels + [max(1, 8 >> step)]
+
+    rule = Halving()
+    est = MGE(1, 8, allocation=rule, count_flops=False)
+    assert est.allocation is not rule and est.batch_sizes == [8, 8]
+    x = smooth_images(8, 8, seed=11)
+    est.loss(small_model(), None, [(x, x), (x, x)])
+    assert est.batch_sizes == [8, 4] and est.allocation.seen == 1 and not hasattr(rule, "seen")
+    fmg = FullMultiscale(1, 2, 8, allocation=rule)
+    assert fmg.stages[0].estimator.allocation is not fmg.stages[1].estimator.allocation
+    with pytest.raises(ValueError, match=r"allocation='variance'.*Allocation object"):
+        MGE(1, 4, allocation="variance")

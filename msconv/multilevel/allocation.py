@@ -134,6 +134,14 @@ class RunningVariance:
         self.variance, self.mean, self.updates = list(state["variance"]), list(state["mean"]), list(state["updates"])
 
 
+def check_sizes(sizes: Sequence, levels: int) -> None:
+    """Batch sizes must be positive ints (the message names MGE's argument)."""
+    for s in sizes:
+        if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
+            raise ValueError(f"MGE: batch_sizes must be positive ints, got batch_sizes={list(sizes)!r}; "
+                             f"e.g. batch_sizes=[8] * {levels + 1}")
+
+
 def _check_int(value, name: str, minimum: int, owner: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {name}={value!r}")
@@ -160,9 +168,10 @@ class Allocation:
         bound.level_work = list(level_work)
         return bound
 
-    def initial_sizes(self, sizes: list[int]) -> list[int]:
+    def initial_sizes(self, sizes: list) -> list[int]:
         """The first step's sizes from what the user gave: one int for every level, or one per level."""
         n = self.levels + 1
+        check_sizes(sizes, self.levels)
         if len(sizes) not in (1, n):
             raise ValueError(
                 f"MGE: batch_sizes has {len(sizes)} entries but levels={self.levels} needs {n} (one per level, "
@@ -203,7 +212,8 @@ class Paper(Allocation):
 
     name = "paper"
 
-    def initial_sizes(self, sizes: list[int]) -> list[int]:
+    def initial_sizes(self, sizes: list) -> list[int]:
+        check_sizes(sizes[:1], self.levels)
         return paper_batch_sizes(sizes[0], self.levels, self.multiple_of)
 
 
@@ -256,7 +266,7 @@ class MLMC(Allocation):
         bound.variance = RunningVariance(levels, self.variance_decay)
         return bound
 
-    def initial_sizes(self, sizes: list[int]) -> list[int]:
+    def initial_sizes(self, sizes: list) -> list[int]:
         sizes = super().initial_sizes(sizes)
         if self.budget is None:
             self.budget = sum(n * c for n, c in zip(sizes, self.level_work))

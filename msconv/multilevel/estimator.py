@@ -162,21 +162,14 @@ class MGE:
         self.count_flops = count_flops
         self.multiple_of = _check_int(multiple_of if multiple_of is not None else _default_multiple_of(), "multiple_of", 1)
         self.allocation = make_allocation(allocation).bind(self.levels, self.level_work(), self.multiple_of, count_flops)
-        self.batch_sizes = self.allocation.initial_sizes(self._given_sizes(batch_sizes))
+        self.batch_sizes = self.allocation.initial_sizes(
+            list(batch_sizes) if isinstance(batch_sizes, (list, tuple)) else [batch_sizes])
         self.steps = 0
         self.last_cost: StepCost | None = None
         self._level_flops_per_sample: list[float | None] = [None] * (self.levels + 1)
         self._warned_coupled = False
 
     # ------------------------------------------------------------------ configuration
-
-    def _given_sizes(self, batch_sizes) -> list[int]:
-        sizes = list(batch_sizes) if isinstance(batch_sizes, (list, tuple)) else [batch_sizes]
-        for s in sizes[:1] if self.allocation.name == "paper" else sizes:
-            if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
-                raise ValueError(f"MGE: batch_sizes must be positive ints, got batch_sizes={batch_sizes!r}; "
-                                 f"e.g. batch_sizes=[8] * {self.levels + 1}")
-        return sizes
 
     def level_work(self) -> list[float]:
         """Work units of one sample of each estimator level (fine + coarse evaluation)."""

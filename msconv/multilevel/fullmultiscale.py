@@ -87,7 +87,7 @@ class FullMultiscale(Schedule):
                            lambda v, i: round_batch(v / 2**i, w, w) if isinstance(v, int) and v > 0 else v)
         stages = [Stage(base_level=levels - i, levels=i, batch_sizes=bs, iterations=it)
                   for i, (it, bs) in enumerate(zip(iters, sizes))]
-        super().__init__(stages, restriction, allocation, _owner="FullMultiscale", **kwargs)
+        super().__init__(stages, restriction, allocation, **kwargs)
 
     def __repr__(self) -> str:
         plan = ", ".join(f"L{s.level}:{s.iterations}×{s.batch_sizes}" for s in self.stages)

@@ -198,26 +198,26 @@ class Schedule:
         estimator_kwargs: dict | None = None,
         rank: int | None = None,
         world_size: int | None = None,
-        _owner: str = "Schedule",
     ) -> None:
+        owner = type(self).__name__
         if dataset is not None and sample_batches is not None:
-            raise ValueError(f"{_owner}: pass dataset= or sample_batches=, not both")
+            raise ValueError(f"{owner}: pass dataset= or sample_batches=, not both")
         for name, v in (("validate_every", validate_every), ("patience", patience)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{_owner}: {name} must be an int >= 1, got {name}={v!r}")
+                raise ValueError(f"{owner}: {name} must be an int >= 1, got {name}={v!r}")
         self.rank, self.world_size = resolve_rank_world(rank, world_size)
         kwargs = dict(estimator_kwargs or {})
         kwargs.setdefault("multiple_of", self.world_size)
         self.stages: list[Stage] = list(stages)
         if not self.stages:
-            raise ValueError(f"{_owner}: the plan has no stages")
+            raise ValueError(f"{owner}: the plan has no stages")
         for i, st in enumerate(self.stages):
             st.index = i
             try:
                 st.estimator = MGE(st.levels, st.batch_sizes, restriction, allocation, base_level=st.base_level,
                                    data_level=st.base_level if batches_on_stage_grid else 0, **kwargs)
             except ValueError as e:
-                raise ValueError(f"{_owner}: stage {i} (finest level {st.base_level}): {e}") from None
+                raise ValueError(f"{owner}: stage {i} (finest level {st.base_level}): {e}") from None
             st.batch_sizes = list(st.estimator.batch_sizes)
         if batches_on_stage_grid and sample_batches is None:
             raise ValueError(f"{type(self).__name__}: batches_on_stage_grid=True needs sample_batches=(batch_sizes, level)")
