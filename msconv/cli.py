@@ -110,6 +110,14 @@ def _config_from_args(args, **overrides):
     return TrainConfig.from_dict(d, source=args.config or "options")
 
 
+def _end_distributed() -> None:
+    """Leave torch.distributed (under torchrun) so that the processes exit cleanly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _is_finite(v) -> bool:
     import math
 
@@ -146,7 +154,13 @@ def _cmd_train(args) -> int:
         from msconv.train.trainer import Trainer
 
         cfg = _config_from_args(args)
-        r = Trainer(cfg).run()
+        try:
+            trainer = Trainer(cfg)
+            r = trainer.run()
+        finally:
+            _end_distributed()
+        if trainer.rank != 0:
+            return 0 if not r["complete"] or _is_finite(r["psnr"]) else _EXIT_NONFINITE  # rank 0 reports
         if r["complete"] and not _is_finite(r["psnr"]):
             print(f"msconv: {cfg.mode}/{cfg.conv} finished, but the model's validation outputs are not finite "
                   f"(val PSNR {r['psnr']}, {r['skipped_steps']} of {r['iterations']} steps skipped as non-finite): "
@@ -188,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(atomic; --resume continues exactly), OUT/result.json and OUT/model.pt. `--resume --out OUT` alone continues a "
         "run with the options in OUT/config.json; of those, only --lr, --on-nonfinite, --max-skips and "
         "--divergence-factor may be changed on --resume (the learning-rate schedule goes on from the new peak --lr). "
+        "Multi-process: `torchrun --nproc_per_node N -m msconv train ...` shares every level's batch over the N "
+        "processes (batch sizes must be multiples of N; gradients averaged each step), and rank 0 alone writes the "
+        "logs, checkpoints and results; a rank that waits more than MSCONV_DIST_TIMEOUT seconds (default 300) "
+        "for its peers fails. "
         "Exit codes: 2 bad options or data, 3 stopped on a non-finite or diverging loss or finished with non-finite "
         "validation outputs, 4 unreadable checkpoint.",
         )

@@ -98,3 +98,32 @@ def test_help(cmd, capsys):
 def test_info_runs_as_a_module():
     p = subprocess.run([sys.executable, "-m", "msconv", "info"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0 and "torch" in p.stdout.lower()
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_train_and_resume_like_one(photo_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m msconv train`: each rank trains on its share of every level's
+    batch with averaged gradients, so the run matches a one-process run up to float rounding; rank 0
+    alone writes the files, and --resume continues under torchrun (about 30 s on 2 CPU cores)."""
+    import csv
+
+    import torch
+
+    args = ["--mode", "mge", "--levels", "1", "--iterations", "6", "--no-tensorboard"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", *args] + tiny_args(photo_dir, one)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "msconv", "train"]
+    for extra in (["--max-steps", "3"] + args + tiny_args(photo_dir, two), ["--resume", "--out", str(two)]):
+        p = subprocess.run(torchrun + extra, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.count("mge/standard") == 1  # rank 0 alone reports
+    rows = list(csv.DictReader(open(two / "metrics.csv")))
+    assert [r["step"] for r in rows] == [str(i) for i in range(7)] and rows[1]["batch_sizes"] == "2 2"
+    a, b = json.loads((one / "result.json").read_text()), json.loads((two / "result.json").read_text())
+    assert b["processes"] == 2 and b["work_units"] == a["work_units"] and b["psnr"] == pytest.approx(a["psnr"], abs=1e-3)
+    wa, wb = torch.load(one / "model.pt"), torch.load(two / "model.pt")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+    assert not [n for n in os.listdir(two) if n.startswith(".")]  # no temporaries or probes left

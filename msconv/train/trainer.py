@@ -43,6 +43,8 @@ RESUME_MAY_CHANGE = ("lr", "on_nonfinite", "max_skips", "divergence_factor")
 # The divergence guard compares a loss with the median of the stage's last GUARD_WINDOW good
 # losses, once the stage has GUARD_WARMUP of them (early losses fall fast and say little).
 GUARD_WINDOW, GUARD_WARMUP = 50, 20
+# Seconds a rank waits for its peers (rendezvous and every collective) under torchrun.
+DIST_TIMEOUT_S = float(os.environ.get("MSCONV_DIST_TIMEOUT", 300))
 
 
 class NonFiniteError(RuntimeError):
@@ -68,6 +70,27 @@ def make_output_folder(out: str) -> None:
         os.unlink(probe)
     except OSError as e:
         raise ConfigError(f"--out {out!r} is not writable ({e.strerror or e}); give a folder you can write to") from None
+
+
+def start_distributed() -> tuple[int, int]:
+    """(rank, world size): under ``torchrun`` (``WORLD_SIZE`` > 1) torch.distributed is initialised
+    with a timeout, so a hung rank fails its peers instead of blocking them; else (0, 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from msconv.multilevel.distributed import init_distributed
+
+    rank, world, _ = init_distributed(timeout=DIST_TIMEOUT_S)
+    return rank, world
+
+
+def _check_divisible(cfg: TrainConfig, world: int) -> None:
+    from msconv.train.run import base_batch_sizes
+
+    sizes = base_batch_sizes(cfg)
+    if any(n % world for n in sizes):
+        raise ConfigError(f"torchrun with {world} processes shares every level's batch equally, but the batch sizes "
+                          f"are {sizes}; use --batch-size{'s' if cfg.batch_sizes else ''} a multiple of {world} "
+                          f"(e.g. --batch-size {max(world, cfg.batch_size // world * world)})")
 
 
 def _default(name: str):
@@ -106,6 +129,11 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         make_output_folder(cfg.out)
         self.ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+        self.rank, self.world = start_distributed()
+        if self.world > 1:
+            _check_divisible(cfg, self.world)
+            if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+                cfg = self.cfg = cfg.replace(device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         run = build_run(cfg, data)
         self.parts = run  # the built pieces (msconv.train.Run)
         self.train_set, self.val_set, self.task, self.model = run.train_set, run.val_set, run.task, run.model
@@ -164,6 +192,11 @@ class Trainer:
             # Corruption runs on the CPU generator (reproducible on any device), then moves.
             x, y = self.task.corrupt_on_grid(clean, self.corrupt_rng, level, self.cfg.restriction)
             out.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
+        if self.world > 1:
+            # Every rank draws the same global batch (same seeds) and trains on its share.
+            from msconv.multilevel.distributed import shard_batches
+
+            out = shard_batches(out, self.rank, self.world)
         return out
 
     def stage_val_loss(self) -> float:
@@ -247,8 +280,11 @@ class Trainer:
             "guard": {"stage": self.guard["stage"], "losses": list(self.guard["losses"])},
         }
 
-    def save(self) -> None:
-        save_atomic(self.state_dict(), self.ckpt_path)
+    def save(self, state: dict | None = None) -> None:
+        """Write ``state`` (default: the current one) to OUT/checkpoint.pt; under torchrun rank 0 only
+        (every rank holds the same state)."""
+        if self.rank == 0:
+            save_atomic(self.state_dict() if state is None else state, self.ckpt_path)
 
     def load(self) -> None:
         ck = load_checkpoint(self.ckpt_path)
@@ -307,7 +343,7 @@ class Trainer:
     def _one_step(self, stage, est, batches, draw_seconds):
         """Run one step; returns (loss value, skipped, batch sizes, learning rate used)."""
         cfg = self.cfg
-        sizes = [x.shape[0] for x, _ in batches]
+        sizes = [x.shape[0] * self.world for x, _ in batches]
         key = f"{stage.index}:{sizes}"
         measure = cfg.count_flops and key not in self.flops_cache
         est.count_flops = measure
@@ -317,10 +353,22 @@ class Trainer:
         if cfg.inject_nan_at and self.step + 1 in cfg.inject_nan_at:  # 1-based, as logged
             loss = loss * float("nan")
         est.backward(loss)
+        loss_all = loss.detach().reshape(())
+        if self.world > 1:
+            # The combined batch's gradient and loss, identical on every rank, so every rank takes
+            # the same skip/stop decision.
+            import torch.distributed as dist
+
+            from msconv.multilevel.distributed import allreduce_gradients
+
+            allreduce_gradients(self.model)
+            loss_all = loss_all.clone()
+            dist.all_reduce(loss_all)
+            loss_all /= self.world
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norms = torch.stack([torch.linalg.vector_norm(g) for g in grads] + [loss.detach().reshape(())])
+        norms = torch.stack([torch.linalg.vector_norm(g) for g in grads] + [loss_all])
         finite = bool(torch.isfinite(norms).all())
-        loss_value = float(loss.detach())
+        loss_value = float(loss_all)
         self.why_skipped = None if finite else NONFINITE
         if finite:
             self.why_skipped = self._diverged(stage.index, loss_value)
@@ -338,8 +386,8 @@ class Trainer:
         cost = est.last_cost
         if measure:
             self.flops_cache[key] = int(cost.flops)
-        self.work_units += float(cost.work_units)
-        self.flops += self.flops_cache.get(key, 0)
+        self.work_units += float(cost.work_units) * self.world  # every rank did its share
+        self.flops += self.flops_cache.get(key, 0) * self.world
         return loss_value, not finite, sizes, lr
 
     def _lr(self) -> float:
@@ -386,6 +434,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _sinks(self) -> list:
         cfg = self.cfg
+        if self.rank != 0:
+            return []  # under torchrun rank 0 logs for all
         sinks = [CsvLog(os.path.join(cfg.out, "metrics.csv"), self.step if cfg.resume else None)]
         if cfg.tensorboard:
             sinks.append(TensorBoardLog(os.path.join(cfg.out, "tb")))
@@ -405,14 +455,11 @@ class Trainer:
         loss_note = "" if diverged else f" (loss={row['loss']})"  # a diverged step's reason gives the loss
         msg = f"step {self.step}: {self.why_skipped}{loss_note}; "
         if cfg.on_nonfinite == "stop" or self.consecutive_skips >= cfg.max_skips:
-            sinks[0].write(row)
+            if sinks:
+                sinks[0].write(row)
             good = (self._last_good_state or self._state_before_step) if diverged else None
-            if good is None:
-                self.save()
-                good_step = self.step
-            else:
-                save_atomic(good, self.ckpt_path)
-                good_step = good["step"]
+            self.save(good)
+            good_step = self.step if good is None else good["step"]
             why = ("--on-nonfinite stop" if cfg.on_nonfinite == "stop"
                    else f"{self.consecutive_skips} consecutive skipped steps (--max-skips {cfg.max_skips})")
             remedies = [f"lower the learning rate (--lr {cfg.resolved_lr / 4:.3g})", "check the data"]
@@ -437,8 +484,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume:
             self.load()
-        with open(os.path.join(cfg.out, "config.json"), "w") as fh:
-            json.dump({**cfg.to_dict(), "engine": ENGINE, "stages": [s.as_dict() for s in self.stages]}, fh, indent=2)
+        if self.rank == 0:
+            with open(os.path.join(cfg.out, "config.json"), "w") as fh:
+                json.dump({**cfg.to_dict(), "engine": ENGINE, "stages": [s.as_dict() for s in self.stages]}, fh,
+                          indent=2)
         sinks = self._sinks()
         try:
             if self.step == 0 and not self.val_history:
@@ -488,9 +537,10 @@ class Trainer:
         result = self.result()
         if self.finished:
             result["test_psnr"], result["test_ssim"] = self.test()
-            with open(os.path.join(cfg.out, "result.json"), "w") as fh:
-                json.dump(result, fh, indent=2)
-            torch.save(self.model.state_dict(), os.path.join(cfg.out, "model.pt"))
+            if self.rank == 0:
+                with open(os.path.join(cfg.out, "result.json"), "w") as fh:
+                    json.dump(result, fh, indent=2)
+                torch.save(self.model.state_dict(), os.path.join(cfg.out, "model.pt"))
         return result
 
     def result(self) -> dict:
@@ -498,7 +548,7 @@ class Trainer:
         return {
             "mode": self.cfg.mode, "conv": self.cfg.conv, "psnr": final["psnr"], "ssim": final["ssim"],
             "work_units": self.work_units, "flops": self.flops, "wall_clock_s": self.wall, "iterations": self.step,
-            "skipped_steps": self.skipped_total, "complete": self.finished, "engine": ENGINE,
+            "skipped_steps": self.skipped_total, "complete": self.finished, "engine": ENGINE, "processes": self.world,
             "stages": [s.as_dict() for s in self.stages], "val_history": self.val_history,
         }
 
