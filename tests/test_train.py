@@ -260,13 +260,15 @@ def test_summary_reports_nan_as_nan_and_never_divides_by_zero(tmp_path):
 
 
 def test_summary_ratio_and_its_resolution(tmp_path):
-    single = [(0.0, 20.0), (12.5, 24.0), (25.0, 26.0), (50.0, 27.0), (100.0, 28.0)]
-    fmg = [(0.0, 20.0), (12.5, 28.0), (25.0, 28.5), (50.0, 28.6), (100.0, 28.7)]
-    s = summarize(TrainConfig(), [_result("single", single), _result("fmg", fmg)], str(tmp_path))
+    single = [(0.0, 20.0), (6.25, 22.0), (12.5, 24.0), (25.0, 26.0), (50.0, 27.0), (100.0, 28.0)]
+    fmg = [(0.0, 20.0), (6.25, 25.0), (12.5, 28.0), (25.0, 28.5), (50.0, 28.6), (100.0, 28.7)]
+    fast = [(0.0, 20.0), (6.25, 28.0), (100.0, 28.9)]
+    s = summarize(TrainConfig(), [_result("single", single), _result("fmg", fmg), _result("mge", fast)], str(tmp_path))
     assert s["runs"][1]["work_units_to_single_quality"] == 12.5 and s["runs"][0]["work_units_to_single_quality"] == 100
-    assert s["runs"][1]["ratio_resolution"] == 2.0
+    assert s["runs"][1]["ratio_resolution"] == 2.0  # crossed between 6.25 and 12.5 work units
+    assert s["runs"][2]["ratio_resolution"] == float("inf")  # already there at the first point
     md = (tmp_path / "summary.md").read_text()
-    assert "| 8.00 |" in md and "within a factor 2.00" in md
+    assert "| 8.00 |" in md and "fmg 2.00×" in md and "mge reached it at the first validation point" in md
 
 
 def test_validation_points_are_log_spaced_over_the_budget(photo_dir, tmp_path):

@@ -55,12 +55,16 @@ def baseline_verdict(single: dict | None) -> tuple[bool, str]:
     return True, f"single-scale learned: {start:.2f} -> {final:.2f} dB ({gain:+.2f} dB)"
 
 
-def ratio_resolution(history: list[dict]) -> float | None:
-    """The largest factor between consecutive validation work units after the start: a ratio read
-    off these curves is exact only to within this factor either way."""
-    w = [r["work_units"] for r in history if r["work_units"] > 0]
-    steps = [b / a for a, b in zip(w, w[1:]) if a > 0]
-    return max(steps) if steps else None
+def ratio_resolution(history: list[dict], target_psnr: float | None, tol: float = QUALITY_TOLERANCE_DB):
+    """How exactly the work to ``target_psnr`` is known: the factor between the validation point
+    where the run first came within ``tol`` dB of it and the point before (the crossing lies in
+    between). ``inf`` when that was the first point after the start (the ratio is then a lower
+    bound); None when the run never got there."""
+    w, _ = to_single_quality(history, target_psnr, tol)
+    if w is None:
+        return None
+    before = [r["work_units"] for r in history if r["work_units"] < w]
+    return w / before[-1] if before and before[-1] > 0 else float("inf")
 
 
 def summarize(cfg: TrainConfig, results: list[dict], out: str) -> dict:
@@ -77,7 +81,7 @@ def summarize(cfg: TrainConfig, results: list[dict], out: str) -> dict:
             "test_psnr": r.get("test_psnr"), "test_ssim": r.get("test_ssim"),
             "work_units": r["work_units"], "flops": r["flops"], "wall_clock_s": r["wall_clock_s"],
             "iterations": r["iterations"], "work_units_to_single_quality": wu, "wall_clock_to_single_quality_s": t,
-            "ratio_resolution": ratio_resolution(r["val_history"]),
+            "ratio_resolution": ratio_resolution(r["val_history"], target) if r["mode"] != "single" else None,
         })
     config = {k: v for k, v in cfg.to_dict().items() if k not in ("resume", "progress", "out", "max_steps")}
     config.update(modes=[r["mode"] for r in results], quality_tolerance_db=QUALITY_TOLERANCE_DB,
@@ -139,8 +143,15 @@ def summary_markdown(summary: dict) -> str:
             f"| {_fmt(_ratio(s_t, r['wall_clock_to_single_quality_s']) if learned else None, '.2f')} |"
         )
     if learned and res:
-        lines += ["", f"Validation points are log-spaced in work units, at most {max(res):.2f}× apart, so each "
-                      f"'× less' ratio is known to within a factor {max(res):.2f} either way."]
+        exact = ", ".join(f"{r['mode']} {r['ratio_resolution']:.2f}×" for r in runs
+                          if r.get("ratio_resolution") and math.isfinite(r["ratio_resolution"]))
+        lower = [r["mode"] for r in runs if r.get("ratio_resolution") == float("inf")]
+        lines += [""]
+        if exact:
+            lines += [f"Validation points are log-spaced in work units; each mode reached single-scale's quality "
+                      f"between two of them, so its '× less' ratios are exact to within this factor: {exact}."]
+        if lower:
+            lines += [f"{', '.join(lower)} reached it at the first validation point: its ratios are lower bounds."]
     return "\n".join(lines) + "\n"
 
 
