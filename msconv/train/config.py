@@ -17,9 +17,10 @@ from msconv.multilevel.schedule import MODES
 from msconv.reference import RESTRICT_KINDS
 from msconv.tasks import TASKS, Denoise
 
-__all__ = ["TrainConfig", "load_yaml", "options_of_run", "RUN_RECORD_KEYS", "ConfigError", "MODES", "OPTIMIZERS", "DEFAULT_LR", "LR_BATCH_POWERS", "CLI_MODEL_SIZES"]
+__all__ = ["TrainConfig", "load_yaml", "options_of_run", "RUN_RECORD_KEYS", "ConfigError", "MODES", "OPTIMIZERS", "DEFAULT_LR", "LR_BATCH_POWERS", "CLI_MODEL_SIZES", "PRECISIONS"]
 
 OPTIMIZERS = ("adam", "sgd", "lars", "lamb")
+PRECISIONS = ("32", "bf16", "fp16")
 # Rates from the per-optimizer sweeps (bench/results/defaults_sweep for Adam; paper_large_batch_sweep
 # for the others, DnCNN 6x16 on Train400 -> BSD68: the best rate of a log grid for each).
 DEFAULT_LR = {"adam": 2e-3, "sgd": 1e-1, "lars": 3.0, "lamb": 1e-2}
@@ -129,6 +130,14 @@ class TrainConfig:
     count_flops: bool = _f(True, "count FLOPs (once per distinct step shape, with torch.utils.flop_counter)")
     threads: int = _f(None, "torch intra-op threads (default: torch's choice)")
     device: str = _f("auto", "where the model trains: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    precision: str = _f("32", "training precision: 32 | bf16 | fp16 (autocast around the training step, weights and "
+                              "validation in float32; fp16 adds a gradient scaler)", choices=PRECISIONS)
+    channels_last: bool = _f(False, "keep the model and its inputs in channels_last memory format (faster convolutions "
+                                    "on GPUs with tensor cores)")
+    compile: bool = _f(False, "torch.compile the model with dynamic shapes (every grid is another input size); "
+                              "steps that count FLOPs run it uncompiled")
+    deterministic: bool = _f(False, "deterministic algorithms only (torch.use_deterministic_algorithms; an op without "
+                                    "one is an error), for bitwise-reproducible runs on a GPU")
     max_steps: int = _f(None, "stop after this many steps with a checkpoint (a planned interruption; --resume continues)")
     inject_nan_at: list = _f(None, "testing hook: make the loss NaN at these steps, e.g. 3,7")
 
@@ -282,6 +291,8 @@ def _coerce(name: str, v, source: str):
     f = _FIELDS[name]
     if f.type in ("bool", "int", "float"):
         return _coerce_scalar(f, v, source)
+    if name == "precision" and isinstance(v, int) and not isinstance(v, bool):
+        return str(v)  # YAML reads `precision: 32` as a number
     if name in ("batch_sizes", "inject_nan_at") and v is not None:
         if isinstance(v, str):
             try:

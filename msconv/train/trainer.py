@@ -10,6 +10,7 @@ FLOPs and wall-clock count the training steps only (validation and checkpointing
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -138,6 +139,7 @@ class Trainer:
         self.parts = run  # the built pieces (msconv.train.Run)
         self.train_set, self.val_set, self.task, self.model = run.train_set, run.val_set, run.task, run.model
         self.device, self.optimizer, self.scheduler = run.device, run.optimizer, run.scheduler
+        self._set_up_execution()
         self.sampler, self.corrupt_rng = run.sampler, run.corrupt_rng
         # Fixed corruptions from their own seed: every mode of a comparison is judged on
         # exactly the same validation inputs.
@@ -172,6 +174,30 @@ class Trainer:
         self._state_before_step: dict | None = None
         self._last_good_state: dict | None = None
 
+    def _set_up_execution(self) -> None:
+        """Memory format, compilation, precision and determinism (none changes the weights saved:
+        ``self.model`` stays the plain module; ``self.forward_model`` is what training steps call)."""
+        cfg = self.cfg
+        if cfg.deterministic:
+            # cuBLAS needs a fixed workspace for deterministic GEMMs; set before its first use.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        # Every grid is another input size: dynamic shapes avoid one recompilation per grid.
+        self.forward_model = torch.compile(self.model, dynamic=True) if cfg.compile else self.model
+        self.autocast_dtype = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
+        self.scaler = (torch.amp.GradScaler(self.device.type, init_scale=2.0 ** 12)
+                       if cfg.precision == "fp16" else None)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     # ------------------------------------------------------------------ data and validation
     def _corrupted_pairs(self, images, side: int, seed: int):
         """(x, y) per image, centre-cropped to ``side`` (0: whole), corrupted once from ``seed``."""
@@ -191,7 +217,9 @@ class Trainer:
             clean = self.sampler.next_batch(n)
             # Corruption runs on the CPU generator (reproducible on any device), then moves.
             x, y = self.task.corrupt_on_grid(clean, self.corrupt_rng, level, self.cfg.restriction)
-            out.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
+            mf = self.memory_format
+            out.append((x.to(self.device, non_blocking=True, memory_format=mf),
+                        y.to(self.device, non_blocking=True, memory_format=mf)))
         if self.world > 1:
             # Every rank draws the same global batch (same seeds) and trains on its share.
             from msconv.multilevel.distributed import shard_batches
@@ -278,6 +306,7 @@ class Trainer:
             "corrupt_rng": self.corrupt_rng.get_state(), "torch_rng": torch.get_rng_state(),
             "schedule": self.schedule.state_dict(), "finished": self.finished,
             "guard": {"stage": self.guard["stage"], "losses": list(self.guard["losses"])},
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def save(self, state: dict | None = None) -> None:
@@ -316,6 +345,8 @@ class Trainer:
             self.finished = bool(ck["finished"])
             guard = ck.get("guard", {"stage": 0, "losses": []})
             self.guard = {"stage": int(guard["stage"]), "losses": [float(v) for v in guard["losses"]]}
+            if self.scaler is not None and ck.get("grad_scaler"):
+                self.scaler.load_state_dict(ck["grad_scaler"])
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
             raise CheckpointError(
                 f"--resume: {self.ckpt_path!r} is incomplete or incompatible ({type(e).__name__}: {e}); start fresh "
@@ -349,10 +380,18 @@ class Trainer:
         est.count_flops = measure
         t0 = time.perf_counter() - draw_seconds
         self.optimizer.zero_grad(set_to_none=True)
-        loss = est.loss(self.model, F.mse_loss, batches)
+        # FLOP counting sees through eager ops only, so the measuring step runs uncompiled.
+        model = self.model if measure else self.forward_model
+        with self._autocast():
+            loss = est.loss(model, F.mse_loss, batches)
+        loss = loss.float()
         if cfg.inject_nan_at and self.step + 1 in cfg.inject_nan_at:  # 1-based, as logged
             loss = loss * float("nan")
-        est.backward(loss)
+        if self.scaler is None:
+            est.backward(loss)
+        else:
+            est.backward(self.scaler.scale(loss))
+            self.scaler.unscale_(self.optimizer)  # the checks below and the step see true gradients
         loss_all = loss.detach().reshape(())
         if self.world > 1:
             # The combined batch's gradient and loss, identical on every rank, so every rank takes
@@ -378,6 +417,8 @@ class Trainer:
             self._scaled_step(stage.lr_scale)
         else:
             self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.update()  # lowers the scale after an overflow, raises it after a run of good steps
         with warnings.catch_warnings():
             # A skipped first step steps the schedule before any optimizer.step(); that is intended.
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
@@ -418,15 +459,16 @@ class Trainer:
 
     def _scaled_step(self, factor: float) -> None:
         """optimizer.step() at ``factor`` times the scheduled LR (the schedule itself untouched)."""
+        step = self.optimizer.step if self.scaler is None else (lambda: self.scaler.step(self.optimizer))
         if factor == 1.0:
-            self.optimizer.step()
+            step()
             return
         groups = self.optimizer.param_groups
         saved = [g["lr"] for g in groups]
         for g in groups:
             g["lr"] = g["lr"] * factor
         try:
-            self.optimizer.step()
+            step()
         finally:
             for g, lr in zip(groups, saved):
                 g["lr"] = lr
