@@ -150,6 +150,15 @@ def plan(py: str, out: str, args, env: dict) -> list[Step]:
                        "--no-count-flops"], 75,
              f"msconv compare single vs fmg, {args.train_budget:g} work units, on cuda -> compare/",
              needs=("skimage", "PIL", "yaml", "matplotlib", "torchmetrics")),
+        # The same comparison with what small coarse grids need on a GPU: bf16 autocast,
+        # channels_last and torch.compile with dynamic shapes (one graph for every grid size).
+        Step("train-fast", [py, "-m", "msconv", "compare", "--modes", "single,fmg", "--device", "cuda",
+                            "--budget", str(args.train_budget), "--val-points", "8", "--seed", "0",
+                            "--precision", "bf16", "--channels-last", "--compile",
+                            "--out", os.path.join(out, "compare_fast"), "--no-progress", "--no-tensorboard",
+                            "--no-count-flops"], 90,
+             "the same with --precision bf16 --channels-last --compile -> compare_fast/",
+             needs=("skimage", "PIL", "yaml", "matplotlib", "torchmetrics")),
     ]
 
 
@@ -228,9 +237,9 @@ def describe(name: str, text: str, status: str, timeout: float) -> str:
     return "ok"
 
 
-def train_detail(out: str) -> str:
+def train_detail(out: str, folder: str = "compare") -> str:
     try:
-        with open(os.path.join(out, "compare", "summary.json")) as f:
+        with open(os.path.join(out, folder, "summary.json")) as f:
             runs = json.load(f)["runs"]
     except (OSError, ValueError, KeyError):
         return ""
@@ -338,8 +347,8 @@ def main(argv=None) -> int:
         timeout = min(s.timeout * args.timeout_scale, left)
         print(f"[gpu_check] {s.name}: {s.what} (timeout {max(timeout, 0):.0f} s)", flush=True)
         r = run_step(s, logs, timeout, {} if args.dry_run else modules, left)
-        if s.name == "train" and r.status == "ok" and not args.dry_run:
-            r.detail = train_detail(out) or r.detail
+        if s.name in ("train", "train-fast") and r.status == "ok" and not args.dry_run:
+            r.detail = train_detail(out, "compare" if s.name == "train" else "compare_fast") or r.detail
         results.append(r)
         print(f"[gpu_check] {s.name}: {r.status} in {r.seconds:.1f} s  {r.detail}", flush=True)
         if r.status in ("FAIL", "TIMEOUT"):

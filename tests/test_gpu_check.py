@@ -11,7 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.py")
-STEPS = ["env", "build", "ext", "pytest-gpu", "bench-transfer", "bench-mf_jets", "bench-mfconv", "train"]
+STEPS = ["env", "build", "ext", "pytest-gpu", "bench-transfer", "bench-mf_jets", "bench-mfconv", "train", "train-fast"]
 
 
 def _load():
@@ -109,6 +109,8 @@ def test_real_commands_match_their_parsers():
     assert cmd[1:3] == ["-m", "msconv"]
     a = build_parser().parse_args(cmd[3:])
     assert a.command == "compare" and a.device == "cuda" and a.modes == "single,fmg"
+    fast = build_parser().parse_args(steps["train-fast"].cmd[3:])
+    assert fast.precision == "bf16" and fast.channels_last and fast.compile and fast.device == "cuda"
     # The run's budget (env probe included) plus killing the last step (<= 10 s) fits 8 minutes.
     assert gc.DEFAULT_BUDGET_S + 10 <= 8 * 60
 
