@@ -14,31 +14,14 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "kernel_common.h"
+
 namespace msconv {
 namespace cuda_kernels {
 
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 template <typename acc_t>
 __device__ __forceinline__ void load_filters(acc_t* sf, const acc_t* filt, int count) {
@@ -49,8 +32,8 @@ __device__ __forceinline__ void load_filters(acc_t* sf, const acc_t* filt, int c
 template <typename T, int P>
 __global__ void __launch_bounds__(kThreads)
     mf_jets_fwd_kernel(const T* __restrict__ xp, T* __restrict__ jets,
-                       const typename AccOf<T>::type* __restrict__ filt, const MfJetsGeometry g) {
-  using acc_t = typename AccOf<T>::type;
+                       const acc_type<T>* __restrict__ filt, const MfJetsGeometry g) {
+  using acc_t = acc_type<T>;
   constexpr int M = (P + 1) * (P + 2) / 2;
   extern __shared__ unsigned char smem_raw[];
   acc_t* f = reinterpret_cast<acc_t*>(smem_raw);
@@ -90,15 +73,15 @@ __global__ void __launch_bounds__(kThreads)
     }
     T* out = jets + n * g.j_stride[0] + c * M * g.j_stride[1] + i * g.j_stride[2] + j * g.j_stride[3];
 #pragma unroll
-    for (int m = 0; m < M; ++m) store(out + m * g.j_stride[1], jet[m]);
+    for (int m = 0; m < M; ++m) store_acc(out + m * g.j_stride[1], jet[m]);
   }
 }
 
 template <typename T, int P>
 __global__ void __launch_bounds__(kThreads)
     mf_jets_adj_kernel(const T* __restrict__ jets_grad, T* __restrict__ xp_grad,
-                       const typename AccOf<T>::type* __restrict__ filt, const MfJetsGeometry g) {
-  using acc_t = typename AccOf<T>::type;
+                       const acc_type<T>* __restrict__ filt, const MfJetsGeometry g) {
+  using acc_t = acc_type<T>;
   constexpr int M = (P + 1) * (P + 2) / 2;
   extern __shared__ unsigned char smem_raw[];
   acc_t* f = reinterpret_cast<acc_t*>(smem_raw);
@@ -140,27 +123,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int b = 0; b <= d; ++b, ++m) acc += f[b * K + t] * u[m];
     }
-    store(xp_grad + n * g.x_stride[0] + c * g.x_stride[1] + y * g.x_stride[2] + x * g.x_stride[3],
+    store_acc(xp_grad + n * g.x_stride[0] + c * g.x_stride[1] + y * g.x_stride[2] + x * g.x_stride[3],
           acc);
   }
 }
 
-int grid_blocks(int64_t total) {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    sms = 1;
-  const int64_t max_blocks = static_cast<int64_t>(sms > 0 ? sms : 1) * 32;
-  const int64_t want = (total + kThreads - 1) / kThreads;
-  return static_cast<int>(want < max_blocks ? want : max_blocks);
-}
-
 template <typename T, int P>
 void launch_order(bool adjoint, const void* in, void* out, const void* filt,
-                  const MfJetsGeometry& g, int64_t total, cudaStream_t stream) {
-  using acc_t = typename AccOf<T>::type;
+                  const MfJetsGeometry& g, int blocks, cudaStream_t stream) {
+  using acc_t = acc_type<T>;
   const size_t smem = static_cast<size_t>(P + 1) * g.k * sizeof(acc_t);
-  const int blocks = grid_blocks(total);
   if (adjoint)
     mf_jets_adj_kernel<T, P><<<blocks, kThreads, smem, stream>>>(
         static_cast<const T*>(in), static_cast<T*>(out), static_cast<const acc_t*>(filt), g);
@@ -171,17 +143,17 @@ void launch_order(bool adjoint, const void* in, void* out, const void* filt,
 
 template <typename T>
 void launch_dtype(bool adjoint, const void* in, void* out, const void* filt,
-                  const MfJetsGeometry& g, int64_t total, cudaStream_t stream) {
+                  const MfJetsGeometry& g, int blocks, cudaStream_t stream) {
   switch (g.order) {
-    case 0: return launch_order<T, 0>(adjoint, in, out, filt, g, total, stream);
-    case 1: return launch_order<T, 1>(adjoint, in, out, filt, g, total, stream);
-    case 2: return launch_order<T, 2>(adjoint, in, out, filt, g, total, stream);
-    case 3: return launch_order<T, 3>(adjoint, in, out, filt, g, total, stream);
-    case 4: return launch_order<T, 4>(adjoint, in, out, filt, g, total, stream);
-    case 5: return launch_order<T, 5>(adjoint, in, out, filt, g, total, stream);
-    case 6: return launch_order<T, 6>(adjoint, in, out, filt, g, total, stream);
-    case 7: return launch_order<T, 7>(adjoint, in, out, filt, g, total, stream);
-    default: return launch_order<T, 8>(adjoint, in, out, filt, g, total, stream);
+    case 0: return launch_order<T, 0>(adjoint, in, out, filt, g, blocks, stream);
+    case 1: return launch_order<T, 1>(adjoint, in, out, filt, g, blocks, stream);
+    case 2: return launch_order<T, 2>(adjoint, in, out, filt, g, blocks, stream);
+    case 3: return launch_order<T, 3>(adjoint, in, out, filt, g, blocks, stream);
+    case 4: return launch_order<T, 4>(adjoint, in, out, filt, g, blocks, stream);
+    case 5: return launch_order<T, 5>(adjoint, in, out, filt, g, blocks, stream);
+    case 6: return launch_order<T, 6>(adjoint, in, out, filt, g, blocks, stream);
+    case 7: return launch_order<T, 7>(adjoint, in, out, filt, g, blocks, stream);
+    default: return launch_order<T, 8>(adjoint, in, out, filt, g, blocks, stream);
   }
 }
 
@@ -192,12 +164,15 @@ cudaError_t launch(bool adjoint, MfDtype dtype, const void* in, void* out, const
   if (g.hp < g.k || g.wp < g.k || g.n < 0 || g.c < 0) return cudaErrorInvalidValue;
   const int64_t total = adjoint ? g.n * g.c * g.hp * g.wp : g.n * g.c * g.ho * g.wo;
   if (total == 0) return cudaSuccess;
+  int blocks = 0;
+  const cudaError_t err = grid_blocks(total, kThreads, &blocks);
+  if (err != cudaSuccess) return err;
   switch (dtype) {
-    case MfDtype::kFloat32: launch_dtype<float>(adjoint, in, out, filt, g, total, stream); break;
-    case MfDtype::kFloat64: launch_dtype<double>(adjoint, in, out, filt, g, total, stream); break;
-    case MfDtype::kFloat16: launch_dtype<__half>(adjoint, in, out, filt, g, total, stream); break;
+    case MfDtype::kFloat32: launch_dtype<float>(adjoint, in, out, filt, g, blocks, stream); break;
+    case MfDtype::kFloat64: launch_dtype<double>(adjoint, in, out, filt, g, blocks, stream); break;
+    case MfDtype::kFloat16: launch_dtype<__half>(adjoint, in, out, filt, g, blocks, stream); break;
     case MfDtype::kBFloat16:
-      launch_dtype<__nv_bfloat16>(adjoint, in, out, filt, g, total, stream);
+      launch_dtype<__nv_bfloat16>(adjoint, in, out, filt, g, blocks, stream);
       break;
     default: return cudaErrorInvalidValue;
   }

@@ -9,35 +9,14 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "kernel_common.h"
+
 namespace msconv {
 namespace cuda_kernels {
 
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float load_acc(const float* p) { return __ldg(p); }
-__device__ __forceinline__ double load_acc(const double* p) { return __ldg(p); }
-__device__ __forceinline__ float load_acc(const __half* p) { return __half2float(__ldg(p)); }
-__device__ __forceinline__ float load_acc(const __nv_bfloat16* p) {
-  return __bfloat162float(__ldg(p));
-}
-
-__device__ __forceinline__ void store_acc(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_acc(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store_acc(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_acc(__nv_bfloat16* p, float v) {
-  *p = __float2bfloat16_rn(v);
-}
 
 // Grid-stride loop over output elements in the output's memory order, so consecutive threads
 // write consecutive addresses (and, for NCHW, read neighbouring columns of the same rows).
@@ -48,7 +27,7 @@ __global__ void __launch_bounds__(kThreads)
                       const int32_t* __restrict__ iy, const float* __restrict__ wy, const int ky,
                       const int32_t* __restrict__ ix, const float* __restrict__ wx, const int kx,
                       const index_t total) {
-  using acc_t = typename AccType<T>::type;
+  using acc_t = acc_type<T>;
   const index_t C = static_cast<index_t>(g.c);
   const index_t Ho = static_cast<index_t>(g.ho);
   const index_t Wo = static_cast<index_t>(g.wo);
@@ -153,15 +132,9 @@ cudaError_t launch_resample2d(ResampleDtype dtype, const void* in, void* out,
   const int64_t total = g.n * g.c * g.ho * g.wo;
   if (total == 0) return cudaSuccess;
 
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
+  int blocks = 0;
+  const cudaError_t err = grid_blocks(total, kThreads, &blocks);
   if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
-  // A few waves of resident blocks; the grid-stride loop covers the rest.
-  const int64_t max_blocks = static_cast<int64_t>(sms > 0 ? sms : 1) * 32;
-  const int64_t want = (total + kThreads - 1) / kThreads;
-  const int blocks = static_cast<int>(want < max_blocks ? want : max_blocks);
 
   switch (dtype) {
     case ResampleDtype::kFloat32:
