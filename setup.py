@@ -19,6 +19,8 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    # Headers the sources include (kernel bodies, shared helpers): a change to one rebuilds.
+    cpu_headers = sorted(glob.glob(os.path.join("csrc", "*.h")))
     cxx_flags = ["-O3", "-fopenmp"] if os.name != "nt" else ["/O2", "/openmp"]
     want_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     if os.environ.get("MSCONV_FORCE_CUDA") == "0":
@@ -29,6 +31,7 @@ def _extensions():
         ext = CUDAExtension(
             "msconv._C",
             sources,
+            depends=cpu_headers + sorted(glob.glob(os.path.join("csrc", "cuda", "*.h"))),
             define_macros=[("MSCONV_WITH_CUDA", None), ("Py_LIMITED_API", "0x030a0000")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "--use_fast_math"]},
             extra_link_args=["-fopenmp"],
@@ -38,6 +41,7 @@ def _extensions():
         ext = CppExtension(
             "msconv._C",
             cpu_sources,
+            depends=cpu_headers,
             define_macros=[("Py_LIMITED_API", "0x030a0000")],
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],

@@ -13,6 +13,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_common.h"
+
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -57,8 +59,7 @@ namespace mfc_generic {
 #include "mf_conv_cpu_body.h"
 }  // namespace mfc_generic
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MSCONV_MFC_AVX2 1
+#ifdef MSCONV_CPU_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace mfc_avx2 {
@@ -70,17 +71,11 @@ namespace mfc_avx2 {
 
 namespace {
 
-bool use_avx2() {
-#ifdef MSCONV_MFC_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
+using cpu::filt_vector;
+using cpu::kMaxOrder;
+using cpu::kMaxTaps;
+using cpu::use_avx2;
 
-constexpr int64_t kMaxOrder = 8;
-constexpr int64_t kMaxTaps = 256;
 // Bytes of tile buffers (V, Z) a task aims for: about half the L2 of the CPUs measured.
 constexpr int64_t kTileBytes = 512 * 1024;
 
@@ -158,13 +153,6 @@ Geom make_geom(const at::Tensor& x, int64_t Co, int64_t G, int64_t order, int64_
   return g;
 }
 
-template <typename T>
-std::vector<T> filt_vector(const at::Tensor& filt) {
-  const at::Tensor f = filt.to(at::kDouble).contiguous();
-  const double* p = f.data_ptr<double>();
-  return std::vector<T>(p, p + f.numel());
-}
-
 void check_args(const char* op, const at::Tensor& x, const at::Tensor& theta, const at::Tensor& filt,
                 int64_t order, int64_t pad, int64_t mode, int64_t groups) {
   TORCH_CHECK(x.dim() == 4, op, ": x must be N x C x H x W, got x.shape=", x.sizes());
@@ -194,7 +182,7 @@ void check_args(const char* op, const at::Tensor& x, const at::Tensor& theta, co
 
 template <typename F>
 void dispatch_isa(F&& f) {
-#ifdef MSCONV_MFC_AVX2
+#ifdef MSCONV_CPU_AVX2
   if (use_avx2()) return f(std::integral_constant<int, 1>{});
 #endif
   f(std::integral_constant<int, 0>{});
@@ -212,7 +200,7 @@ void dispatch_isa(F&& f) {
     static void rows(A&&... a) { ns::conv_backward_rows<T>(std::forward<A>(a)...); }     \
   };
 MSCONV_MFC_ENTRY(GenericNs, mfc_generic)
-#ifdef MSCONV_MFC_AVX2
+#ifdef MSCONV_CPU_AVX2
 MSCONV_MFC_ENTRY(Avx2Ns, mfc_avx2)
 template <int isa>
 using NsOf = std::conditional_t<isa == 1, Avx2Ns, GenericNs>;

@@ -21,6 +21,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_common.h"
+
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -29,8 +31,7 @@ namespace mf_generic {
 #include "mf_jets_cpu_body.h"
 }  // namespace mf_generic
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MSCONV_MF_AVX2 1
+#ifdef MSCONV_CPU_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace mf_avx2 {
@@ -50,7 +51,7 @@ struct GenericImpl {
   static void adjoint(A&&... a) { mf_generic::jets_adjoint<scalar_t, acc_t>(std::forward<A>(a)...); }
 };
 
-#ifdef MSCONV_MF_AVX2
+#ifdef MSCONV_CPU_AVX2
 template <typename scalar_t, typename acc_t>
 struct Avx2Impl {
   using Geom = mf_avx2::JetGeom;
@@ -61,18 +62,10 @@ struct Avx2Impl {
 };
 #endif
 
-// Bounds the kernels promise (the Python op checks the same numbers, msconv/ops/mf_jets.py).
-constexpr int64_t kMaxOrder = 8;
-constexpr int64_t kMaxTaps = 256;
-
-bool use_avx2() {
-#ifdef MSCONV_MF_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
+using cpu::filt_vector;
+using cpu::kMaxOrder;
+using cpu::kMaxTaps;
+using cpu::use_avx2;
 
 bool is_nhwc(const at::Tensor& t) {
   // Same rule as msconv/ops/_common.py:is_channels_last (the fake kernels must agree).
@@ -100,13 +93,6 @@ Geom make_geom(int64_t N, int64_t C, int64_t order, int64_t K, int64_t S, int64_
       g.jb.push_back(b);
     }
   return g;
-}
-
-template <typename acc_t>
-std::vector<acc_t> filt_vector(const at::Tensor& filt) {
-  const at::Tensor f = filt.to(at::kDouble).contiguous();
-  const double* p = f.data_ptr<double>();
-  return std::vector<acc_t>(p, p + f.numel());
 }
 
 void check_common(const char* op, const at::Tensor& t, const char* tname, const at::Tensor& filt,
@@ -168,7 +154,7 @@ at::Tensor mf_jets_fwd_cpu(const at::Tensor& xp_in, const at::Tensor& filt, int6
                        oH, oW, f);
       }
     };
-#ifdef MSCONV_MF_AVX2
+#ifdef MSCONV_CPU_AVX2
     if (use_avx2()) return run(Avx2Impl<scalar_t, acc_t>{});
 #endif
     run(GenericImpl<scalar_t, acc_t>{});
@@ -225,7 +211,7 @@ at::Tensor mf_jets_adj_cpu(const at::Tensor& grad_in, const at::Tensor& filt, in
                        gH, o, [&](int64_t u) { return (u / C) * oN + (u % C) * oC; }, oH, f);
       }
     };
-#ifdef MSCONV_MF_AVX2
+#ifdef MSCONV_CPU_AVX2
     if (use_avx2()) return run(Avx2Impl<scalar_t, acc_t>{});
 #endif
     run(GenericImpl<scalar_t, acc_t>{});
