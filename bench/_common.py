@@ -48,6 +48,14 @@ def env_columns(device: torch.device) -> dict:
     return {"device": device_name(device), "torch": torch.__version__, "msconv": msconv.__version__, "git": git_sha()}
 
 
+def kernel_backends(device: torch.device) -> list[str]:
+    """The compiled backends worth timing on ``device``: msconv.ops.available_backends without the
+    reference and without Triton on CPU (the interpreter is not a performance path)."""
+    from msconv.ops import available_backends
+
+    return [b for b in available_backends(device) if b != "reference" and not (b == "triton" and device.type == "cpu")]
+
+
 def time_fn(fn, device: torch.device, min_run_time: float = 0.3) -> tuple[float, float, float]:
     """(p50, p20, p80) in milliseconds."""
     if device.type == "cuda":

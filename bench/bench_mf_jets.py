@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import env_columns, kernel_parser, report, time_fn  # noqa: E402
+from _common import env_columns, kernel_backends, kernel_parser, report, time_fn  # noqa: E402
 
-from msconv.ops import _backend  # noqa: E402
 from msconv.ops.mf_jets import mf_jets  # noqa: E402
 from msconv.reference import mf_multi_indices, mf_taps  # noqa: E402
 
@@ -73,9 +72,7 @@ SMOKE = [(1, 2, 16, 1.0, 2, 1)]
 def run(quick=False, device="cpu", dtype="float32", min_run_time=None, smoke=False):
     device = torch.device(device)
     dt = getattr(torch, dtype)
-    backends = [b for b in ("cpp", "cuda", "triton") if _backend._available(b, device) is None]
-    if device.type == "cpu":
-        backends = [b for b in backends if b != "triton"]  # the interpreter is not a performance path
+    backends = kernel_backends(device)
     mrt = min_run_time if min_run_time is not None else (0.005 if smoke else 0.1 if quick else 0.3)
     env = env_columns(device)
     rows = []

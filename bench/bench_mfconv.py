@@ -34,11 +34,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import env_columns, kernel_parser, report, time_fn  # noqa: E402
+from _common import env_columns, kernel_backends, kernel_parser, report, time_fn  # noqa: E402
 
 import msconv  # noqa: E402
 from msconv import reference  # noqa: E402
-from msconv.ops import _backend  # noqa: E402
 from msconv.ops import mfconv as mfops  # noqa: E402
 
 SIGMA, ORDER = 0.5, 2
@@ -110,11 +109,7 @@ def run(quick=False, device="cpu", dtype="float32", min_run_time=None, rounds=No
     cfg = SMOKE if smoke else QUICK if quick else FULL
     mrt = min_run_time if min_run_time is not None else (0.005 if smoke else 0.1 if quick else 0.4)
     rounds = rounds if rounds is not None else (1 if smoke else 3 if quick else 5)
-    backends = ["reference"]
-    if mfops._jets_op() is not None:
-        backends += [b for b in ("cpp", "cuda", "triton") if _backend._available(b, device) is None]
-    if device.type == "cpu":
-        backends = [b for b in backends if b != "triton"]  # the interpreter is not a performance path
+    backends = ["reference"] + (kernel_backends(device) if mfops._jets_op() is not None else [])
     env = env_columns(device)
     rows = []
     for scale in cfg["scales"]:

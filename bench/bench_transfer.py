@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import env_columns, kernel_parser, report, time_fn  # noqa: E402
+from _common import env_columns, kernel_backends, kernel_parser, report, time_fn  # noqa: E402
 
 import msconv  # noqa: E402
 from msconv import reference  # noqa: E402
-from msconv.ops import _backend  # noqa: E402
 
 FULL_SHAPES = [(1, 3, 512, 512), (8, 3, 1024, 1024), (8, 3, 2048, 2048), (8, 64, 256, 256)]
 QUICK_SHAPES = [(1, 3, 512, 512), (8, 3, 1024, 1024), (8, 64, 256, 256)]
@@ -92,9 +91,7 @@ SMOKE_SHAPES = [(1, 2, 16, 16)]
 def run(quick=False, device="cpu", dtype="float32", min_run_time=None, smoke=False):
     device = torch.device(device)
     dt = getattr(torch, dtype)
-    backends = [b for b in ("cpp", "cuda", "triton") if _backend._available(b, device) is None]
-    if device.type == "cpu":
-        backends = [b for b in backends if b != "triton"]  # the interpreter is not a performance path
+    backends = kernel_backends(device)
     shapes = SMOKE_SHAPES if smoke else QUICK_SHAPES if quick else FULL_SHAPES
     mrt = min_run_time if min_run_time is not None else (0.005 if smoke else 0.2 if quick else 0.5)
     cases = ["pyramid_average", "restrict_average", "restrict_full_weighting", "prolong_bilinear"]

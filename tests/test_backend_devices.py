@@ -182,3 +182,31 @@ def test_auto_backend_on_cuda_tensors_stays_on_the_gpu():
     y = msconv.restrict(x)
     assert y.is_cuda
     torch.testing.assert_close(y.cpu().double(), reference.restrict_ref(x.cpu().double()), atol=1e-5, rtol=1e-5)
+
+
+def test_available_backends_lists_what_runs_on_each_device(monkeypatch):
+    """available_backends(device): the compiled backends this install and device allow, then
+    "reference"; each listed one runs there, each left out is refused, and auto picks from it."""
+    from msconv.ops import _backend, available_backends, resolve_backend
+
+    monkeypatch.delenv("MSCONV_BACKEND", raising=False)
+    x = torch.randn(1, 2, 7, 6, dtype=torch.float64)
+    for interpret in ("0", "1"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        cpu = available_backends("cpu")
+        assert available_backends(torch.device("cpu")) == cpu
+        expect = (["cpp"] if _backend.has_cpp() else []) + (
+            ["triton"] if _backend.has_triton() and interpret == "1" else []) + ["reference"]
+        assert cpu == expect, (interpret, cpu)
+        assert resolve_backend("restrict", torch.device("cpu")) in cpu
+        for b in ("cpp", "cuda", "triton", "reference"):
+            if b in cpu and b != "triton":  # the interpreter runs restrict too, but slowly
+                torch.testing.assert_close(msconv.restrict(x, backend=b), reference.restrict_ref(x))
+            elif b not in cpu:
+                with pytest.raises(RuntimeError, match="not available"):
+                    msconv.restrict(x, backend=b)
+    assert available_backends("meta") == ["reference"]
+    if torch.cuda.is_available():
+        gpu = available_backends("cuda")
+        assert gpu[-1] == "reference" and "cpp" not in gpu
+        assert resolve_backend("restrict", torch.device("cuda")) == gpu[0]

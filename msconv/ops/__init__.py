@@ -1,6 +1,6 @@
 """Op schemas, backend choice, autograd and fake registrations, and the functional API."""
-from msconv.ops._backend import BACKENDS, resolve as resolve_backend
+from msconv.ops._backend import BACKENDS, available_backends, resolve as resolve_backend
 from msconv.ops.mf_jets import mf_jets, mf_jets_adjoint
 from msconv.ops.transfer import prolong, pyramid, restrict
 
-__all__ = ["BACKENDS", "resolve_backend", "restrict", "prolong", "pyramid", "mf_jets", "mf_jets_adjoint"]
+__all__ = ["BACKENDS", "available_backends", "resolve_backend", "restrict", "prolong", "pyramid", "mf_jets", "mf_jets_adjoint"]

@@ -81,6 +81,16 @@ def _available(backend: str, device: torch.device) -> str | None:
     raise AssertionError(backend)
 
 
+def available_backends(device: torch.device | str) -> list[str]:
+    """The backends that can run msconv ops on tensors on ``device``, as ``backend=`` takes them:
+    the compiled ones this install and device allow (``cpp`` on CPU; ``cuda`` then ``triton`` on a
+    GPU; ``triton`` on CPU too under ``TRITON_INTERPRET=1``), then ``"reference"``, which runs
+    everywhere. Example: ``available_backends("cpu") == ["cpp", "reference"]`` on a default CPU
+    install. A backend not listed raises a RuntimeError that says why when requested."""
+    device = torch.device(device)
+    return [b for b in ("cpp", "cuda", "triton") if _available(b, device) is None] + ["reference"]
+
+
 def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
     """The backend that runs ``op`` on ``device``: the request, or the automatic choice."""
     requested = backend if backend is not None else os.environ.get("MSCONV_BACKEND", "auto")
