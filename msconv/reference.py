@@ -1,6 +1,6 @@
 """Plain-PyTorch ground truth for every msconv op: the spec in executable form.
 
-Grid conventions (SPEC §1). Pixels are cells; coarse cell ``I`` covers fine cells ``2I`` and
+Grid conventions. Pixels are cells; coarse cell ``I`` covers fine cells ``2I`` and
 ``2I+1`` in each dimension. One level halves each dimension, rounding up:
 ``H_coarse = ceil(H / 2)``.
 
@@ -138,7 +138,7 @@ def pyramid_ref(x: torch.Tensor, levels: int, kind: str = "average") -> list[tor
 
 
 # ---------------------------------------------------------------------------------------------
-# Mesh-free convolution (SPEC §2): cell-integrated Gaussian-derivative taps and the jets.
+# Mesh-free convolution: cell-integrated Gaussian-derivative taps and the jets.
 #
 # Conventions. x is the horizontal (W) axis, y the vertical (H) axis; a is the order of the
 # x-derivative, b of the y-derivative. The jet index m enumerates (a, b) with a + b <= p by
@@ -147,7 +147,7 @@ def pyramid_ref(x: torch.Tensor, levels: int, kind: str = "average") -> list[tor
 # the jet of u(x) = x for (a, b) = (1, 0) is +1.
 #
 # Output grid of a stride-S layer: output cell I covers input cells S·I … S·I + S − 1 (the
-# cell-centred convention of the transfer operators, SPEC §1), so its centre sits
+# cell-centred convention of the transfer operators, top of this module), so its centre sits
 # δ = (S − 1)/2 input pixels after input cell S·I, and the number of output cells is
 # ceil(H / S). For S = 2 that is exactly the grid `restrict` produces.
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +185,8 @@ def mf_taps(
     where ``δ = (stride − 1)/2 · s`` is the output-centre shift (see the conventions above),
     so that the a-th jet along one axis is ``J[I] = Σ_k taps[a, k − kmin] · u[S·I − k]``.
     Offsets are kept while the cell lies within the truncation radius ``r·s``,
-    ``r = ceil(4σ/s + ½)`` (SPEC §2): ``K = 2r + 1`` for stride 1.
+    ``r = ceil(4σ/s + ½)`` (the Gaussian cut at 4σ, past which lies 6e-5 of its mass, plus
+    half a cell): ``K = 2r + 1`` for stride 1.
 
     ``sigma`` may be a tensor that requires grad (learnable σ): the taps are differentiable
     in it. The support is computed from its value.

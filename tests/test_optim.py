@@ -1,4 +1,4 @@
-"""Tests for msconv.optim: LARS (SPEC §4), LAMB and the warm-up/poly schedule.
+"""Tests for msconv.optim: LARS (paper form and its options), LAMB and the warm-up/poly schedule.
 
 Every numerical claim is checked against a formula written out here in plain Python or
 float64 torch, never against the implementation itself.
@@ -36,9 +36,10 @@ def norm(x):
     return math.sqrt(sum(v * v for v in x))
 
 
-# --------------------------------------------------------------------------- SPEC example
+# ------------------------------------------------------------------------- worked example
 
-# SPEC §4: w = [3, 4], g = [0.8, −0.6], β = 0.01, η = 1e-3, m = 0.9, γ = 1.0, v = 0.
+# One paper-form LARS step by hand: w = [3, 4], g = [0.8, −0.6], β = 0.01, η = 1e-3, m = 0.9,
+# γ = 1.0, v = 0: ‖w‖ = 5, ‖g‖ = 1, λ = η‖w‖ / (‖g‖ + β‖w‖), w₁ = w − γλ(g + βw).
 W0, G0, BETA, ETA, MOM = (3.0, 4.0), (0.8, -0.6), 0.01, 1e-3, 0.9
 LAM1 = 0.0047619048  # 0.005 / (1 + 0.05)
 W1 = (2.9960476190, 4.0026666667)
@@ -46,7 +47,7 @@ W1 = (2.9960476190, 4.0026666667)
 
 @BOTH_PATHS
 @pytest.mark.parametrize("tensor_lr", [False, True])
-def test_spec_worked_example_and_second_step_with_new_lr(foreach, tensor_lr):
+def test_paper_form_worked_example_and_second_step_with_new_lr(foreach, tensor_lr):
     w = leaf(*W0)
     lr = torch.tensor(1.0, dtype=F64) if tensor_lr else 1.0
     opt = LARS([w], lr=lr, momentum=MOM, weight_decay=BETA, trust_coefficient=ETA,
@@ -628,7 +629,7 @@ def test_warmup_poly_values_with_any_optimizer():
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.5625, 0.25, 0.0625, 0.0, 0.0])
 
 
-def test_warmup_poly_without_warmup_is_spec_formula_and_power_is_used():
+def test_warmup_poly_without_warmup_is_poly_decay_and_power_is_used():
     T = 10
     for t in range(T + 2):
         assert warmup_poly_factor(t, 0, T) == pytest.approx(max(0.0, 1 - t / T) ** 2)
@@ -801,7 +802,7 @@ def test_closure_is_evaluated_with_grad_and_its_loss_returned():
 
 @BOTH_PATHS
 def test_one_step_on_combined_multilevel_gradient_equals_formula(foreach):
-    """SPEC §4: with MGE the trust ratio is computed once per step on the combined
+    """With MGE the trust ratio is computed once per step on the combined
     gradient ĝ; one LARS step on ĝ must equal the formula applied to ĝ."""
     from msconv.multilevel import MGE
 

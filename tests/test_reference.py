@@ -1,4 +1,5 @@
-"""The reference transfer operators against torch's own ops and the identities of SPEC §1."""
+"""The reference transfer operators against torch's own ops and the grid identities documented in
+msconv/reference.py (constants preserved, odd sizes, adjoint pairs)."""
 import numpy as np
 import pytest
 import torch
@@ -65,7 +66,7 @@ def test_adjoint_identity_odd_sizes(rk, pk):
     lhs = _inner(restrict_ref(u, rk), v)
     rhs = 0.25 * _inner(u, prolong_ref(v, pk, size=(9, 7)))
     assert abs(lhs - rhs) < 1e-12 * max(1.0, abs(lhs))
-    # ...and, because constants are kept, it cannot hold for every v (SPEC: state the rule).
+    # ...and, because constants are kept, it cannot hold for every v (the documented limit).
     v1 = torch.ones_like(v)
     assert abs(_inner(restrict_ref(u, rk), v1) - 0.25 * _inner(u, prolong_ref(v1, pk, size=(9, 7)))) > 1e-6
 

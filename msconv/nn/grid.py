@@ -1,6 +1,6 @@
 """The grid-scale context: the pixel spacing, in reference pixels, of the grid being computed on.
 
-SPEC §1: s = 1 at the resolution a model was built for, s = 2 one level coarser, s = 1/2 one
+Convention: s = 1 at the resolution a model was built for, s = 2 one level coarser, s = 1/2 one
 level finer. Mesh-free layers read it with :func:`current_grid_scale`; the multilevel engine
 sets it per level with :func:`grid_scale`. Layers never infer it from tensor sizes.
 

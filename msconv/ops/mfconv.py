@@ -1,4 +1,4 @@
-"""Mesh-free convolution, functional form: ``mf_conv2d`` (SPEC §2).
+"""Mesh-free convolution, functional form: ``mf_conv2d``.
 
 Three ways to compute the same discrete operator (msconv.reference.mf_conv2d_ref defines it):
 
@@ -270,7 +270,7 @@ def mf_conv2d(
     method: str = "auto",
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Mesh-free convolution (SPEC §2) of ``x`` on a grid of spacing ``scale`` reference pixels.
+    """Mesh-free convolution of ``x`` on a grid of spacing ``scale`` reference pixels.
 
     Args:
         x: ``[N, C_in, H, W]`` floating.

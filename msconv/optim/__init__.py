@@ -1,4 +1,4 @@
-"""Optimizers for large coarse-level batches (SPEC §4).
+"""Optimizers for the large batches of coarse levels: layer-wise trust ratios (LARS, LAMB).
 
 - :class:`LARS` — layer-wise adaptive rate scaling (You, Gitman, Ginsburg 2017), paper form,
   with LARC clipping, Nesterov, the ``‖g + βw‖`` denominator and exclusion of parameters.

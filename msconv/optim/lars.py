@@ -1,6 +1,6 @@
 """LARS: layer-wise adaptive rate scaling (You, Gitman, Ginsburg, arXiv 1708.03888).
 
-SPEC §4. Per parameter tensor w with gradient g, weight decay β, trust coefficient η,
+Per parameter tensor w with gradient g, weight decay β, trust coefficient η,
 momentum m and global learning rate γ_t::
 
     λ = η‖w‖ / (‖g‖ + β‖w‖ + eps)          denominator="paper"

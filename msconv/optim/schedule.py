@@ -8,7 +8,7 @@ The schedule LARS was published with (You et al.: poly(2) decay with warm-up): f
     factor(t) = 0                                 for t >= T
 
 and each group's lr is its initial lr times factor(t). With W = 0 this is exactly
-γ0·(1 − t/T)^power (SPEC §4). The warm-up starts at γ0/W rather than 0, so no step is
+γ0·(1 − t/T)^power (LARS's polynomial decay). The warm-up starts at γ0/W rather than 0, so no step is
 wasted, reaches γ0 at t = W − 1, and the decay starts from γ0 at t = W, so the curve is
 continuous and never jumps.
 """

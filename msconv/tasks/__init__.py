@@ -1,4 +1,4 @@
-"""Image-restoration tasks: forward operators applied at the finest grid (SPEC §5).
+"""Image-restoration tasks: forward operators applied at the finest grid.
 
 Every task maps clean images ``y`` (N, C, H, W) in [0, 1] at the finest grid to a pair
 ``(x, y)``: the network input and the target. All randomness comes from the
@@ -106,7 +106,7 @@ class Denoise(Task):
 
     ``noise_restriction`` says how the noise reaches coarser grids:
 
-    * ``"average"`` (SPEC §3's default: corrupt at the finest grid, then restrict): the
+    * ``"average"`` (the default, as for every task: corrupt at the finest grid, then restrict): the
       noise is cell-averaged with the image, so level l sees std σ/2^l — a different, easier
       problem on every grid.
     * ``"preserve"``: level l's input is ``R^l y + 2^l · R^l(x − y)``, the *same* noise draw
