@@ -407,3 +407,122 @@ def test_a_new_allocation_rule_is_one_class_and_each_estimator_binds_its_own_cop
     assert fmg.stages[0].estimator.allocation is not fmg.stages[1].estimator.allocation
     with pytest.raises(ValueError, match=r"allocation='variance'.*Allocation object"):
         MGE(1, 4, allocation="variance")
+
+
+# ------------------------------------------------------------------------- variance-matched allocation
+
+
+def test_matched_sizes_are_the_least_cost_sizes_that_reach_the_variance_target():
+    from msconv.multilevel import matched_batch_sizes
+
+    v, c, target = [0.5, 2.0, 8.0], [1.25, 0.3125, 0.0625], 0.25
+    lam = sum(math.sqrt(a * b) for a, b in zip(v, c)) / target
+    real = [lam * math.sqrt(a / b) for a, b in zip(v, c)]  # Giles' rule with λ from Σ V/N = target
+    assert sum(a / n for a, n in zip(v, real)) == pytest.approx(target)
+    n = matched_batch_sizes(v, c, target)
+    assert n == [round(r) for r in real]
+    # A floor holds a level and the others share the rest of the target (the constrained optimum).
+    floored = matched_batch_sizes([0.01, 2.0, 8.0], c, target, minimum=2)
+    assert floored[0] == 2
+    left = target - 0.01 / 2
+    lam2 = sum(math.sqrt(a * b) for a, b in zip([2.0, 8.0], c[1:])) / left
+    assert floored[1:] == [round(lam2 * math.sqrt(a / b)) for a, b in zip([2.0, 8.0], c[1:])]
+    # Rounding never leaves the variance more than the tolerance above the target; sizes are multiples.
+    for mult in (1, 2, 4):
+        got = matched_batch_sizes([0.3, 0.7, 5.0], c, 0.9, multiple_of=mult, tolerance=0.05)
+        assert all(x % mult == 0 and x >= mult for x in got)
+        assert sum(a / x for a, x in zip([0.3, 0.7, 5.0], got)) <= 0.9 * 1.05
+    with pytest.raises(ValueError, match="target must be > 0"):
+        matched_batch_sizes(v, c, 0.0)
+
+
+def _level_loss(model, x, y, level):
+    with msconv.grid_scale(2.0**level):
+        return F.mse_loss(model(msconv.restrict(x, levels=level)), msconv.restrict(y, levels=level))
+
+
+def _sqnorm_grad(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return float(grads(model).pow(2).sum())
+
+
+def _train_batches(sizes, seed):
+    return [(smooth_images(n, 8, seed=seed + l, noise=0.3), smooth_images(n, 8, seed=seed + l)) for l, n in enumerate(sizes)]
+
+
+@pytest.mark.filterwarnings("ignore:Matched. the level-difference variances")
+def test_matched_measures_single_scale_variance_from_level_zero_and_matches_it():
+    """V_single = m/2 · ‖∇(ℓ_A − ℓ_B)‖² of level 0's fine evaluation alone; V_0 is still the level
+    term's; after the warm-up the sizes are matched_batch_sizes of the ratios for target 1/B, on a
+    measuring step at least 2 per level, on the others at least 1."""
+    from msconv.multilevel import Matched, matched_batch_sizes
+
+    model = small_model()
+    est = MGE(1, 4, allocation=Matched(warmup_steps=1, variance_decay=0.0, variance_every=2, max_work=None),
+              count_flops=False)
+    assert est.batch_sizes == [4, 4]
+    batches = _train_batches([4, 4], 50)
+    est.loss(model, None, batches)
+    lvl = lambda x, y, level: _level_loss(model, x, y, level)  # noqa: E731
+    sqnorm_grad = lambda loss: _sqnorm_grad(model, loss)  # noqa: E731
+
+    (x0, y0), (x1, y1) = batches
+    vs = sqnorm_grad(lvl(x0[:2], y0[:2], 0) - lvl(x0[2:], y0[2:], 0))
+    v0 = sqnorm_grad(lvl(x0[:2], y0[:2], 0) - lvl(x0[:2], y0[:2], 1) - lvl(x0[2:], y0[2:], 0) + lvl(x0[2:], y0[2:], 1))
+    v1 = sqnorm_grad(lvl(x1[:2], y1[:2], 1) - lvl(x1[2:], y1[2:], 1))
+    a = est.allocation
+    assert a.single.variance[0] == pytest.approx(vs, rel=1e-9)
+    assert a.variance.variance == pytest.approx([v0 / vs, v1 / vs], rel=1e-9)  # ratios to V_single
+    costs = est.level_work()
+    assert est.batch_sizes == matched_batch_sizes([v0, v1], costs, vs / 4, minimum=1)  # step 1 does not measure
+    assert a.last["variance"] == pytest.approx(sum(v / n for v, n in zip([v0, v1], est.batch_sizes)))
+    assert a.last["predicted_work_ratio"] == pytest.approx((math.sqrt(v0 * 1.25) + math.sqrt(v1 * 0.25)) ** 2 / vs)
+    est.loss(model, None, _train_batches(est.batch_sizes, 60))  # step 1: no measurement, no change
+    assert est.last_cost.work_units_variance == 0
+    assert all(n >= 2 for n in est.batch_sizes)  # step 2 measures: two halves per level
+    state = est.state_dict()
+    again = MGE(1, 4, allocation=Matched(warmup_steps=1, variance_decay=0.0, variance_every=2, max_work=None),
+                count_flops=False)
+    again.load_state_dict(state)
+    assert again.allocation.variance.variance == a.variance.variance and again.batch_sizes == est.batch_sizes
+
+
+def test_matched_caps_a_step_at_single_scale_work_and_warns_with_the_ratios_when_mge_cannot_pay():
+    from msconv.multilevel import Matched, mlmc_batch_sizes
+
+    model = small_model()
+    est = MGE(2, 4, allocation=Matched(warmup_steps=1, variance_decay=0.0), count_flops=False)
+    a = est.allocation
+    # Variances that grow on coarse grids (white noise seen through 4x fewer pixels per level).
+    a.observe_single(1.0)
+    for l, v in enumerate([2.0, 8.0, 32.0]):
+        a.observe(l, v)
+    a.measurement = lambda step: "gradient" if step == 0 else None
+    with pytest.warns(UserWarning, match=r"do not decay.*V_l / V_single = \[2, 8, 32\].*capped at 1x"):
+        sizes = a.reallocate(1, est.level_work())
+    assert a.last["capped"] and a.predicted_work_ratio > 1
+    assert sizes == mlmc_batch_sizes([2.0, 8.0, 32.0], est.level_work(), 4.0, minimum=1)
+    assert est.step_work(sizes) <= 4.0 + 1e-9 + max(est.level_work())
+
+
+def test_matched_bad_batch_is_an_error_or_warning_naming_the_option_and_the_nearest_valid_value():
+    from msconv.multilevel import Matched
+
+    with pytest.raises(ValueError, match=r"batch=3 .*multiple of the world size 2.*batch=4 \(--batch-size 4\)"):
+        MGE(3, 3, allocation=Matched(), multiple_of=2, count_flops=False)
+    with pytest.warns(UserWarning, match=r"batch=1 is too small for levels=3.*--batch-size 2"):
+        MGE(3, 1, allocation="matched", count_flops=False)
+    with pytest.raises(ValueError, match=r"max_work must be > 0"):
+        Matched(max_work=0)
+    with pytest.raises(ValueError, match=r"batch must be an int >= 1"):
+        Matched(batch=0)
+
+
+def test_matched_mge_plans_single_scale_steps():
+    from msconv.train.config import TrainConfig
+    from msconv.train.run import plan_stages
+
+    cfg = TrainConfig(mode="mge", allocation="matched", budget=400.0, batch_size=4)
+    assert [s.iterations for s in plan_stages(cfg)] == [100]
+    assert plan_stages(cfg.replace(allocation="fixed"))[0].iterations < 100

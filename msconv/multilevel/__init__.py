@@ -7,8 +7,9 @@ multilevel data sampling, the Full-Multiscale schedule and distributed wiring.
 - :class:`FullMultiscale` — coarse-to-fine stages, usable as an iterator in your own loop.
 - :class:`MultilevelBatchSampler`, :func:`multilevel_loader` — fresh, disjoint samples per level.
 - :class:`StepCost`, :class:`LevelCost` — work units, FLOPs, wall-clock of a step.
-- :class:`Fixed`, :class:`Paper`, :class:`MLMC` — the batch-allocation rules (strategy objects);
-  :func:`mlmc_batch_sizes`, :func:`paper_batch_sizes` — their formulas.
+- :class:`Fixed`, :class:`Paper`, :class:`MLMC`, :class:`Matched` — the batch-allocation rules
+  (strategy objects); :func:`mlmc_batch_sizes`, :func:`matched_batch_sizes`,
+  :func:`paper_batch_sizes` — their formulas.
 - :func:`init_distributed`, :func:`allreduce_gradients`, :func:`shard_batches` — torchrun wiring
   (see msconv.multilevel.distributed for the recipe).
 """
@@ -17,9 +18,11 @@ from msconv.multilevel.allocation import (
     MLMC,
     Allocation,
     Fixed,
+    Matched,
     Paper,
     RunningVariance,
     make_allocation,
+    matched_batch_sizes,
     mlmc_batch_sizes,
     paper_batch_sizes,
     round_batch,
@@ -40,7 +43,7 @@ from msconv.multilevel.sampler import (
 )
 
 __all__ = [
-    "ALLOCATIONS", "Allocation", "Fixed", "Paper", "MLMC", "make_allocation", "round_batch", "level_work", "step_work",
+    "ALLOCATIONS", "Allocation", "Fixed", "Paper", "MLMC", "Matched", "make_allocation", "matched_batch_sizes", "round_batch", "level_work", "step_work",
     "MGE", "FullMultiscale", "FMGStep", "Stage", "Schedule", "ScheduleStep", "plan", "MODES", "resolve_rank_world", "allreduce_gradients", "init_distributed",
     "shard_batches", "IndexStream", "LevelCost", "LevelIndex", "MultilevelBatchSampler", "MultilevelDataset",
     "RunningVariance", "StepCost", "batch_coupled_modules", "collate_levels", "mlmc_batch_sizes", "multilevel_loader",

@@ -6,8 +6,11 @@
 * :class:`MLMC` — Giles' optimum for a multilevel Monte Carlo estimator: minimising the variance
   ``Σ V_l / N_l`` at a fixed cost ``Σ N_l C_l = budget`` gives
   ``N_l = budget · sqrt(V_l / C_l) / Σ_k sqrt(V_k C_k)``.
+* :class:`Matched` — the same rule the other way round: the least cost ``Σ N_l C_l`` at which the
+  estimator's variance ``Σ V_l / N_l`` equals single-scale SGD's ``V_single / B`` for the batch B
+  the user would train with, so MGE takes single-scale's steps at single-scale's noise, cheaper.
 
-An :class:`MGE` takes one of these objects (or its name, ``"fixed"``, ``"paper"``, ``"mlmc"``) as
+An :class:`MGE` takes one of these objects (or its name, ``"fixed"``, ``"paper"``, ``"mlmc"``, ``"matched"``) as
 ``allocation=``; it binds its own copy, so one object can configure several estimators (e.g. the
 stages of a Full-Multiscale run). A rule is one subclass of :class:`Allocation`: it says which
 variance it needs measured each step (:meth:`Allocation.measurement`), folds the measurements into
@@ -43,8 +46,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["ALLOCATIONS", "Allocation", "Fixed", "Paper", "MLMC", "make_allocation", "RunningVariance",
-           "paper_batch_sizes", "mlmc_batch_sizes", "round_batch"]
+__all__ = ["ALLOCATIONS", "Allocation", "Fixed", "Paper", "MLMC", "Matched", "make_allocation", "RunningVariance",
+           "paper_batch_sizes", "mlmc_batch_sizes", "matched_batch_sizes", "round_batch"]
 
 
 def round_batch(n: float, multiple_of: int = 1, minimum: int = 1) -> int:
@@ -77,6 +80,51 @@ def mlmc_batch_sizes(
         # No information yet: spread the budget evenly over the levels' costs.
         return [round_batch(budget / (len(costs) * cl), multiple_of, minimum) for cl in costs]
     return [round_batch(budget * math.sqrt(vl / cl) / denom, multiple_of, minimum) for vl, cl in zip(v, costs)]
+
+
+def matched_batch_sizes(
+    variances: Sequence[float], costs: Sequence[float], target: float, *, multiple_of: int = 1,
+    minimum: int | Sequence[int] = 1, tolerance: float = 0.1,
+) -> list[int]:
+    """The least-cost sizes with ``Σ V_l / N_l <= target``: Giles' rule ``N_l = λ sqrt(V_l / C_l)``
+    with λ set by the variance target instead of a budget.
+
+    ``minimum`` (one int, or one per level) is a floor: a level held at it contributes
+    ``V_l / minimum`` and the others share what is left of the target (the constrained optimum).
+    The real-valued optimum is rounded to the nearest multiple of ``multiple_of``; while the
+    rounded sizes miss the target by more than ``tolerance``, one more multiple goes to the level
+    that buys the most variance per cost.
+    """
+    n = len(variances)
+    if len(costs) != n:
+        raise ValueError(f"matched_batch_sizes: {n} variances but {len(costs)} costs; give one of each per level")
+    if any(c <= 0 for c in costs):
+        raise ValueError(f"matched_batch_sizes: costs must be > 0, got {list(costs)}")
+    if not target > 0:
+        raise ValueError(f"matched_batch_sizes: target must be > 0, got target={target}")
+    m = max(multiple_of, 1)
+    floor = [minimum] * n if isinstance(minimum, int) else list(minimum)
+    floor = [-(-f // m) * m for f in floor]
+    v = [max(float(x), 0.0) for x in variances]
+    held = [vl == 0.0 for vl in v]  # a zero-variance level needs only its floor
+    while True:
+        free = [l for l in range(n) if not held[l]]
+        left = target - sum(v[l] / floor[l] for l in range(n) if held[l])
+        if not free or left <= 0:
+            real = [float(f) for f in floor]
+            break
+        lam = sum(math.sqrt(v[l] * costs[l]) for l in free) / left
+        real = [float(floor[l]) if held[l] else lam * math.sqrt(v[l] / costs[l]) for l in range(n)]
+        newly = [l for l in free if real[l] < floor[l]]
+        if not newly:
+            break
+        for l in newly:
+            held[l] = True
+    sizes = [max(int(round(r / m)) * m, floor[l]) for l, r in enumerate(real)]
+    while sum(vl / nl for vl, nl in zip(v, sizes)) > target * (1 + tolerance):
+        gain = [(v[l] / sizes[l] - v[l] / (sizes[l] + m)) / (m * costs[l]) for l in range(n)]
+        sizes[max(range(n), key=gain.__getitem__)] += m
+    return sizes
 
 
 class RunningVariance:
@@ -187,6 +235,10 @@ class Allocation:
 
     def observe(self, level: int, value) -> None:
         """Fold in level ``level``'s measurement of this step."""
+
+    def observe_single(self, value: float) -> None:
+        """Fold in the single-scale per-sample gradient variance measured with level 0's
+        ``"gradient"`` measurement (its fine evaluation alone)."""
 
     def reallocate(self, step: int, level_costs: Sequence[float]) -> list[int] | None:
         """The next step's sizes after ``step`` steps (``None``: keep the current ones);
@@ -309,13 +361,197 @@ class MLMC(Allocation):
                 f"cost_measure={self.cost_measure!r})")
 
 
+class Matched(MLMC):
+    """Single-scale's gradient variance at the least cost: Giles' rule with a variance target.
+
+    For the single-scale batch B the user would train with, the next step's sizes minimise
+    ``Σ N_l C_l`` subject to ``Σ V_l / N_l = V_single / B`` (:func:`matched_batch_sizes`), where
+    ``V_l`` is the per-sample variance of level l's gradient term (as :class:`MLMC` measures it,
+    from half batches) and ``V_single`` that of the single-scale per-sample gradient, measured on
+    the same half batches of level 0's fine evaluation alone (the same backward passes, so it
+    costs nothing more). The sizes depend only on the ratios ``V_l / V_single``, so those are
+    what is averaged across measurements: the gradients' scale falls by orders of magnitude in
+    the first steps of training, and a running average of the variances themselves would keep
+    the early ones for many measurements. MGE then takes single-scale's steps with
+    single-scale's noise; what it saves is work. It pays only if ``(Σ_l sqrt(V_l C_l))² <
+    V_single · C_single``, i.e. if the level differences' variances decay faster than the grids'
+    costs grow; :attr:`predicted_work_ratio` is that ratio and a warning says when it is >= 1.
+    Where it is, matching would cost more than single-scale: the step's work is capped at
+    ``max_work`` times single-scale's and the sizes are then Giles' least-variance ones for that
+    budget (:func:`mlmc_batch_sizes`), noisier than single-scale.
+
+    Args:
+        batch: the single-scale batch B to match; default: the finest level's initial size.
+        warmup_steps: steps with B samples on every level (each measured) before the first
+            reallocation.
+        variance_every: measure the variances every this many steps after the warm-up, and
+            re-solve the sizes from them; the measurement's extra backward pass is booked in
+            the step's cost.
+        variance_decay: EMA factor of the running ratios ``V_l / V_single`` (per measurement).
+        min_batch: floor of a level's size on steps that do not measure (1 keeps the sum
+            telescoping); measuring steps raise every level to 2 per rank (two halves).
+        tolerance: rounding may leave the variance this fraction above the target.
+        max_work: cap of a step's work as a multiple of single-scale's (B fine samples); ``None``:
+            no cap (match the variance at any cost).
+        cost_measure: ``"work"`` (default) or ``"flops"``, as for :class:`MLMC`.
+
+    ``last`` holds the latest measurement (step, V_l, V_single, the sizes, the predicted variance
+    ``Σ V_l / N_l`` and the target ``V_single / B``); ``history`` every one of them.
+    """
+
+    name = "matched"
+
+    def __init__(self, batch: int | None = None, warmup_steps: int = 2, variance_every: int = 10,
+                 variance_decay: float = 0.7, min_batch: int = 1, tolerance: float = 0.1,
+                 max_work: float | None = 1.0, cost_measure: str = "work") -> None:
+        super().__init__(None, warmup_steps, variance_decay, "gradient", variance_every, cost_measure, min_batch)
+        if batch is not None:
+            _check_int(batch, "batch", 1, "Matched")
+        if not 0.0 <= tolerance < 1.0:
+            raise ValueError(f"Matched: tolerance must be in [0, 1), got tolerance={tolerance}")
+        if max_work is not None and not max_work > 0:
+            raise ValueError(f"Matched: max_work must be > 0 (a multiple of single-scale's step work) or None, "
+                             f"got max_work={max_work}")
+        self.batch, self.tolerance, self.max_work = batch, tolerance, max_work
+        self.single: RunningVariance | None = None
+        self.last: dict | None = None
+        self.history: list[dict] = []
+        self.predicted_work_ratio: float | None = None
+        self._warned = False
+
+    def bind(self, levels, level_work, multiple_of, count_flops) -> "Matched":
+        bound = super().bind(levels, level_work, multiple_of, count_flops)
+        bound.measure_min = 2 * multiple_of
+        bound.min_batch = -(-self.min_batch // multiple_of) * multiple_of
+        bound.single = RunningVariance(0, self.variance_decay)
+        bound._raw, bound._raw_single = [None] * (levels + 1), None
+        return bound
+
+    def initial_sizes(self, sizes: list) -> list[int]:
+        sizes = Allocation.initial_sizes(self, sizes)
+        b = self.batch if self.batch is not None else sizes[0]
+        m = self.multiple_of
+        if b % m:
+            near = max(m, round(b / m) * m)
+            raise ValueError(f"Matched: batch={b} (the single-scale batch to match) must be a multiple of the world "
+                             f"size {m}, since every rank takes an equal share; use batch={near} (--batch-size {near})")
+        self.batch = b
+        # The cheapest step there is: every level at its floor. If that costs single-scale's B fine
+        # samples or more, no allocation can match single-scale's variance for less.
+        fine = self.level_work[-1] * 4.0 ** self.levels  # one sample on the estimator's finest grid
+        cheapest = sum(self.min_batch * c for c in self.level_work)
+        if cheapest >= b * fine:
+            need = math.floor(cheapest / fine / m) * m + m
+            import warnings
+
+            warnings.warn(
+                f"Matched: batch={b} is too small for levels={self.levels}: the cheapest MGE step (every level at "
+                f"{self.min_batch} sample(s)) costs {cheapest / fine:.2f} fine samples, single-scale's step {b}, so "
+                f"matching single-scale's variance cannot save work. Use --batch-size {need} or more (batch={need}), "
+                f"or fewer --levels", UserWarning, stacklevel=4)
+        # Warm-up: B on every level (and at least two per rank, to measure). The coarsest level
+        # alone then has about single-scale's variance, so the warm-up is not noisier than it.
+        return [max(b, self.measure_min)] * (self.levels + 1)
+
+    def measurement(self, step: int) -> str | None:
+        return "gradient" if step < self.warmup_steps or step % self.variance_every == 0 else None
+
+    def observe(self, level: int, value) -> None:
+        self._raw[level] = float(value)
+
+    def observe_single(self, value: float) -> None:
+        self._raw_single = float(value)
+
+    def _fold(self) -> None:
+        """Fold this step's measurements (averaged over the ranks) into the running ratios."""
+        raw = RunningVariance(self.levels, 0.0)
+        raw.variance = [math.nan if r is None else r for r in self._raw] + [
+            math.nan if self._raw_single is None else self._raw_single]
+        raw.allreduce_mean()
+        *v, vs = raw.variance
+        self._raw, self._raw_single = [None] * (self.levels + 1), None
+        if not (vs > 0) or any(math.isnan(x) for x in v):
+            return  # a level too small to split this step (or a zero gradient): nothing to learn from
+        self.single.update_variance(0, vs)
+        for l, vl in enumerate(v):
+            self.variance.update_variance(l, vl / vs)
+
+    def reallocate(self, step: int, level_costs: Sequence[float]) -> list[int] | None:
+        measuring = self.measurement(step) is not None
+        measured = self.measurement(step - 1) is not None  # new figures came in with the step just taken
+        if measured:
+            self._fold()
+        if step < self.warmup_steps or not (self.variance.ready() and self.single.ready()):
+            return None
+        ratios, vs = list(self.variance.variance), float(self.single.variance[0])
+        # In units of V_single: the target is 1 / B.
+        v = [r * vs for r in ratios]
+        target = vs / self.batch
+        floor = self.measure_min if measuring else self.min_batch
+        costs = list(level_costs)
+        sizes = matched_batch_sizes(v, costs, target, multiple_of=self.multiple_of, minimum=floor,
+                                    tolerance=self.tolerance)
+        capped = False
+        if self.max_work is not None:
+            # Single-scale's step in the cost measure: B samples of the finest grid alone.
+            fine = costs[-1] * 4.0 ** self.levels
+            budget = self.max_work * self.batch * fine
+            if sum(n * c for n, c in zip(sizes, costs)) > budget * (1 + 1e-9):
+                sizes, capped = mlmc_batch_sizes(v, costs, budget, multiple_of=self.multiple_of, minimum=floor), True
+        if measured:
+            self._record(step, v, vs, target, sizes, capped)
+        return sizes
+
+    def _record(self, step: int, v: list[float], vs: float, target: float, sizes: list[int], capped: bool) -> None:
+        fine = self.level_work[-1] * 4.0 ** self.levels
+        # Work of the unconstrained optimum relative to single-scale's B fine samples.
+        self.predicted_work_ratio = sum(math.sqrt(max(vl, 0.0) * c) for vl, c in zip(v, self.level_work)) ** 2 / (vs * fine)
+        self.last = {"step": step, "variances": list(v), "single_variance": vs, "batch_sizes": list(sizes),
+                     "variance": sum(vl / n for vl, n in zip(v, sizes)), "target": target,
+                     "work_per_step": sum(n * c for n, c in zip(sizes, self.level_work)) / fine,
+                     "single_work_per_step": float(self.batch), "predicted_work_ratio": self.predicted_work_ratio,
+                     "capped": capped}
+        self.history.append(self.last)
+        diffs = v[:-1]
+        decay = [diffs[l] / diffs[l + 1] if diffs[l + 1] > 0 else math.inf for l in range(len(diffs) - 1)]
+        if not self._warned and (self.predicted_work_ratio >= 1.0 or any(r >= 1.0 for r in decay)):
+            import warnings
+
+            self._warned = True
+            ratios = ", ".join(f"{vl / vs:.3g}" for vl in v)
+            warnings.warn(
+                f"Matched: the level-difference variances do not decay enough for MGE to pay: V_l / V_single = "
+                f"[{ratios}] (finest first; the last is the coarsest level's own gradient)"
+                f"{f', finer-over-coarser difference ratios {[round(r, 3) for r in decay]} (MGE needs them well below 1)' if decay else ''}. Matching "
+                f"single-scale's variance costs {self.predicted_work_ratio:.2f}x its work at best"
+                f"{'' if self.max_work is None else f' (steps are capped at {self.max_work:g}x its work, so MGE is noisier than it)'}. "
+                f"Causes: gradient noise that does not correlate across grids (white noise: a coarse sample has "
+                f"4x fewer pixels per level to average it over), mesh-free layers unresolved on the coarse grids "
+                f"(--mf-sigma), or too many --levels; single-scale (--mode single) or Full-Multiscale (--mode fmg) "
+                f"then train better", UserWarning, stacklevel=4)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "single": self.single.state_dict(), "batch": self.batch,
+                "warned": self._warned}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.variance.load_state_dict(state["variance"])
+        self.single.load_state_dict(state["single"])
+        self.batch, self._warned = int(state["batch"]), bool(state["warned"])
+
+    def __repr__(self) -> str:
+        return (f"Matched(batch={self.batch}, warmup_steps={self.warmup_steps}, variance_every={self.variance_every}, "
+                f"max_work={self.max_work}, cost_measure={self.cost_measure!r})")
+
+
 # Names accepted wherever an allocation is configured by string (CLI, YAML, MGE(allocation="paper")).
-_BY_NAME = {"fixed": Fixed, "paper": Paper, "mlmc": MLMC}
+_BY_NAME = {"fixed": Fixed, "paper": Paper, "mlmc": MLMC, "matched": Matched}
 ALLOCATIONS = tuple(_BY_NAME)
 
 
 def make_allocation(allocation: str | Allocation) -> Allocation:
-    """An :class:`Allocation` from itself or its name (``"fixed"``, ``"paper"``, ``"mlmc"`` with defaults)."""
+    """An :class:`Allocation` from itself or its name (``"fixed"``, ``"paper"``, ``"mlmc"``, ``"matched"`` with
+    defaults)."""
     if isinstance(allocation, Allocation):
         return allocation
     if isinstance(allocation, str) and allocation in _BY_NAME:

@@ -72,6 +72,11 @@ def step_work(batch_sizes: Sequence[int], base_level: int = 0) -> float:
     return sum(n * c for n, c in zip(batch_sizes, level_work(len(batch_sizes) - 1, base_level)))
 
 
+def _sq_norm(grads) -> float:
+    """Σ ‖g‖² over a list of gradients (None: no dependence), in float64."""
+    return sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+
+
 def _is_image(t) -> bool:
     return isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point()
 
@@ -368,11 +373,16 @@ class MGE:
 
                 a, b = slice(0, m), slice(m, 2 * m)
                 diff = half((l, 1.0), a) - half((l, 1.0), b)
-                if l < self.levels:
-                    diff = diff - half((l, -1.0), a) + half((l, -1.0), b)
                 grads = torch.autograd.grad(diff, params, retain_graph=True, allow_unused=True)
-                sq = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
-                self.allocation.observe(l, m * sq / 2)
+                if l == 0:
+                    # The fine evaluation alone is single-scale's gradient on these samples: its
+                    # half-batch difference gives single-scale's per-sample variance for free.
+                    self.allocation.observe_single(m * _sq_norm(grads) / 2)
+                if l < self.levels:
+                    coarse = half((l, -1.0), a) - half((l, -1.0), b)
+                    coarse_grads = torch.autograd.grad(coarse, params, retain_graph=True, allow_unused=True)
+                    grads = [g if c is None else (-c if g is None else g - c) for g, c in zip(grads, coarse_grads)]
+                self.allocation.observe(l, m * _sq_norm(grads) / 2)
         # One backward through each level's graph: about 2/3 of a forward+backward work unit.
         cost.work_units_variance = (2.0 / 3.0) * sum(
             lc.work_units for lc in cost.levels)

@@ -77,8 +77,13 @@ def plan_stages(cfg: TrainConfig) -> list[Stage]:
     work units (or runs ``cfg.iterations`` steps in all); see :func:`msconv.multilevel.plan`."""
     from msconv.train.config import ConfigError
 
+    iterations = cfg.iterations
+    if iterations is None and cfg.mode == "mge" and cfg.allocation == "matched":
+        # Matched MGE has single-scale's variance per step at less work per step: it takes
+        # single-scale's steps (the budget over --batch-size) and spends what it saves less.
+        iterations = max(1, round(cfg.budget / cfg.batch_size))
     stages = plan(cfg.mode, cfg.levels, base_batch_sizes(cfg),
-                  budget=None if cfg.iterations is not None else cfg.budget, iterations=cfg.iterations,
+                  budget=None if iterations is not None else cfg.budget, iterations=iterations,
                   iteration_ratio=cfg.fmg_iteration_ratio, batch_ratio=cfg.fmg_batch_ratio,
                   lr_batch_power=LR_BATCH_POWERS[cfg.lr_batch_scaling])
     if sum(s.iterations for s in stages) < 1:
