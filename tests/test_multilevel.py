@@ -489,9 +489,8 @@ def test_matched_measures_single_scale_variance_from_level_zero_and_matches_it()
 
 
 def test_matched_caps_a_step_at_single_scale_work_and_warns_with_the_ratios_when_mge_cannot_pay():
-    from msconv.multilevel import Matched, mlmc_batch_sizes
+    from msconv.multilevel import Matched, budget_batch_sizes
 
-    model = small_model()
     est = MGE(2, 4, allocation=Matched(warmup_steps=1, variance_decay=0.0), count_flops=False)
     a = est.allocation
     # Variances that grow on coarse grids (white noise seen through 4x fewer pixels per level).
@@ -502,8 +501,13 @@ def test_matched_caps_a_step_at_single_scale_work_and_warns_with_the_ratios_when
     with pytest.warns(UserWarning, match=r"do not decay.*V_l / V_single = \[2, 8, 32\].*capped at 1x"):
         sizes = a.reallocate(1, est.level_work())
     assert a.last["capped"] and a.predicted_work_ratio > 1
-    assert sizes == mlmc_batch_sizes([2.0, 8.0, 32.0], est.level_work(), 4.0, minimum=1)
-    assert est.step_work(sizes) <= 4.0 + 1e-9 + max(est.level_work())
+    # Averaged over a measurement period (9 plain steps, one at >= 2 per level with its extra
+    # backward pass) a step costs at most single-scale's 4 fine samples, and little less.
+    measuring = [max(n, 2) for n in sizes]
+    average = (9 * est.step_work(sizes) + 5 / 3 * est.step_work(measuring)) / 10
+    assert 0.9 * 4.0 <= average <= 4.0 + 1e-9
+    assert sizes == budget_batch_sizes([2.0, 8.0, 32.0], est.level_work(), est.step_work(sizes), minimum=1)
+    assert budget_batch_sizes([1.0, 1.0], [1.0, 0.25], 0.5, minimum=1) == [1, 1]  # floors over the budget
 
 
 def test_matched_bad_batch_is_an_error_or_warning_naming_the_option_and_the_nearest_valid_value():

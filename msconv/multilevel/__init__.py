@@ -18,6 +18,7 @@ from msconv.multilevel.allocation import (
     MLMC,
     Allocation,
     Fixed,
+    budget_batch_sizes,
     Matched,
     Paper,
     RunningVariance,
@@ -43,7 +44,8 @@ from msconv.multilevel.sampler import (
 )
 
 __all__ = [
-    "ALLOCATIONS", "Allocation", "Fixed", "Paper", "MLMC", "Matched", "make_allocation", "matched_batch_sizes", "round_batch", "level_work", "step_work",
+    "ALLOCATIONS", "Allocation", "Fixed", "Paper", "MLMC", "Matched", "make_allocation", "matched_batch_sizes",
+    "budget_batch_sizes", "round_batch", "level_work", "step_work",
     "MGE", "FullMultiscale", "FMGStep", "Stage", "Schedule", "ScheduleStep", "plan", "MODES", "resolve_rank_world", "allreduce_gradients", "init_distributed",
     "shard_batches", "IndexStream", "LevelCost", "LevelIndex", "MultilevelBatchSampler", "MultilevelDataset",
     "RunningVariance", "StepCost", "batch_coupled_modules", "collate_levels", "mlmc_batch_sizes", "multilevel_loader",

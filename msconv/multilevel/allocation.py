@@ -47,7 +47,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["ALLOCATIONS", "Allocation", "Fixed", "Paper", "MLMC", "Matched", "make_allocation", "RunningVariance",
-           "paper_batch_sizes", "mlmc_batch_sizes", "matched_batch_sizes", "round_batch"]
+           "paper_batch_sizes", "mlmc_batch_sizes", "matched_batch_sizes", "budget_batch_sizes", "round_batch"]
 
 
 def round_batch(n: float, multiple_of: int = 1, minimum: int = 1) -> int:
@@ -124,6 +124,43 @@ def matched_batch_sizes(
     while sum(vl / nl for vl, nl in zip(v, sizes)) > target * (1 + tolerance):
         gain = [(v[l] / sizes[l] - v[l] / (sizes[l] + m)) / (m * costs[l]) for l in range(n)]
         sizes[max(range(n), key=gain.__getitem__)] += m
+    return sizes
+
+
+def budget_batch_sizes(
+    variances: Sequence[float], costs: Sequence[float], budget: float, *, multiple_of: int = 1, minimum: int = 1,
+) -> list[int]:
+    """The least-variance sizes with ``Σ N_l C_l <= budget`` and ``N_l >= minimum``: Giles' rule
+    ``N_l = λ sqrt(V_l / C_l)`` with levels below the floor held at it (the constrained optimum),
+    rounded, then trimmed where rounding went over the budget (the floors alone may exceed it:
+    then the floors)."""
+    n = len(variances)
+    m = max(multiple_of, 1)
+    floor = -(-minimum // m) * m
+    v = [max(float(x), 0.0) for x in variances]
+    held = [vl == 0.0 for vl in v]
+    while True:
+        free = [l for l in range(n) if not held[l]]
+        left = budget - sum(floor * costs[l] for l in range(n) if held[l])
+        denom = sum(math.sqrt(v[l] * costs[l]) for l in free)
+        if not free or left <= 0 or denom == 0:
+            real = [float(floor)] * n
+            break
+        lam = left / denom
+        real = [float(floor) if held[l] else lam * math.sqrt(v[l] / costs[l]) for l in range(n)]
+        newly = [l for l in free if real[l] < floor]
+        if not newly:
+            break
+        for l in newly:
+            held[l] = True
+    sizes = [max(int(round(r / m)) * m, floor) for r in real]
+    while sum(x * c for x, c in zip(sizes, costs)) > budget * (1 + 1e-9):
+        above = [l for l in range(n) if sizes[l] > floor]
+        if not above:
+            break
+        # Give back the multiple that costs the least variance per unit of work saved.
+        loss = {l: (v[l] / (sizes[l] - m) - v[l] / sizes[l]) / (m * costs[l]) for l in above}
+        sizes[min(above, key=loss.__getitem__)] -= m
     return sizes
 
 
@@ -376,9 +413,10 @@ class Matched(MLMC):
     single-scale's noise; what it saves is work. It pays only if ``(Σ_l sqrt(V_l C_l))² <
     V_single · C_single``, i.e. if the level differences' variances decay faster than the grids'
     costs grow; :attr:`predicted_work_ratio` is that ratio and a warning says when it is >= 1.
-    Where it is, matching would cost more than single-scale: the step's work is capped at
-    ``max_work`` times single-scale's and the sizes are then Giles' least-variance ones for that
-    budget (:func:`mlmc_batch_sizes`), noisier than single-scale.
+    Where it is, matching would cost more than single-scale: the work per step (averaged over a
+    measurement period, the measurement included) is capped at ``max_work`` times single-scale's
+    and the sizes are then Giles' least-variance ones for that budget
+    (:func:`budget_batch_sizes`), noisier than single-scale.
 
     Args:
         batch: the single-scale batch B to match; default: the finest level's initial size.
@@ -487,20 +525,38 @@ class Matched(MLMC):
         # In units of V_single: the target is 1 / B.
         v = [r * vs for r in ratios]
         target = vs / self.batch
-        floor = self.measure_min if measuring else self.min_batch
         costs = list(level_costs)
-        sizes = matched_batch_sizes(v, costs, target, multiple_of=self.multiple_of, minimum=floor,
-                                    tolerance=self.tolerance)
-        capped = False
-        if self.max_work is not None:
-            # Single-scale's step in the cost measure: B samples of the finest grid alone.
-            fine = costs[-1] * 4.0 ** self.levels
-            budget = self.max_work * self.batch * fine
-            if sum(n * c for n, c in zip(sizes, costs)) > budget * (1 + 1e-9):
-                sizes, capped = mlmc_batch_sizes(v, costs, budget, multiple_of=self.multiple_of, minimum=floor), True
+        if self.max_work is None:
+            floor = self.measure_min if measuring else self.min_batch
+            sizes, capped = matched_batch_sizes(v, costs, target, multiple_of=self.multiple_of, minimum=floor,
+                                                tolerance=self.tolerance), False
+        else:
+            normal, meas, capped = self._capped(v, costs, target)
+            sizes = meas if measuring else normal
         if measured:
             self._record(step, v, vs, target, sizes, capped)
         return sizes
+
+    def _capped(self, v: list[float], costs: list[float], target: float) -> tuple[list[int], list[int], bool]:
+        """(sizes of a step that does not measure, of one that does, whether the cap bound them).
+
+        The cap holds on average over a measurement period of k steps: k − 1 plain steps and one
+        that raises every level to two per rank and adds its extra backward pass (2/3 of its work)."""
+        fine = costs[-1] * 4.0 ** self.levels  # single-scale's sample: the finest grid alone
+        cap, k = self.max_work * self.batch * fine, self.variance_every
+        work = lambda sizes: sum(n * c for n, c in zip(sizes, costs))  # noqa: E731
+        normal = matched_batch_sizes(v, costs, target, multiple_of=self.multiple_of, minimum=self.min_batch,
+                                     tolerance=self.tolerance)
+        budget, capped = work(normal), False
+        while True:
+            meas = [max(n, self.measure_min) for n in normal]
+            if ((k - 1) * work(normal) + (5.0 / 3.0) * work(meas)) / k <= cap * (1 + 1e-9):
+                return normal, meas, capped
+            if all(n <= self.min_batch for n in normal):
+                return normal, meas, True  # the floors alone are over the cap: nothing cheaper measures
+            budget *= 0.97
+            normal = budget_batch_sizes(v, costs, budget, multiple_of=self.multiple_of, minimum=self.min_batch)
+            capped = True
 
     def _record(self, step: int, v: list[float], vs: float, target: float, sizes: list[int], capped: bool) -> None:
         fine = self.level_work[-1] * 4.0 ** self.levels
