@@ -461,16 +461,17 @@ def test_matched_measures_single_scale_variance_from_level_zero_and_matches_it()
     model = small_model()
     est = MGE(1, 4, allocation=Matched(warmup_steps=1, variance_decay=0.0, variance_every=2, max_work=None),
               count_flops=False)
-    assert est.batch_sizes == [4, 4]
-    batches = _train_batches([4, 4], 50)
+    assert est.batch_sizes == [2, 2]  # the warm-up: the least that measures
+    batches = _train_batches([2, 2], 50)
     est.loss(model, None, batches)
     lvl = lambda x, y, level: _level_loss(model, x, y, level)  # noqa: E731
     sqnorm_grad = lambda loss: _sqnorm_grad(model, loss)  # noqa: E731
 
     (x0, y0), (x1, y1) = batches
-    vs = sqnorm_grad(lvl(x0[:2], y0[:2], 0) - lvl(x0[2:], y0[2:], 0))
-    v0 = sqnorm_grad(lvl(x0[:2], y0[:2], 0) - lvl(x0[:2], y0[:2], 1) - lvl(x0[2:], y0[2:], 0) + lvl(x0[2:], y0[2:], 1))
-    v1 = sqnorm_grad(lvl(x1[:2], y1[:2], 1) - lvl(x1[2:], y1[2:], 1))
+    a_, b_ = slice(0, 1), slice(1, 2)  # halves of m = 1 sample: V = m/2 · ‖∇(ℓ_A − ℓ_B)‖²
+    vs = sqnorm_grad(lvl(x0[a_], y0[a_], 0) - lvl(x0[b_], y0[b_], 0)) / 2
+    v0 = sqnorm_grad(lvl(x0[a_], y0[a_], 0) - lvl(x0[a_], y0[a_], 1) - lvl(x0[b_], y0[b_], 0) + lvl(x0[b_], y0[b_], 1)) / 2
+    v1 = sqnorm_grad(lvl(x1[a_], y1[a_], 1) - lvl(x1[b_], y1[b_], 1)) / 2
     a = est.allocation
     assert a.single.variance[0] == pytest.approx(vs, rel=1e-9)
     assert a.variance.variance == pytest.approx([v0 / vs, v1 / vs], rel=1e-9)  # ratios to V_single

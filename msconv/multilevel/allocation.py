@@ -420,8 +420,8 @@ class Matched(MLMC):
 
     Args:
         batch: the single-scale batch B to match; default: the finest level's initial size.
-        warmup_steps: steps with B samples on every level (each measured) before the first
-            reallocation.
+        warmup_steps: steps with two samples per rank on every level (each measured) before the
+            first reallocation.
         variance_every: measure the variances every this many steps after the warm-up, and
             re-solve the sizes from them; the measurement's extra backward pass is booked in
             the step's cost.
@@ -439,7 +439,7 @@ class Matched(MLMC):
 
     name = "matched"
 
-    def __init__(self, batch: int | None = None, warmup_steps: int = 2, variance_every: int = 10,
+    def __init__(self, batch: int | None = None, warmup_steps: int = 1, variance_every: int = 10,
                  variance_decay: float = 0.7, min_batch: int = 1, tolerance: float = 0.1,
                  max_work: float | None = 1.0, cost_measure: str = "work") -> None:
         super().__init__(None, warmup_steps, variance_decay, "gradient", variance_every, cost_measure, min_batch)
@@ -487,9 +487,9 @@ class Matched(MLMC):
                 f"{self.min_batch} sample(s)) costs {cheapest / fine:.2f} fine samples, single-scale's step {b}, so "
                 f"matching single-scale's variance cannot save work. Use --batch-size {need} or more (batch={need}), "
                 f"or fewer --levels", UserWarning, stacklevel=4)
-        # Warm-up: B on every level (and at least two per rank, to measure). The coarsest level
-        # alone then has about single-scale's variance, so the warm-up is not noisier than it.
-        return [max(b, self.measure_min)] * (self.levels + 1)
+        # Warm-up: two per rank on every level, the least that measures (the warm-up's work counts
+        # against the budget like any step's).
+        return [self.measure_min] * (self.levels + 1)
 
     def measurement(self, step: int) -> str | None:
         return "gradient" if step < self.warmup_steps or step % self.variance_every == 0 else None
