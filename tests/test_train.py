@@ -33,7 +33,7 @@ def test_step_work_and_budget_scaling():
     assert step_work([4, 8, 16], 0) == 4 * 1.25 + 8 * (1 / 4 + 1 / 16) + 16 / 16
     single = plan_stages(TrainConfig(budget=100, batch_size=4))
     assert [(s.base_level, s.levels, s.batch_sizes, s.iterations) for s in single] == [(0, 0, [4], 25)]
-    mge = plan_stages(TrainConfig(mode="mge", budget=130, batch_size=4, levels=2))
+    mge = plan_stages(TrainConfig(mode="mge", allocation="fixed", budget=130, batch_size=4, levels=2))
     assert mge[0].batch_sizes == [4, 4, 4] and mge[0].iterations == 20  # 6.5 work units per step
     fmg = plan_stages(TrainConfig(mode="fmg", budget=165, batch_size=4, levels=2, fmg_iteration_ratio=2.0))
     # Coarsest first; iterations halve and batches halve per finer stage.

@@ -63,7 +63,7 @@ def base_batch_sizes(cfg: TrainConfig) -> list[int]:
         return [cfg.batch_size]
     if cfg.batch_sizes:
         return list(cfg.batch_sizes)
-    if cfg.allocation == "paper":
+    if cfg.resolved_allocation == "paper":
         return [cfg.batch_size * 4 ** l for l in range(cfg.levels + 1)]
     return [cfg.batch_size] * (cfg.levels + 1)
 
@@ -78,9 +78,9 @@ def plan_stages(cfg: TrainConfig) -> list[Stage]:
     from msconv.train.config import ConfigError
 
     iterations = cfg.iterations
-    if iterations is None and cfg.mode == "mge" and cfg.allocation == "matched":
-        # Matched MGE has single-scale's variance per step at less work per step: it takes
-        # single-scale's steps (the budget over --batch-size) and spends what it saves less.
+    if iterations is None and cfg.mode == "mge" and cfg.resolved_allocation == "matched":
+        # Matched MGE aims at single-scale's gradient variance per step at no more than its work
+        # per step, so it takes single-scale's steps (the budget over --batch-size).
         iterations = max(1, round(cfg.budget / cfg.batch_size))
     stages = plan(cfg.mode, cfg.levels, base_batch_sizes(cfg),
                   budget=None if iterations is not None else cfg.budget, iterations=iterations,
@@ -151,7 +151,7 @@ class Run:
     @property
     def allocation(self) -> str:
         """The batch allocation of the stages' estimators (single-scale has one level: fixed)."""
-        return self.cfg.allocation if self.cfg.mode != "single" else "fixed"
+        return self.cfg.resolved_allocation if self.cfg.mode != "single" else "fixed"
 
 
 def build_run(cfg: TrainConfig, data: tuple[ImageSet, ImageSet] | None = None) -> Run:
