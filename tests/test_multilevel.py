@@ -498,7 +498,7 @@ def test_matched_caps_a_step_at_single_scale_work_and_warns_with_the_ratios_when
     a.observe_single(1.0)
     for l, v in enumerate([2.0, 8.0, 32.0]):
         a.observe(l, v)
-    a.measurement = lambda step: "gradient" if step == 0 else None
+    a._measuring_now = True
     with pytest.warns(UserWarning, match=r"do not decay.*V_l / V_single = \[2, 8, 32\].*capped at 1x"):
         sizes = a.reallocate(1, est.level_work())
     assert a.last["capped"] and a.predicted_work_ratio > 1
@@ -531,3 +531,20 @@ def test_matched_mge_plans_single_scale_steps():
     cfg = TrainConfig(mode="mge", allocation="matched", budget=400.0, batch_size=4)
     assert [s.iterations for s in plan_stages(cfg)] == [100]
     assert plan_stages(cfg.replace(allocation="fixed"))[0].iterations < 100
+
+
+@pytest.mark.filterwarnings("ignore:Matched. the level-difference variances")
+def test_matched_measures_the_next_step_when_a_measuring_step_came_with_batches_too_small_to_split():
+    """A loader that draws one step ahead hands a measuring step the previous step's sizes (one
+    sample on a level): the measurement is lost, so the next step measures instead."""
+    from msconv.multilevel import Matched
+
+    model = small_model()
+    est = MGE(1, 2, allocation=Matched(variance_decay=0.0, variance_every=3), count_flops=False)
+    measured = []
+    for step in range(6):
+        drawn = [1, 1] if step == 3 else est.batch_sizes  # step 3 measures but gets a stale one-sample level
+        est.loss(model, None, _train_batches(drawn, 70 + 10 * step))
+        measured.append(est.allocation._measuring_now)
+    assert measured == [True, False, False, True, True, False]  # step 3 lost, step 4 measured
+    assert est.allocation.variance.updates == [2, 2]

@@ -463,6 +463,7 @@ class Matched(MLMC):
         bound.min_batch = -(-self.min_batch // multiple_of) * multiple_of
         bound.single = RunningVariance(0, self.variance_decay)
         bound._raw, bound._raw_single = [None] * (levels + 1), None
+        bound._measuring_now = bound._retry = False
         return bound
 
     def initial_sizes(self, sizes: list) -> list[int]:
@@ -491,8 +492,12 @@ class Matched(MLMC):
         # against the budget like any step's).
         return [self.measure_min] * (self.levels + 1)
 
+    def _scheduled(self, step: int) -> bool:
+        return step < self.warmup_steps or step % self.variance_every == 0 or self._retry
+
     def measurement(self, step: int) -> str | None:
-        return "gradient" if step < self.warmup_steps or step % self.variance_every == 0 else None
+        self._measuring_now = self._scheduled(step)
+        return "gradient" if self._measuring_now else None
 
     def observe(self, level: int, value) -> None:
         self._raw[level] = float(value)
@@ -508,17 +513,20 @@ class Matched(MLMC):
         raw.allreduce_mean()
         *v, vs = raw.variance
         self._raw, self._raw_single = [None] * (self.levels + 1), None
-        if not (vs > 0) or any(math.isnan(x) for x in v):
-            return  # a level too small to split this step (or a zero gradient): nothing to learn from
+        # A level too small to split (batches drawn before the sizes were raised, e.g. by a loader
+        # that fetches one step ahead) or a zero gradient: nothing to learn; measure the next step.
+        self._retry = not (vs > 0) or any(math.isnan(x) for x in v)
+        if self._retry:
+            return
         self.single.update_variance(0, vs)
         for l, vl in enumerate(v):
             self.variance.update_variance(l, vl / vs)
 
     def reallocate(self, step: int, level_costs: Sequence[float]) -> list[int] | None:
-        measuring = self.measurement(step) is not None
-        measured = self.measurement(step - 1) is not None  # new figures came in with the step just taken
+        measured = self._measuring_now  # new figures came in with the step just taken
         if measured:
             self._fold()
+        measuring = self._scheduled(step)
         if step < self.warmup_steps or not (self.variance.ready() and self.single.ready()):
             return None
         ratios, vs = list(self.variance.variance), float(self.single.variance[0])
@@ -588,12 +596,13 @@ class Matched(MLMC):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "single": self.single.state_dict(), "batch": self.batch,
-                "warned": self._warned}
+                "warned": self._warned, "retry": self._retry}
 
     def load_state_dict(self, state: dict) -> None:
         self.variance.load_state_dict(state["variance"])
         self.single.load_state_dict(state["single"])
         self.batch, self._warned = int(state["batch"]), bool(state["warned"])
+        self._retry = bool(state.get("retry", False))
 
     def __repr__(self) -> str:
         return (f"Matched(batch={self.batch}, warmup_steps={self.warmup_steps}, variance_every={self.variance_every}, "
