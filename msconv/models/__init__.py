@@ -224,14 +224,16 @@ class ESPCN(nn.Module):
 MODELS = {"dncnn": DnCNN, "unet": UNet, "resnet": ResNet, "espcn": ESPCN}
 
 
-def mf_factory(sigma: float | None = None, order: int = 2):
+def mf_factory(sigma: float | None = None, order: int = 2, sigma_floor: float | None = None):
     """A :func:`make_conv` factory of MFConv2d layers whose σ is ``sigma`` (reference pixels) for
     a 3×3 layer and ``sigma·k/3`` for a k×k one; ``None`` keeps MFConv2d's default k/6.
 
     Why: a Gaussian-derivative kernel is only resolved on grids with spacing s ≤ 2σ (coarser,
     the derivative taps shrink towards 0 over a cell and the layer degenerates to a 1×1 mix).
     Multiscale training evaluates the layer on grids up to s = 2**levels, so σ must be sized
-    for the coarsest grid: ``sigma >= 2**levels / 2``.
+    for the coarsest grid: ``sigma >= 2**levels / 2``; or keep a small σ and give
+    ``sigma_floor`` (see :class:`msconv.MFConv2d`; 0.5: grids too coarse for σ apply, in their own
+    pixels, the stencil of the finest grid that resolves it).
     """
     from msconv.nn import MFConv2d
 
@@ -240,17 +242,19 @@ def mf_factory(sigma: float | None = None, order: int = 2):
 
     def conv(in_channels, out_channels, kernel_size, bias):
         s = None if sigma is None else sigma * kernel_size / 3
-        return MFConv2d(in_channels, out_channels, kernel_size, padding="same", bias=bias, order=order, sigma=s)
+        return MFConv2d(in_channels, out_channels, kernel_size, padding="same", bias=bias, order=order, sigma=s,
+                         sigma_floor=sigma_floor)
 
     return conv
 
 
 def build_model(name: str, in_channels: int, out_channels: int, conv: str = "standard", upscale: int = 1,
-                mf_sigma: float | None = None, mf_order: int = 2, **kwargs) -> nn.Module:
+                mf_sigma: float | None = None, mf_order: int = 2, mf_sigma_floor: float | None = None,
+                **kwargs) -> nn.Module:
     """Build a zoo model by name. ``kwargs`` the model does not take (e.g. ``depth`` for
     ESPCN) are ignored so one config serves every model; ``upscale`` only applies to ESPCN.
-    ``mf_sigma``/``mf_order`` set the mesh-free layers' σ and order (``conv='mf'`` only; see
-    :func:`mf_factory`)."""
+    ``mf_sigma``/``mf_order``/``mf_sigma_floor`` set the mesh-free layers' σ, order and σ floor
+    (``conv='mf'`` only; see :func:`mf_factory`)."""
     import inspect
 
     if name not in MODELS:
@@ -264,6 +268,6 @@ def build_model(name: str, in_channels: int, out_channels: int, conv: str = "sta
         kw["upscale"] = upscale
     elif upscale != 1:
         raise ValueError(f"model: {name!r} keeps the resolution; use upscale=1 (SR with pre-upsampled input) or model='espcn'")
-    if conv == "mf" and (mf_sigma is not None or mf_order != 2):
-        conv = mf_factory(mf_sigma, mf_order)
+    if conv == "mf" and (mf_sigma is not None or mf_order != 2 or mf_sigma_floor is not None):
+        conv = mf_factory(mf_sigma, mf_order, mf_sigma_floor)
     return cls(in_channels=in_channels, out_channels=out_channels, conv=conv, **kw)

@@ -78,7 +78,12 @@ class MFConv2d(nn.Module):
 
     Keyword-only: ``order`` p of the derivative basis (M = (p+1)(p+2)/2 weights per channel
     pair; 6 for p = 2), ``sigma`` in reference pixels, ``learn_sigma`` (σ a parameter, else a
-    buffer), ``method`` (``auto``, ``separable``, ``fft`` for circular padding, ``dense``).
+    buffer), ``method`` (``auto``, ``separable``, ``fft`` for circular padding, ``dense``),
+    ``sigma_floor`` (None: off; f > 0: on a grid with ``f·s > σ`` the layer uses ``σ_s = f·s``
+    and multiplies the weight of jet (a, b) by ``(σ_s/σ)^(a+b)``, so a grid too coarse for σ
+    applies, in its own pixels, the stencil of the finest grid where ``σ = f·s`` instead of a
+    blur with vanishing derivative taps; grids that resolve σ are unchanged. f = 0.5 matches
+    the resolution rule ``σ >= s/2``).
     A learnable σ sets the stencil support from its current value, one host read per call (a
     graph break under torch.compile); a fixed σ is a Python constant and compiles fully.
 
@@ -112,6 +117,7 @@ class MFConv2d(nn.Module):
         sigma: float | None = None,
         learn_sigma: bool = False,
         method: str = "auto",
+        sigma_floor: float | None = None,
     ):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
@@ -153,6 +159,15 @@ class MFConv2d(nn.Module):
                 f"MFConv2d: sigma must be a finite number > 0 in reference pixels, got sigma={sigma!r}; "
                 "leave it None for kernel_size / 6"
             )
+        if sigma_floor is not None and (
+            isinstance(sigma_floor, bool) or not isinstance(sigma_floor, numbers.Real)
+            or not (math.isfinite(sigma_floor) and sigma_floor > 0)
+        ):
+            raise ValueError(
+                f"MFConv2d: sigma_floor must be None or a finite number > 0 in grid pixels, got "
+                f"sigma_floor={sigma_floor!r}; 0.5 uses sigma = s/2 on grids too coarse for sigma"
+            )
+        self.sigma_floor = None if sigma_floor is None else float(sigma_floor)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.padding, self.dilation = (k, k), (stride, stride), padding, (1, 1)
         self.padding_mode, self.order, self.method, self.learn_sigma = padding_mode, order, method, learn_sigma
@@ -241,8 +256,9 @@ class MFConv2d(nn.Module):
                     f"MFConv2d: the learnable sigma is now {sig:g}, not a finite number > 0: training pushed it "
                     "there (a diverging run); lower the learning rate, or use learn_sigma=False"
                 )
-            self._warn_if_unresolved(sig, scale)
-            self._check_size(x, sig, scale)
+            if self.sigma_floor is None:
+                self._warn_if_unresolved(sig, scale)
+            self._check_size(x, max(sig, self.sigma_floor * scale) if self.sigma_floor else sig, scale)
         out_dtype = None
         if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type) and torch.float64 not in (
             x.dtype, self.weight.dtype
@@ -258,9 +274,32 @@ class MFConv2d(nn.Module):
         return y
 
     def _conv(self, x, sigma, scale):
+        weight = self.weight
+        if self.sigma_floor is not None:
+            sigma, weight = self._floored(sigma, scale)
         return mf_conv2d(
-            x, self.weight, self.bias, sigma, scale, self.stride[0], self.padding_mode, self.groups, self.method,
+            x, weight, self.bias, sigma, scale, self.stride[0], self.padding_mode, self.groups, self.method,
         )
+
+    def _floored(self, sigma, scale):
+        """``(σ_s, θ·(σ_s/σ)^(a+b))`` with ``σ_s = max(σ, sigma_floor·s)``; θ ``[C_out, C_in/g, M]``.
+
+        The jet (a, b) of width σ_s = f·s sampled at spacing s is s^-(a+b) times the s = 1 jet of
+        width f, so the rescaled weights give the same stencil in grid pixels on every grid
+        coarser than σ/f: the finest such grid's, where the two widths meet."""
+        floor = self.sigma_floor * scale
+        if isinstance(sigma, torch.Tensor):
+            wide = torch.clamp(sigma, min=floor)
+            if float(wide) == float(sigma):
+                return sigma, self.weight
+            ratio = wide / sigma
+        else:
+            if sigma >= floor:
+                return sigma, self.weight
+            wide, ratio = floor, floor / sigma
+        degree = [a + b for a, b in reference.mf_multi_indices(self.order)]
+        powers = torch.tensor(degree, device=self.weight.device, dtype=self.weight.dtype)
+        return wide, self.weight * ratio ** powers
 
     def _warn_if_unresolved(self, sigma: float, scale: float) -> None:
         """Once per (σ, s): on grids coarser than 2σ the derivative taps nearly vanish (≈ 0 beyond
@@ -311,6 +350,8 @@ class MFConv2d(nn.Module):
         s += f", sigma={float(self.sigma) if self.learn_sigma else self._sigma:.4g}"
         if self.learn_sigma:
             s += ", learn_sigma=True"
+        if self.sigma_floor is not None:
+            s += f", sigma_floor={self.sigma_floor:g}"
         if self.method != "auto":
             s += f", method={self.method!r}"
         return s
