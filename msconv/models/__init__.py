@@ -1,4 +1,4 @@
-"""Model zoo for image restoration: DnCNN, the paper's UNet and ResNet, ESPCN (SPEC §5).
+"""Model zoo for image restoration: DnCNN, the paper's UNet and ResNet, ESPCN.
 
 Every model is fully convolutional and resolution-agnostic (any H, W; the UNet pads to a
 multiple of its pooling factor internally and crops back), and takes

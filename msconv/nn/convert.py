@@ -1,4 +1,4 @@
-"""``convert``: swap a model's nn.Conv2d layers for MFConv2d fitted to their weights (SPEC §2)."""
+"""``convert``: swap a model's nn.Conv2d layers for MFConv2d fitted to their weights."""
 from __future__ import annotations
 
 import copy

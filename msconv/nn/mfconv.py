@@ -1,4 +1,4 @@
-"""MFConv2d: the mesh-free convolution layer, a drop-in replacement for nn.Conv2d (SPEC §2)."""
+"""MFConv2d: the mesh-free convolution layer, a drop-in replacement for nn.Conv2d."""
 from __future__ import annotations
 
 import math
