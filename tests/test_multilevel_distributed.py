@@ -54,8 +54,10 @@ def _worker(rank, world, port, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store, not a TCP port: a port picked free by the parent can be taken before the
+    # ranks bind it (seen once in CI as a rank aborting).
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                            world_size=world)
     try:
         model, opt = model_and_opt()
         ddp = nn.parallel.DistributedDataParallel(model)
