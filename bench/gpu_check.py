@@ -136,6 +136,11 @@ def plan(py: str, out: str, args, env: dict) -> list[Step]:
         f"bench-{name}", [py, os.path.join("bench", f"bench_{name}.py"), "--quick", "--device", "cuda",
                           "--out", os.path.join(out, f"{name}.csv")], t,
         f"bench/bench_{name}.py --quick on cuda -> {name}.csv")
+    compare = lambda name, folder, extra, t, what: Step(  # noqa: E731
+        name, [py, "-m", "msconv", "compare", "--modes", "single,fmg", "--device", "cuda",
+               "--budget", str(args.train_budget), "--val-points", "8", "--seed", "0", *extra,
+               "--out", os.path.join(out, folder), "--no-progress", "--no-tensorboard", "--no-count-flops"], t, what,
+        needs=("skimage", "PIL", "yaml", "matplotlib", "torchmetrics"))
     return [
         Step("build", [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."],
              180, "pip install -e . (CUDA kernels for this GPU, no network)", build_env),
@@ -144,21 +149,12 @@ def plan(py: str, out: str, args, env: dict) -> list[Step]:
         bench("transfer", 50),
         bench("mf_jets", 40),
         bench("mfconv", 50),
-        Step("train", [py, "-m", "msconv", "compare", "--modes", "single,fmg", "--device", "cuda",
-                       "--budget", str(args.train_budget), "--val-points", "8", "--seed", "0",
-                       "--out", os.path.join(out, "compare"), "--no-progress", "--no-tensorboard",
-                       "--no-count-flops"], 75,
-             f"msconv compare single vs fmg, {args.train_budget:g} work units, on cuda -> compare/",
-             needs=("skimage", "PIL", "yaml", "matplotlib", "torchmetrics")),
+        compare("train", "compare", [], 75,
+                f"msconv compare single vs fmg, {args.train_budget:g} work units, on cuda -> compare/"),
         # The same comparison with what small coarse grids need on a GPU: bf16 autocast,
         # channels_last and torch.compile with dynamic shapes (one graph for every grid size).
-        Step("train-fast", [py, "-m", "msconv", "compare", "--modes", "single,fmg", "--device", "cuda",
-                            "--budget", str(args.train_budget), "--val-points", "8", "--seed", "0",
-                            "--precision", "bf16", "--channels-last", "--compile",
-                            "--out", os.path.join(out, "compare_fast"), "--no-progress", "--no-tensorboard",
-                            "--no-count-flops"], 90,
-             "the same with --precision bf16 --channels-last --compile -> compare_fast/",
-             needs=("skimage", "PIL", "yaml", "matplotlib", "torchmetrics")),
+        compare("train-fast", "compare_fast", ["--precision", "bf16", "--channels-last", "--compile"], 90,
+                "the same with --precision bf16 --channels-last --compile -> compare_fast/"),
     ]
 
 

@@ -20,7 +20,7 @@ import torch
 
 from conftest import TOL
 from msconv import reference
-from msconv.ops._taps import taps_numpy
+from msconv.ops.transfer import _level_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_SRC = os.path.join(ROOT, "csrc", "cuda")
@@ -270,11 +270,8 @@ def test_shim_half_conversions_match_torch(libs):
 
 
 def level_tables(direction, kind, h_in, w_in, h_out, w_out, adjoint):
-    """msconv/ops/transfer.py:_level_tables without the device."""
-    fine_is_out = (direction == "prolong") != adjoint
-    hf, hc = (h_out, h_in) if fine_is_out else (h_in, h_out)
-    wf, wc = (w_out, w_in) if fine_is_out else (w_in, w_out)
-    return (*taps_numpy(direction, kind, hf, hc, adjoint), *taps_numpy(direction, kind, wf, wc, adjoint))
+    """The (iy, wy, ix, wx) tap tables the op layer hands the kernel, on the CPU."""
+    return _level_tables(direction, kind, h_in, w_in, h_out, w_out, adjoint, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

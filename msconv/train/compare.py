@@ -55,16 +55,15 @@ def baseline_verdict(single: dict | None) -> tuple[bool, str]:
     return True, f"single-scale learned: {start:.2f} -> {final:.2f} dB ({gain:+.2f} dB)"
 
 
-def ratio_resolution(history: list[dict], target_psnr: float | None, tol: float = QUALITY_TOLERANCE_DB):
-    """How exactly the work to ``target_psnr`` is known: the factor between the validation point
-    where the run first came within ``tol`` dB of it and the point before (the crossing lies in
-    between). ``inf`` when that was the first point after the start (the ratio is then a lower
-    bound); None when the run never got there."""
-    w, _ = to_single_quality(history, target_psnr, tol)
-    if w is None:
+def ratio_resolution(history: list[dict], reached_wu: float | None):
+    """How exactly the work to single-scale quality is known: the factor between the validation
+    point where the run got there (``reached_wu``, from :func:`to_single_quality`) and the point
+    before (the crossing lies in between). ``inf`` when that was the first point after the start
+    (the ratio is then a lower bound); None when the run never got there."""
+    if reached_wu is None:
         return None
-    before = [r["work_units"] for r in history if r["work_units"] < w]
-    return w / before[-1] if before and before[-1] > 0 else float("inf")
+    before = [r["work_units"] for r in history if r["work_units"] < reached_wu]
+    return reached_wu / before[-1] if before and before[-1] > 0 else float("inf")
 
 
 def summarize(cfg: TrainConfig, results: list[dict], out: str) -> dict:
@@ -81,7 +80,7 @@ def summarize(cfg: TrainConfig, results: list[dict], out: str) -> dict:
             "test_psnr": r.get("test_psnr"), "test_ssim": r.get("test_ssim"),
             "work_units": r["work_units"], "flops": r["flops"], "wall_clock_s": r["wall_clock_s"],
             "iterations": r["iterations"], "work_units_to_single_quality": wu, "wall_clock_to_single_quality_s": t,
-            "ratio_resolution": ratio_resolution(r["val_history"], target) if r["mode"] != "single" else None,
+            "ratio_resolution": ratio_resolution(r["val_history"], wu) if r["mode"] != "single" else None,
         })
     config = {k: v for k, v in cfg.to_dict().items() if k not in ("resume", "progress", "out", "max_steps")}
     config.update(modes=[r["mode"] for r in results], quality_tolerance_db=QUALITY_TOLERANCE_DB,
