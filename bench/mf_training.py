@@ -7,12 +7,16 @@ own summary.json / summary.md / plots, one folder per mode); a configuration who
 there already is read back, not run again. OUT/mf_training.csv gets one row per (configuration,
 mode): final validation PSNR, work and wall-clock to single-scale quality and their ratios.
 
-``sigma_floor`` configurations build the MF layers with ``MFConv2d(sigma_floor=...)`` (grids too
-coarse for σ apply the finest resolved grid's stencil in their own pixels); compare's CLI has no
-option for it, so the run is started in a child process whose ``build_model`` passes it.
+The σ floor (``--mf-sigma-floor``: grids too coarse for σ apply the finest resolved grid's stencil in
+their own pixels) is on by default at 0.5; the plain mesh-free rows turn it off with 0.
+
+Suites: ``unseen`` trains on DATA (default /work/sweep/unseen, Set5 + Set14) with compare's own 80/20
+split; ``bsd68`` trains on Train400 and validates on 10 BSD68 images (every sixth of the first 60,
+centre 160², as bench/defaults_sweep.py does), one compare per convolution with all three modes.
 
     python bench/mf_training.py --data /work/sweep/unseen --out bench/results/mf_training
     python bench/mf_training.py --only mf_s0.5_single,std_l1   # a subset, by name
+    python bench/mf_training.py --suite bsd68 --out bench/results/mf_training_bsd68
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -29,16 +34,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # without a single-scale run is measured against the single-scale run of its baseline configuration
 # (the same model at s = 1: σ floored or not, the fine grid computes the same thing, so that run
 # is the one it would repeat bit for bit).
+OFF = ["--mf-sigma-floor", "0"]
+FLOOR = ["--mf-sigma-floor", "0.5"]
 CONFIGS = [
-    ("mf_s0.5_single", ["--conv", "mf", "--modes", "single"], None, None),
-    ("mf_s1.0_l1", ["--conv", "mf", "--mf-sigma", "1.0", "--modes", "single,fmg", "--levels", "1"], None, None),
+    ("mf_s0.5_single", ["--conv", "mf", "--modes", "single", *OFF], None, None),
+    ("mf_s1.0_l1", ["--conv", "mf", "--mf-sigma", "1.0", "--modes", "single,fmg", "--levels", "1", *OFF], None, None),
     ("std_l1", ["--conv", "standard", "--modes", "single,fmg", "--levels", "1"], None, None),
-    ("mf_s0.5_fmg", ["--conv", "mf", "--modes", "fmg"], None, "mf_s0.5_single"),
-    ("mf_s0.5_floor_fmg", ["--conv", "mf", "--modes", "fmg"], 0.5, "mf_s0.5_single"),
+    ("mf_s0.5_fmg", ["--conv", "mf", "--modes", "fmg", *OFF], None, "mf_s0.5_single"),
+    ("mf_s0.5_floor_fmg", ["--conv", "mf", "--modes", "fmg", *FLOOR], 0.5, "mf_s0.5_single"),
     # A second seed (model init, sampling and noise) for the single-scale gap and the floor's saving.
     ("std_single_seed1", ["--conv", "standard", "--modes", "single", "--seed", "1"], None, None),
-    ("mf_s0.5_single_seed1", ["--conv", "mf", "--modes", "single", "--seed", "1"], None, None),
-    ("mf_s0.5_floor_fmg_seed1", ["--conv", "mf", "--modes", "fmg", "--seed", "1"], 0.5, "mf_s0.5_single_seed1"),
+    ("mf_s0.5_single_seed1", ["--conv", "mf", "--modes", "single", "--seed", "1", *OFF], None, None),
+    ("mf_s0.5_floor_fmg_seed1", ["--conv", "mf", "--modes", "fmg", "--seed", "1", *FLOOR], 0.5, "mf_s0.5_single_seed1"),
+    # MGE (variance-matched allocation) on mesh-free layers: does their faster decay of the level
+    # differences' variance let MGE pay where Conv2d's does not?
+    ("mf_s0.5_floor_mge", ["--conv", "mf", "--modes", "mge", *FLOOR], 0.5, "mf_s0.5_single"),
+    ("mf_s0.5_mge", ["--conv", "mf", "--modes", "mge", *OFF], None, "mf_s0.5_single"),
+]
+# Train400 -> 10 BSD68 images: the options of bench/defaults_sweep.py's B1200_L3r8_lr2e3 row.
+BSD68_OPTIONS = ["--task", "denoise", "--noise-sigma", "25", "--val-crop", "160", "--val-points", "40"]
+BSD68_CONFIGS = [
+    ("std", ["--conv", "standard", "--modes", "single,fmg,mge", *BSD68_OPTIONS], None, None),
+    ("mf_s0.5_floor", ["--conv", "mf", "--modes", "single,fmg,mge", *FLOOR, *BSD68_OPTIONS], 0.5, None),
 ]
 
 FIELDS = ["config", "conv", "mf_sigma", "sigma_floor", "levels", "mode", "psnr_db", "delta_vs_single_db",
@@ -46,28 +63,13 @@ FIELDS = ["config", "conv", "mf_sigma", "sigma_floor", "levels", "mode", "psnr_d
           "work_ratio", "time_to_single_quality_s", "time_ratio", "ratio_resolution", "options"]
 
 
-def _worker(sigma_floor: float, argv: list[str]) -> int:
-    """``msconv compare argv`` with the MF layers built with ``sigma_floor``."""
-    import functools
-
-    import msconv.train.run as run
-    from msconv.cli import main
-    from msconv.models import build_model
-
-    run.build_model = functools.partial(build_model, mf_sigma_floor=sigma_floor)
-    return main(["compare", *argv])
-
-
-def run_config(name, options, sigma_floor, data, out, python) -> dict:
+def run_config(name, options, data, out, python, extra=()) -> dict:
     folder = os.path.join(out, name)
     summary = os.path.join(folder, "summary.json")
     if not os.path.exists(summary):
-        argv = [*options, "--data", data, "--threads", "1", "--no-progress", "--no-tensorboard", "--out", folder]
+        argv = [*options, "--data", data, *extra, "--threads", "1", "--no-progress", "--no-tensorboard", "--out", folder]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        if sigma_floor is None:
-            cmd = [python, "-m", "msconv", "compare", *argv]
-        else:
-            cmd = [python, os.path.abspath(__file__), "--worker-sigma-floor", str(sigma_floor), "--", *argv]
+        cmd = [python, "-m", "msconv", "compare", *argv]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, env=env, check=True)
     with open(summary) as f:
@@ -119,15 +121,24 @@ def rows(name, options, sigma_floor, summary, folder, baseline=None) -> list[dic
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker-sigma-floor"]:
-        return _worker(float(argv[1]), argv[3:] if argv[2:3] == ["--"] else argv[2:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="/work/sweep/unseen", help="training folder (default: /work/sweep/unseen)")
+    p.add_argument("--suite", choices=("unseen", "bsd68"), default="unseen")
+    p.add_argument("--data", default=None, help="training folder (default: /work/sweep/unseen; bsd68: Train400)")
+    p.add_argument("--val", default=os.path.join(HERE, "..", "..", "shared", "data", "BSD68"),
+                   help="bsd68: the BSD68 folder")
     p.add_argument("--out", default=os.path.join(HERE, "results", "mf_training"), help="output folder")
     p.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
     args = p.parse_args(argv)
-    names = [c[0] for c in CONFIGS]
+    configs, extra = CONFIGS, []
+    if args.suite == "bsd68":
+        configs = BSD68_CONFIGS
+        args.data = args.data or os.path.join(os.path.dirname(os.path.abspath(args.val)), "Train400")
+        val = tempfile.mkdtemp(prefix="mf_val_")
+        for n in sorted(f for f in os.listdir(args.val) if f.lower().endswith(".png"))[:60][5::6]:
+            os.symlink(os.path.join(os.path.abspath(args.val), n), os.path.join(val, n))
+        extra = ["--val-data", val]
+    args.data = args.data or "/work/sweep/unseen"
+    names = [c[0] for c in configs]
     only = [n for n in args.only.split(",") if n]
     unknown = sorted(set(only) - set(names))
     if unknown:
@@ -136,11 +147,11 @@ def main(argv=None) -> int:
     table, done = [], {}
     # The Conv2d baseline at the defaults (3 levels), run and committed before: read, not rerun.
     ref = os.path.join(HERE, "results", "defaults_unseen")
-    if os.path.exists(os.path.join(ref, "summary.json")):
+    if args.suite == "unseen" and os.path.exists(os.path.join(ref, "summary.json")):
         with open(os.path.join(ref, "summary.json")) as f:
             table += rows("std_l3 (results/defaults_unseen)", ["--conv", "standard", "--modes", "single,mge,fmg"],
                           None, json.load(f), ref)
-    for name, options, floor, base in CONFIGS:
+    for name, options, floor, base in configs:
         folder = os.path.join(args.out, name)
         if only and name not in only:
             if not os.path.exists(os.path.join(folder, "summary.json")):
@@ -148,7 +159,7 @@ def main(argv=None) -> int:
             with open(os.path.join(folder, "summary.json")) as f:
                 done[name] = json.load(f)
         else:
-            done[name] = run_config(name, options, floor, args.data, args.out, sys.executable)
+            done[name] = run_config(name, options, args.data, args.out, sys.executable, extra)
         table += rows(name, options, floor, done[name], folder, done.get(base))
     path = os.path.join(args.out, "mf_training.csv")
     with open(path, "w", newline="") as f:

@@ -4,7 +4,8 @@ Train a small DnCNN on one grid only — level 0 (the fine grid), 1 or 2 (crops 
 4×) — for the same budget of fine-equivalent work units, then measure its PSNR at the *fine*
 grid (BSD68 centre crops, σ = 25). This is what Full-Multiscale relies on: its coarse stages are
 worth their cost only if the model they produce is already good on the finer grids. Rows:
-standard and mesh-free convolutions, noise restricted with the image (the default,
+standard and mesh-free convolutions (``mf_floor``: with ``sigma_floor=0.5``, grids too coarse for σ
+apply the finest resolved grid's stencil in their own pixels), noise restricted with the image (the default,
 ``average``: std σ/2^l on level l) or preserved (``preserve``: the same draw at std σ on every
 grid; msconv.tasks.Denoise). The loop is msconv.MGE(levels=0, base_level=l) — the plain loss on
 grid l, in grid_scale(2^l) — with Adam and a warm-up + linear decay schedule.
@@ -33,7 +34,8 @@ COLS = ["conv", "noise_restriction", "train_level", "work_units", "steps", "fine
 
 def train_on_level(conv, how, level, budget, data, val, crop, depth, width, seed=0):
     torch.manual_seed(seed)
-    model = build_model("dncnn", 1, 1, conv, depth=depth, width=width)
+    floor = {"mf_floor": 0.5}.get(conv)  # mf_floor: MFConv2d(sigma_floor=0.5), the CLI's default
+    model = build_model("dncnn", 1, 1, "mf" if floor else conv, depth=depth, width=width, mf_sigma_floor=floor)
     task = Denoise(25.0, noise_restriction=how)
     batch = 4 * 4**level  # the same samples-per-step cost at every level: 4 fine-equivalent work units
     est = MGE(0, batch, base_level=level, count_flops=False, pyramid_fn=task.pyramid_pair)
@@ -68,7 +70,7 @@ def plot(rows, path):
 
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
     labels = [f"{r['conv']}\nL{r['train_level']} {r['noise_restriction'] if r['train_level'] else ''}" for r in rows]
-    ax.bar(range(len(rows)), [r["fine_psnr"] for r in rows], color=["C0" if r["conv"] == "standard" else "C1" for r in rows])
+    ax.bar(range(len(rows)), [r["fine_psnr"] for r in rows], color=[{"standard": "C0", "mf": "C1"}.get(r["conv"], "C2") for r in rows])
     ax.axhline(rows[0]["input_psnr"], color="gray", ls="--", lw=1, label="noisy input")
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("PSNR at the fine grid (dB)")
@@ -82,7 +84,7 @@ def plot(rows, path):
 
 def main(argv=None) -> int:
     p = parser(__doc__)
-    p.add_argument("--convs", default="standard,mf")
+    p.add_argument("--convs", default="standard,mf,mf_floor")
     p.add_argument("--levels", default="0,1,2")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import msconv
 from msconv.data import CropSampler, ImageReadError, ImageSet, load_folder, load_image
@@ -363,8 +364,9 @@ def test_psnr_of_a_non_finite_prediction_is_nan_never_a_score():
     assert psnr_ssim(y, y)[0] == 100.0  # an exact reconstruction keeps the cap
 
 
-def test_cli_nan_model_fails_and_result_says_nan(photo_dir, tmp_path, monkeypatch, capsys):
-    # Before: exit 0, "val PSNR 100.00 dB", result.json psnr 100.
+@pytest.fixture
+def nan_models(monkeypatch):
+    """The CLI's models, each made to output only NaN."""
     import msconv.train.run as run_module
 
     build = run_module.build_model
@@ -375,6 +377,10 @@ def test_cli_nan_model_fails_and_result_says_nan(photo_dir, tmp_path, monkeypatc
         return m
 
     monkeypatch.setattr(run_module, "build_model", broken)
+
+
+def test_cli_nan_model_fails_and_result_says_nan(photo_dir, tmp_path, nan_models, capsys):
+    # Before: exit 0, "val PSNR 100.00 dB", result.json psnr 100.
     out = tmp_path / "run"
     assert main(_cli(photo_dir, out, "--max-skips", "1000")) == 3
     err = capsys.readouterr().err
@@ -616,3 +622,61 @@ def test_init_distributed_timeout_is_checked(monkeypatch, timeout):
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     with pytest.raises(ValueError, match="init_distributed: timeout must be a number of seconds > 0"):
         distributed.init_distributed("gloo", timeout=timeout)
+
+
+def _tiny_cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 3, padding=1))
+
+
+@pytest.mark.parametrize("allocation", ["mlmc", "matched"])
+def test_variance_allocations_survive_non_finite_losses(allocation):
+    # Before: --allocation mlmc with a NaN loss crashed in the allocation ("cannot convert float NaN
+    # to integer") before the trainer's non-finite policy could skip the step.
+    from msconv.multilevel import MGE
+
+    model, x = _tiny_cnn(), torch.rand(4, 1, 32, 32)
+    est = MGE(2, 4, allocation=allocation)
+    first = list(est.batch_sizes)
+    for _ in range(4):
+        loss = est.loss(model, lambda a, b: F.mse_loss(a, b) * float("nan"), [(x[:n], x[:n]) for n in est.batch_sizes])
+        assert torch.isnan(loss)
+        assert est.batch_sizes == first  # nothing measured, nothing moved
+    # Finite steps afterwards measure (step 10, the next scheduled measurement) and reallocate as
+    # usual: the NaN steps left no trace in the running variances.
+    for _ in range(8):
+        est.loss(model, F.mse_loss, [(torch.rand(n, 1, 32, 32),) * 2 for n in est.batch_sizes]).backward()
+    state = est.allocation.state_dict()["variance"]
+    assert all(v is not None and np.isfinite(v) for v in state["variance"])
+
+
+def test_cli_mlmc_with_a_nan_model_reports_non_finite_not_a_traceback(photo_dir, tmp_path, nan_models, capsys):
+    assert main(_cli(photo_dir, tmp_path / "run", "--mode", "mge", "--allocation", "mlmc", "--levels", "1")) == 3
+    err = capsys.readouterr().err
+    assert "non-finite" in err.lower() and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "loss_fn, got",
+    [(lambda a, b: F.mse_loss(a, b, reduction="none"), r"shape \(4, 1, 32, 32\)"),
+     (lambda a, b: (a - b).pow(2).mean((1, 2, 3)), r"shape \(4,\)"),
+     (lambda a, b: None, "NoneType None"),
+     (lambda a, b: 3.0, "float 3.0"),
+     (lambda a, b: F.mse_loss(a, b).long(), "dtype torch.int64")],
+)
+def test_mge_loss_fn_that_is_not_a_scalar_mean_is_a_clear_error(loss_fn, got):
+    # Before: reduction='none' was a shape mismatch deep in MGE (levels have other sizes), a per-sample
+    # vector broadcast silently when the levels' batches matched, and None a TypeError on `sign * term`.
+    from msconv.multilevel import MGE
+
+    x = torch.rand(4, 1, 32, 32)
+    with pytest.raises(ValueError, match=rf"loss_fn\(pred, target\) must return a scalar tensor.*level 0.*{got}"):
+        MGE(2, 4).loss(_tiny_cnn(), loss_fn, [(x, x)] * 3)
+
+
+def test_mge_loss_fn_returning_a_one_element_tensor_is_accepted():
+    from msconv.multilevel import MGE
+
+    x = torch.rand(4, 1, 32, 32)
+    loss = MGE(1, 4).loss(_tiny_cnn(), lambda a, b: F.mse_loss(a, b).reshape(1, 1), [(x, x)] * 2)
+    assert loss.shape == () and torch.isfinite(loss)

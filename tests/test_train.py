@@ -196,14 +196,41 @@ def test_every_task_trains_with_mge(photo_dir, tmp_path, task, model, conv):
     assert r["complete"] and np.isfinite(r["psnr"]) and r["work_units"] > 0
 
 
-def test_mesh_free_layers_too_narrow_for_the_coarsest_grid_are_flagged(photo_dir, tmp_path):
-    with pytest.warns(UserWarning, match="--mf-sigma 2"):
-        Trainer(tiny(photo_dir, tmp_path, conv="mf", mode="fmg", levels=2))
+def test_mesh_free_layers_too_narrow_for_the_coarsest_grid_are_flagged_once(photo_dir, tmp_path):
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        Trainer(tiny(photo_dir, tmp_path, conv="mf", mode="fmg", levels=2, mf_sigma=2.0))
+    from msconv.nn import UnresolvedSigmaWarning
+
+    # With the σ floor off, the run says it once up front, in the CLI's terms; the layers' own
+    # warning on the coarse steps does not repeat it.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(tiny(photo_dir, tmp_path, conv="mf", mode="fmg", levels=2, mf_sigma_floor=0, iterations=3,
+                     val_points=1)).run()
+    flagged = [str(w.message) for w in caught if "resolved" in str(w.message)]
+    assert len(flagged) == 1 and "--mf-sigma 2" in flagged[0] and "--mf-sigma-floor 0.5" in flagged[0], flagged
+    assert not [w for w in caught if issubclass(w.category, UnresolvedSigmaWarning)]
+    # The default floor, or a σ the coarsest grid resolves: nothing to say.
+    for kw in (dict(), dict(mf_sigma=2.0, mf_sigma_floor=0)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            Trainer(tiny(photo_dir, tmp_path, conv="mf", mode="fmg", levels=2, **kw))
+
+
+def test_mf_sigma_floor_reaches_the_layers_and_rejects_bad_values(photo_dir, tmp_path):
+    from msconv.nn import MFConv2d
+    from msconv.train.config import ConfigError
+
+    def floors(**kw):
+        t = Trainer(tiny(photo_dir, tmp_path, conv="mf", mode="fmg", levels=2, **kw))
+        return {m.sigma_floor for m in t.model.modules() if isinstance(m, MFConv2d)}
+
+    assert floors() == {0.5}
+    assert floors(mf_sigma_floor=0.25) == {0.25}
+    assert floors(mf_sigma_floor=0) == {None}
+    for bad in (-1.0, float("nan"), "x", True):
+        with pytest.raises(ConfigError, match="--mf-sigma-floor"):
+            Trainer(tiny(photo_dir, tmp_path, conv="mf", mf_sigma_floor=bad))
 
 
 def test_compare_writes_summary(photo_dir, tmp_path):

@@ -187,7 +187,11 @@ class RunningVariance:
         self.update_variance(level, float(var), float(mean))
 
     def update_variance(self, level: int, var: float, mean: float = 0.0) -> None:
-        """Fold in a variance measured some other way (e.g. from gradients of half batches)."""
+        """Fold in a variance measured some other way (e.g. from gradients of half batches).
+        A non-finite measurement (a step whose loss or gradient overflowed) is dropped: one such
+        step would poison the running average, and with it every later batch size."""
+        if not (math.isfinite(var) and math.isfinite(mean)):
+            return
         if self.variance[level] is None:
             self.variance[level], self.mean[level] = var, mean
         else:
@@ -515,7 +519,8 @@ class Matched(MLMC):
         self._raw, self._raw_single = [None] * (self.levels + 1), None
         # A level too small to split (batches drawn before the sizes were raised, e.g. by a loader
         # that fetches one step ahead) or a zero gradient: nothing to learn; measure the next step.
-        self._retry = not (vs > 0) or any(math.isnan(x) for x in v)
+        # A non-finite measurement (overflowed loss or gradient) is dropped the same way.
+        self._retry = not (math.isfinite(vs) and vs > 0) or not all(math.isfinite(x) for x in v)
         if self._retry:
             return
         self.single.update_variance(0, vs)

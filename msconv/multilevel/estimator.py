@@ -93,6 +93,21 @@ def _default_multiple_of() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _scalar_loss(term, level: int, pair: int) -> torch.Tensor:
+    """``term`` if it is a one-element floating tensor; else a ValueError that says what came back.
+    Per-sample or per-pixel losses would broadcast across levels of different batch sizes, or
+    fail deep in autograd, and a Python number has no gradient."""
+    if isinstance(term, torch.Tensor) and term.numel() == 1 and term.is_floating_point():
+        return term.reshape(())
+    got = (f"a tensor of shape {tuple(term.shape)} and dtype {term.dtype}" if isinstance(term, torch.Tensor)
+           else f"{type(term).__name__} {term!r}"[:120])
+    raise ValueError(
+        f"MGE.loss: loss_fn(pred, target) must return a scalar tensor, the batch mean of the loss (e.g. "
+        f"F.mse_loss(pred, target) with its default reduction='mean'); on level {level} (batches[{pair}]) it "
+        f"returned {got}. Reduce it with .mean(), and return the tensor rather than a Python number"
+    )
+
+
 class MGE:
     """Multiscale Gradient Estimation over levels ``base_level .. base_level + levels``.
 
@@ -305,7 +320,7 @@ class MGE:
                             f"restricted target batches[{l}][1] has {tuple(y.shape)}; the model must map every grid to "
                             "the target's grid (use padding='same'-style layers), or give non-image targets"
                         )
-                    term = loss_fn(pred, y)
+                    term = _scalar_loss(loss_fn(pred, y), level, l)
                     total = sign * term if total is None else total + sign * term
                     if grad_var:
                         outputs[(l, sign)] = (pred, y)

@@ -120,11 +120,12 @@ def warn_unresolved_mf(cfg: TrainConfig) -> None:
     coarse grids learn does not carry over (bench/results/paper_transfer measures it)."""
     coarsest = 2 ** (cfg.levels if cfg.mode != "single" else 0)
     sigma = 0.5 if cfg.mf_sigma is None else cfg.mf_sigma
-    if cfg.conv == "mf" and sigma < coarsest / 2:
+    if cfg.conv == "mf" and not cfg.mf_sigma_floor and sigma < coarsest / 2:
         warnings.warn(
             f"--conv mf: sigma={sigma:g} reference pixels is not resolved on the coarsest grid (s={coarsest}; "
             f"needs sigma >= s/2 = {coarsest / 2:g}): its derivative taps nearly vanish there and training on it "
-            f"does not transfer to the fine grid. Set --mf-sigma {coarsest / 2:g} or more, or use --conv standard",
+            f"does not transfer to the fine grid. Set --mf-sigma-floor 0.5 (the default), --mf-sigma {coarsest / 2:g} or more, "
+            "or use --conv standard",
             UserWarning, stacklevel=4)
 
 
@@ -165,7 +166,8 @@ def build_run(cfg: TrainConfig, data: tuple[ImageSet, ImageSet] | None = None) -
     upscale = cfg.sr_scale if (cfg.task == "sr" and cfg.model == "espcn") else 1
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, task.in_channels(c), task.out_channels(c), cfg.conv, upscale,
-                        mf_sigma=cfg.mf_sigma, mf_order=cfg.mf_order, **model_options(cfg))
+                        mf_sigma=cfg.mf_sigma, mf_order=cfg.mf_order, mf_sigma_floor=cfg.mf_sigma_floor or None,
+                        **model_options(cfg))
     device = resolve_device(cfg.device)
     model.to(device)
     warn_unresolved_mf(cfg)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from msconv.data import ImageSet
 from msconv.multilevel import Schedule
+from msconv.nn import UnresolvedSigmaWarning
 from msconv.train.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
 from msconv.train.config import DEFAULT_LR, ConfigError, TrainConfig
 from msconv.train.metrics import psnr_ssim
@@ -523,6 +524,13 @@ class Trainer:
     def run(self) -> dict:
         """Train to the end of the schedule (or ``max_steps``); returns the result dict that is
         also written to ``OUT/result.json``."""
+        with warnings.catch_warnings():
+            # The run said it up front, with the CLI's options (build_run): the layers' own
+            # warning on the first coarse step would repeat it in the library's terms.
+            warnings.filterwarnings("ignore", category=UnresolvedSigmaWarning)
+            return self._run()
+
+    def _run(self) -> dict:
         cfg = self.cfg
         if cfg.resume:
             self.load()
