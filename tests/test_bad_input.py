@@ -680,3 +680,19 @@ def test_mge_loss_fn_returning_a_one_element_tensor_is_accepted():
     x = torch.rand(4, 1, 32, 32)
     loss = MGE(1, 4).loss(_tiny_cnn(), lambda a, b: F.mse_loss(a, b).reshape(1, 1), [(x, x)] * 2)
     assert loss.shape == () and torch.isfinite(loss)
+
+
+def test_inductor_compiled_mfconv_takes_new_scales_after_backward():
+    # Before: after a .backward(), a new scale (s = 1.5 or 3) raised InductorError "cannot determine
+    # truth value of Relational" (dynamo had made the scale symbolic).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = msconv.MFConv2d(1, 2, 3, padding="same")
+    compiled = torch.compile(layer)
+    x = torch.rand(1, 1, 16, 16)
+    for s in (1.0, 1.5, 3.0):
+        with msconv.grid_scale(s), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnresolvedSigmaWarning)
+            y = compiled(x)
+            y.square().sum().backward()
+            torch.testing.assert_close(y, layer(x), rtol=1e-4, atol=1e-5)
