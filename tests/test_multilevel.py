@@ -451,7 +451,7 @@ def _train_batches(sizes, seed):
     return [(smooth_images(n, 8, seed=seed + l, noise=0.3), smooth_images(n, 8, seed=seed + l)) for l, n in enumerate(sizes)]
 
 
-@pytest.mark.filterwarnings("ignore:Matched. the level-difference variances")
+@pytest.mark.filterwarnings("ignore:Matched. MGE cannot pay")
 def test_matched_measures_single_scale_variance_from_level_zero_and_matches_it():
     """V_single = m/2 · ‖∇(ℓ_A − ℓ_B)‖² of level 0's fine evaluation alone; V_0 is still the level
     term's; after the warm-up the sizes are matched_batch_sizes of the ratios for target 1/B, on a
@@ -499,7 +499,7 @@ def test_matched_caps_a_step_at_single_scale_work_and_warns_with_the_ratios_when
     for l, v in enumerate([2.0, 8.0, 32.0]):
         a.observe(l, v)
     a._measuring_now = True
-    with pytest.warns(UserWarning, match=r"do not decay.*V_l / V_single = \[2, 8, 32\].*capped at 1x"):
+    with pytest.warns(UserWarning, match=r"cannot pay.*capped at 1x.*V_l / V_single = \[2, 8, 32\].*finest difference alone has 2x"):
         sizes = a.reallocate(1, est.level_work())
     assert a.last["capped"] and a.predicted_work_ratio > 1
     # Averaged over a measurement period (9 plain steps, one at >= 2 per level with its extra
@@ -533,7 +533,7 @@ def test_matched_mge_plans_single_scale_steps():
     assert plan_stages(cfg.replace(allocation="fixed"))[0].iterations < 100
 
 
-@pytest.mark.filterwarnings("ignore:Matched. the level-difference variances")
+@pytest.mark.filterwarnings("ignore:Matched. MGE cannot pay")
 def test_matched_measures_the_next_step_when_a_measuring_step_came_with_batches_too_small_to_split():
     """A loader that draws one step ahead hands a measuring step the previous step's sizes (one
     sample on a level): the measurement is lost, so the next step measures instead."""

@@ -588,16 +588,25 @@ class Matched(MLMC):
 
             self._warned = True
             ratios = ", ".join(f"{vl / vs:.3g}" for vl in v)
+            # Say which condition fails: coarse differences that do not shrink towards the fine
+            # grid, or (the usual case once a denoiser has learnt the image content) a finest
+            # difference about as noisy as single-scale's own gradient.
+            why = []
+            if any(r >= 1.0 for r in decay):
+                why.append(f"the differences do not shrink towards the fine grid (finer-over-coarser ratios "
+                           f"{[round(r, 3) for r in decay]}; MGE needs them well below 1)")
+            if v and v[0] / vs > 0.25:
+                why.append(f"the finest difference alone has {v[0] / vs:.2g}x single-scale's per-sample variance "
+                           "(MGE needs it well below 1: fine and coarse gradients of a sample barely correlate)")
             warnings.warn(
-                f"Matched: the level-difference variances do not decay enough for MGE to pay: V_l / V_single = "
-                f"[{ratios}] (finest first; the last is the coarsest level's own gradient)"
-                f"{f', finer-over-coarser difference ratios {[round(r, 3) for r in decay]} (MGE needs them well below 1)' if decay else ''}. Matching "
-                f"single-scale's variance costs {self.predicted_work_ratio:.2f}x its work at best"
+                f"Matched: MGE cannot pay here: matching single-scale's gradient variance costs "
+                f"{self.predicted_work_ratio:.2f}x its work at best"
                 f"{'' if self.max_work is None else f' (steps are capped at {self.max_work:g}x its work, so MGE is noisier than it)'}. "
-                f"Causes: gradient noise that does not correlate across grids (white noise: a coarse sample has "
-                f"4x fewer pixels per level to average it over), mesh-free layers unresolved on the coarse grids "
-                f"(--mf-sigma), or too many --levels; single-scale (--mode single) or Full-Multiscale (--mode fmg) "
-                f"then train better", UserWarning, stacklevel=4)
+                f"Measured V_l / V_single = [{ratios}] (finest first; the last is the coarsest level's own "
+                f"gradient){': ' + '; '.join(why) if why else ''}. Causes: gradient noise that does not correlate "
+                f"across grids (white noise: a coarse sample has 4x fewer pixels per level to average it over), "
+                f"mesh-free layers unresolved on the coarse grids, or too many --levels; single-scale (--mode single) "
+                f"or Full-Multiscale (--mode fmg) then train better", UserWarning, stacklevel=4)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "single": self.single.state_dict(), "batch": self.batch,
