@@ -165,7 +165,7 @@ def _cmd_train(args) -> int:
             print(f"msconv: {cfg.mode}/{cfg.conv} finished, but the model's validation outputs are not finite "
                   f"(val PSNR {r['psnr']}, {r['skipped_steps']} of {r['iterations']} steps skipped as non-finite): "
                   f"the model is broken, not scored. {cfg.out}/result.json records psnr NaN. Lower --lr, or for "
-                  "--conv mf raise --mf-sigma, and train again", file=sys.stderr)
+                  "--conv mf raise --mf-sigma (or keep --mf-sigma-floor at 0.5), and train again", file=sys.stderr)
             return _EXIT_NONFINITE
         state = "finished" if r["complete"] else f"stopped at step {r['iterations']} (resume with --resume)"
         print(f"{cfg.mode}/{cfg.conv} {state}: val PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}, "

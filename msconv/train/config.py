@@ -74,8 +74,8 @@ class TrainConfig:
                           "minutes on 2 CPU cores; the classic DnCNN-S is --depth 17 --width 64); unet: poolings (default 2)")
     width: int = _f(None, "channels of the first layer (dncnn: 32; other models: their own default)")
     blocks: int = _f(None, "resnet: residual blocks (default 4)")
-    mf_sigma: float = _f(None, "conv mf: σ of a 3x3 layer in reference pixels (default 0.5; size it for the coarsest "
-                               "grid, >= 2**levels/2, or coarse grids cannot resolve the kernel)")
+    mf_sigma: float = _f(None, "conv mf: σ of a 3x3 layer in reference pixels (default 0.5; with --mf-sigma-floor 0, "
+                               "size it for the coarsest grid, >= 2**levels/2, or coarse grids cannot resolve the kernel)")
     mf_order: int = _f(2, "conv mf: derivative order p of the Gaussian-derivative basis")
     mf_sigma_floor: float = _f(0.5, "conv mf: on a grid of spacing s too coarse for σ (σ < f·s) use σ_s = f·s, i.e. the "
                                     "finest resolved grid's stencil in the coarse grid's own pixels, so coarse training "
@@ -111,7 +111,7 @@ class TrainConfig:
     skip_bad_files: bool = _f(False, "skip unreadable image files with a warning instead of stopping")
     # --- optimisation
     optimizer: str = _f("adam", "adam | sgd | lars | lamb", choices=OPTIMIZERS)
-    lr: float = _f(None, "peak learning rate (default: adam 2e-3, sgd 1e-2, lars 1.0, lamb 1e-2)")
+    lr: float = _f(None, "peak learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     weight_decay: float = _f(0.0, "weight decay")
     momentum: float = _f(0.9, "sgd / lars momentum")
     warmup: float = _f(0.05, "linear warm-up, as a fraction of all steps")
