@@ -56,6 +56,20 @@ BSD68_OPTIONS = ["--task", "denoise", "--noise-sigma", "25", "--val-crop", "160"
 BSD68_CONFIGS = [
     ("std", ["--conv", "standard", "--modes", "single,fmg,mge", *BSD68_OPTIONS], None, None),
     ("mf_s0.5_floor", ["--conv", "mf", "--modes", "single,fmg,mge", *FLOOR, *BSD68_OPTIONS], 0.5, None),
+    # The single-scale gap: a second seed, and order 3 (10 basis functions per channel pair, a 3x3
+    # conv has 9; order 2 has 6).
+    ("std_seed1", ["--conv", "standard", "--modes", "single", "--seed", "1", *BSD68_OPTIONS], None, None),
+    ("mf_s0.5_floor_seed1", ["--conv", "mf", "--modes", "single", "--seed", "1", *FLOOR, *BSD68_OPTIONS], 0.5, None),
+    ("mf_s0.5_order3", ["--conv", "mf", "--mf-order", "3", "--modes", "single", *FLOOR, *BSD68_OPTIONS], 0.5, None),
+    # A narrower σ (the floor with it, or it would widen σ back to 0.5 at s = 1): closer to a 3x3
+    # conv's pixel-scale taps.
+    ("mf_s0.4", ["--conv", "mf", "--mf-sigma", "0.4", "--mf-sigma-floor", "0.4", "--modes", "single",
+                 *BSD68_OPTIONS], 0.4, None),
+    ("mf_s0.35", ["--conv", "mf", "--mf-sigma", "0.35", "--mf-sigma-floor", "0.35", "--modes", "single",
+                  *BSD68_OPTIONS], 0.35, None),
+    # And wider ones (floor 0.5 as by default).
+    ("mf_s0.6", ["--conv", "mf", "--mf-sigma", "0.6", "--modes", "single", *FLOOR, *BSD68_OPTIONS], 0.5, None),
+    ("mf_s0.75", ["--conv", "mf", "--mf-sigma", "0.75", "--modes", "single", *FLOOR, *BSD68_OPTIONS], 0.5, None),
 ]
 
 FIELDS = ["config", "conv", "mf_sigma", "sigma_floor", "levels", "mode", "psnr_db", "delta_vs_single_db",
