@@ -474,7 +474,7 @@ def test_matched_measures_single_scale_variance_from_level_zero_and_matches_it()
     v1 = sqnorm_grad(lvl(x1[a_], y1[a_], 1) - lvl(x1[b_], y1[b_], 1)) / 2
     a = est.allocation
     assert a.single.variance[0] == pytest.approx(vs, rel=1e-9)
-    assert a.variance.variance == pytest.approx([v0 / vs, v1 / vs], rel=1e-9)  # ratios to V_single
+    assert a.variance.variance == pytest.approx([v0, v1], rel=1e-9)
     costs = est.level_work()
     assert est.batch_sizes == matched_batch_sizes([v0, v1], costs, vs / 4, minimum=1)  # step 1 does not measure
     assert a.last["variance"] == pytest.approx(sum(v / n for v, n in zip([v0, v1], est.batch_sizes)))
@@ -499,7 +499,7 @@ def test_matched_caps_a_step_at_single_scale_work_and_warns_with_the_ratios_when
     for l, v in enumerate([2.0, 8.0, 32.0]):
         a.observe(l, v)
     a._measuring_now = True
-    with pytest.warns(UserWarning, match=r"cannot pay.*capped at 1x.*V_l / V_single = \[2, 8, 32\].*finest difference alone has 2x"):
+    with pytest.warns(UserWarning, match=r"cannot pay.*capped at 1x.*V_l / V_single = \[2, 8, 32\].*finest difference alone has 2x single-scale.s per-sample variance at 1.25x"):
         sizes = a.reallocate(1, est.level_work())
     assert a.last["capped"] and a.predicted_work_ratio > 1
     # Averaged over a measurement period (9 plain steps, one at >= 2 per level with its extra
@@ -548,3 +548,23 @@ def test_matched_measures_the_next_step_when_a_measuring_step_came_with_batches_
         measured.append(est.allocation._measuring_now)
     assert measured == [True, False, False, True, True, False]  # step 3 lost, step 4 measured
     assert est.allocation.variance.updates == [2, 2]
+
+
+def test_matched_ratios_are_not_biased_by_a_noisy_single_scale_measurement():
+    """One V_single measurement comes from one pair of half batches and scatters widely around its
+    mean; averaging the per-measurement ratios V_l / V_single would give E[V_l / V_single], several
+    times V_l / E[V_single]. The quotient of the two running averages is not."""
+    from msconv.multilevel import Matched
+
+    est = MGE(1, 4, allocation=Matched(warmup_steps=1, variance_decay=0.5), count_flops=False)
+    a = est.allocation
+    for step, vs in enumerate([0.1, 1.9] * 10):  # mean 1.0; the mean of 1 / vs is 5.26
+        a.observe_single(vs)
+        for l in range(2):
+            a.observe(l, 1.0)
+        a._measuring_now = True
+        a.reallocate(step + 1, est.level_work())
+    ratio = a.last["variances"][0] / a.last["single_variance"]
+    # The running ratio at the last measurement: 1 / (decayed average of vs) = 1 / 1.3 at decay 0.5
+    # with the last draw 1.9 (the per-measurement-ratio average would be about 3.7).
+    assert ratio == pytest.approx(1 / 1.3, rel=0.01)

@@ -410,10 +410,12 @@ class Matched(MLMC):
     ``V_l`` is the per-sample variance of level l's gradient term (as :class:`MLMC` measures it,
     from half batches) and ``V_single`` that of the single-scale per-sample gradient, measured on
     the same half batches of level 0's fine evaluation alone (the same backward passes, so it
-    costs nothing more). The sizes depend only on the ratios ``V_l / V_single``, so those are
-    what is averaged across measurements: the gradients' scale falls by orders of magnitude in
-    the first steps of training, and a running average of the variances themselves would keep
-    the early ones for many measurements. MGE then takes single-scale's steps with
+    costs nothing more). The sizes depend only on the ratios ``V_l / V_single``, taken as the
+    quotients of running averages of ``V_l`` and of ``V_single`` with the same weights: averaging
+    the per-measurement ratios instead is biased high, several-fold, since one measurement of
+    ``V_single`` comes from a single pair of half batches and is often far below its mean. The
+    averages decay fast (``variance_decay`` per measurement), since the gradients' scale falls by
+    orders of magnitude in the first steps of training. MGE then takes single-scale's steps with
     single-scale's noise; what it saves is work. It pays only if ``(Σ_l sqrt(V_l C_l))² <
     V_single · C_single``, i.e. if the level differences' variances decay faster than the grids'
     costs grow; :attr:`predicted_work_ratio` is that ratio and a warning says when it is >= 1.
@@ -429,7 +431,7 @@ class Matched(MLMC):
         variance_every: measure the variances every this many steps after the warm-up, and
             re-solve the sizes from them; the measurement's extra backward pass is booked in
             the step's cost.
-        variance_decay: EMA factor of the running ratios ``V_l / V_single`` (per measurement).
+        variance_decay: EMA factor of the running averages (per measurement).
         min_batch: floor of a level's size on steps that do not measure (1 keeps the sum
             telescoping); measuring steps raise every level to 2 per rank (two halves).
         tolerance: rounding may leave the variance this fraction above the target.
@@ -465,7 +467,7 @@ class Matched(MLMC):
         bound = super().bind(levels, level_work, multiple_of, count_flops)
         bound.measure_min = 2 * multiple_of
         bound.min_batch = -(-self.min_batch // multiple_of) * multiple_of
-        bound.single = RunningVariance(0, self.variance_decay)
+        bound.single = RunningVariance(0, self.variance_decay)  # V_single; bound.variance holds V_l
         bound._raw, bound._raw_single = [None] * (levels + 1), None
         bound._measuring_now = bound._retry = False
         return bound
@@ -510,7 +512,7 @@ class Matched(MLMC):
         self._raw_single = float(value)
 
     def _fold(self) -> None:
-        """Fold this step's measurements (averaged over the ranks) into the running ratios."""
+        """Fold this step's measurements (averaged over the ranks) into the running averages."""
         raw = RunningVariance(self.levels, 0.0)
         raw.variance = [math.nan if r is None else r for r in self._raw] + [
             math.nan if self._raw_single is None else self._raw_single]
@@ -525,7 +527,7 @@ class Matched(MLMC):
             return
         self.single.update_variance(0, vs)
         for l, vl in enumerate(v):
-            self.variance.update_variance(l, vl / vs)
+            self.variance.update_variance(l, vl)
 
     def reallocate(self, step: int, level_costs: Sequence[float]) -> list[int] | None:
         measured = self._measuring_now  # new figures came in with the step just taken
@@ -534,9 +536,8 @@ class Matched(MLMC):
         measuring = self._scheduled(step)
         if step < self.warmup_steps or not (self.variance.ready() and self.single.ready()):
             return None
-        ratios, vs = list(self.variance.variance), float(self.single.variance[0])
-        # In units of V_single: the target is 1 / B.
-        v = [r * vs for r in ratios]
+        vs = float(self.single.variance[0])
+        v = list(self.variance.variance)
         target = vs / self.batch
         costs = list(level_costs)
         if self.max_work is None:
@@ -597,7 +598,8 @@ class Matched(MLMC):
                            f"{[round(r, 3) for r in decay]}; MGE needs them well below 1)")
             if v and v[0] / vs > 0.25:
                 why.append(f"the finest difference alone has {v[0] / vs:.2g}x single-scale's per-sample variance "
-                           "(MGE needs it well below 1: fine and coarse gradients of a sample barely correlate)")
+                           f"at {self.level_work[0] / (self.level_work[-1] * 4.0 ** self.levels):.3g}x a fine "
+                           "sample's cost (a sample's fine and coarse gradients correlate too little)")
             warnings.warn(
                 f"Matched: MGE cannot pay here: matching single-scale's gradient variance costs "
                 f"{self.predicted_work_ratio:.2f}x its work at best"
@@ -610,11 +612,14 @@ class Matched(MLMC):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "single": self.single.state_dict(), "batch": self.batch,
-                "warned": self._warned, "retry": self._retry}
+                "warned": self._warned, "retry": self._retry, "variance_holds": "V_l"}
 
     def load_state_dict(self, state: dict) -> None:
         self.variance.load_state_dict(state["variance"])
         self.single.load_state_dict(state["single"])
+        if state.get("variance_holds") != "V_l":  # saved when it held the ratios V_l / V_single
+            vs = self.single.variance[0]
+            self.variance.variance = [None if r is None or vs is None else r * vs for r in self.variance.variance]
         self.batch, self._warned = int(state["batch"]), bool(state["warned"])
         self._retry = bool(state.get("retry", False))
 
