@@ -12,11 +12,21 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 
 import torch
 
 # Where CSVs go by default; MSCONV_BENCH_RESULTS redirects them (tests, scratch runs).
 RESULTS = os.environ.get("MSCONV_BENCH_RESULTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def bsd68_val_subset(bsd68: str, prefix: str = "bsd68_val_") -> str:
+    """A temporary folder of symlinks to 10 BSD68 images (every sixth of the first 60, sorted by
+    name): the validation set of the defaults sweep and of the training benchmarks read against it."""
+    val = tempfile.mkdtemp(prefix=prefix)
+    for n in sorted(f for f in os.listdir(bsd68) if f.lower().endswith(".png"))[:60][5::6]:
+        os.symlink(os.path.join(os.path.abspath(bsd68), n), os.path.join(val, n))
+    return val
 
 
 def git_sha() -> str:

@@ -17,7 +17,8 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
+
+from _common import bsd68_val_subset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASE = ["--task", "denoise", "--noise-sigma", "25", "--noise-restriction", "preserve", "--modes", "single,fmg",
@@ -45,10 +46,7 @@ CONFIGS = {
 
 
 def run(args) -> int:
-    val = tempfile.mkdtemp(prefix="sweep_val_")
-    names = sorted(f for f in os.listdir(args.val) if f.lower().endswith(".png"))[:60][5::6]
-    for n in names:
-        os.symlink(os.path.join(os.path.abspath(args.val), n), os.path.join(val, n))
+    val = bsd68_val_subset(args.val, "sweep_val_")
     for name, extra in CONFIGS.items():
         out = os.path.join(args.out, name)
         if os.path.exists(os.path.join(out, "summary.json")):

@@ -21,7 +21,8 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
+
+from _common import bsd68_val_subset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UNSEEN = "/work/sweep/unseen"
@@ -41,13 +42,6 @@ REFERENCE = {"unseen": os.path.join(HERE, "results", "defaults_unseen"),
              "bsd68": os.path.join(HERE, "results", "mf_training_bsd68", "std")}
 
 
-def _bsd68_val(bsd68: str) -> str:
-    val = tempfile.mkdtemp(prefix="lb_val_")
-    for n in sorted(f for f in os.listdir(bsd68) if f.lower().endswith(".png"))[:60][5::6]:
-        os.symlink(os.path.join(os.path.abspath(bsd68), n), os.path.join(val, n))
-    return val
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(HERE, "results", "large_batch_defaults"))
@@ -64,7 +58,7 @@ def main(argv=None) -> int:
             if data == "unseen":
                 src = ["--data", args.unseen]
             else:
-                val = val or _bsd68_val(os.path.join(args.data_root, "BSD68"))
+                val = val or bsd68_val_subset(os.path.join(args.data_root, "BSD68"), "lb_val_")
                 src = ["--data", os.path.join(args.data_root, "Train400"), "--val-data", val]
             cmd = [sys.executable, "-m", "msconv", "compare", "--modes", "fmg", *options, *src, "--threads", "1",
                    "--no-progress", "--no-tensorboard", "--out", folder]

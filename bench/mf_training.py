@@ -26,7 +26,8 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
+
+from _common import bsd68_val_subset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -147,10 +148,7 @@ def main(argv=None) -> int:
     if args.suite == "bsd68":
         configs = BSD68_CONFIGS
         args.data = args.data or os.path.join(os.path.dirname(os.path.abspath(args.val)), "Train400")
-        val = tempfile.mkdtemp(prefix="mf_val_")
-        for n in sorted(f for f in os.listdir(args.val) if f.lower().endswith(".png"))[:60][5::6]:
-            os.symlink(os.path.join(os.path.abspath(args.val), n), os.path.join(val, n))
-        extra = ["--val-data", val]
+        extra = ["--val-data", bsd68_val_subset(args.val, "mf_val_")]
     args.data = args.data or "/work/sweep/unseen"
     names = [c[0] for c in configs]
     only = [n for n in args.only.split(",") if n]

@@ -483,7 +483,7 @@ class Matched(MLMC):
         self.batch = b
         # The cheapest step there is: every level at its floor. If that costs single-scale's B fine
         # samples or more, no allocation can match single-scale's variance for less.
-        fine = self.level_work[-1] * 4.0 ** self.levels  # one sample on the estimator's finest grid
+        fine = self._fine_sample_work
         cheapest = sum(self.min_batch * c for c in self.level_work)
         if cheapest >= b * fine:
             need = math.floor(cheapest / fine / m) * m + m
@@ -497,6 +497,11 @@ class Matched(MLMC):
         # Warm-up: two per rank on every level, the least that measures (the warm-up's work counts
         # against the budget like any step's).
         return [self.measure_min] * (self.levels + 1)
+
+    @property
+    def _fine_sample_work(self) -> float:
+        """Work of one sample on the estimator's finest grid alone: single-scale's sample."""
+        return self.level_work[-1] * 4.0 ** self.levels
 
     def _scheduled(self, step: int) -> bool:
         return step < self.warmup_steps or step % self.variance_every == 0 or self._retry
@@ -573,7 +578,7 @@ class Matched(MLMC):
             capped = True
 
     def _record(self, step: int, v: list[float], vs: float, target: float, sizes: list[int], capped: bool) -> None:
-        fine = self.level_work[-1] * 4.0 ** self.levels
+        fine = self._fine_sample_work
         # Work of the unconstrained optimum relative to single-scale's B fine samples.
         self.predicted_work_ratio = sum(math.sqrt(max(vl, 0.0) * c) for vl, c in zip(v, self.level_work)) ** 2 / (vs * fine)
         self.last = {"step": step, "variances": list(v), "single_variance": vs, "batch_sizes": list(sizes),
@@ -598,7 +603,7 @@ class Matched(MLMC):
                            f"{[round(r, 3) for r in decay]}; MGE needs them well below 1)")
             if v and v[0] / vs > 0.25:
                 why.append(f"the finest difference alone has {v[0] / vs:.2g}x single-scale's per-sample variance "
-                           f"at {self.level_work[0] / (self.level_work[-1] * 4.0 ** self.levels):.3g}x a fine "
+                           f"at {self.level_work[0] / self._fine_sample_work:.3g}x a fine "
                            "sample's cost (a sample's fine and coarse gradients correlate too little)")
             warnings.warn(
                 f"Matched: MGE cannot pay here: matching single-scale's gradient variance costs "
