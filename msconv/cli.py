@@ -181,7 +181,9 @@ def _cmd_compare(args) -> int:
         from msconv.train.compare import compare, summary_markdown
 
         cfg = _config_from_args(args, out="runs/compare")
-        modes = [m for m in args.modes.replace(" ", "").split(",") if m]
+        from msconv.train.compare import DEFAULT_MODES
+
+        modes = DEFAULT_MODES if args.modes is None else [m for m in args.modes.replace(" ", "").split(",") if m]
         s = compare(cfg, modes)
         if not s["runs"]:
             print(f"compare stopped during mode {s['incomplete']!r} (--max-steps); run again with --resume")
@@ -216,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run --modes on the same task, data, seed and compute budget (fine-equivalent work units; each "
         "mode's schedule is scaled to it). Writes OUT/<mode>/ runs, OUT/summary.json, OUT/summary.md and the plots "
         "OUT/psnr_vs_work_units.png, OUT/psnr_vs_wall_clock.png. Default --out runs/compare.")
-    pc.add_argument("--modes", default="single,mge,fmg", help="comma-separated modes to compare (default: single,mge,fmg)")
+    pc.add_argument("--modes", default=None,
+                    help="comma-separated modes to compare (default: single,small,progressive,patches,fmg: "
+                         "Full-Multiscale against single-scale and the baselines; add mge to include it)")
     _add_config_options(pc)
     pc.set_defaults(func=_cmd_compare)
     pi = sub.add_parser("info", help="versions, compiled kernels, Triton, and the backend each op uses")

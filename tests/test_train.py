@@ -72,7 +72,7 @@ def _rows(path):
         return [{k: v for k, v in r.items() if k != "wall_clock_s"} for r in csv.DictReader(fh)]
 
 
-@pytest.mark.parametrize("mode", ["mge", "fmg"])
+@pytest.mark.parametrize("mode", ["mge", "fmg", "small", "progressive", "patches"])
 def test_resume_after_interruption_is_exact(photo_dir, tmp_path, mode):
     data = load_dataset(photo_dir)
     full = Trainer(tiny(photo_dir, tmp_path / "full", mode=mode), data=data)
@@ -91,7 +91,7 @@ def test_resume_after_interruption_is_exact(photo_dir, tmp_path, mode):
     assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["step"] == 3
     resumed = Trainer(cfg.replace(resume=True), data=data)
     r = resumed.run()
-    assert r["complete"] and r["iterations"] == 8
+    assert r["complete"] and r["iterations"] == full.step
     for k, v in _weights(full.model).items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
     assert r["work_units"] == full.work_units and r["flops"] == full.flops
@@ -234,13 +234,16 @@ def test_mf_sigma_floor_reaches_the_layers_and_rejects_bad_values(photo_dir, tmp
 
 
 def test_compare_writes_summary(photo_dir, tmp_path):
-    s = compare(tiny(photo_dir, tmp_path, iterations=None, budget=12, count_flops=True, test_data=photo_dir))
+    s = compare(tiny(photo_dir, tmp_path, iterations=None, budget=12, count_flops=True, test_data=photo_dir),
+                modes=["single", "mge", "fmg"])
     assert [r["mode"] for r in s["runs"]] == ["single", "mge", "fmg"]
     keys = {"mode", "conv", "psnr", "ssim", "test_psnr", "test_ssim", "work_units", "flops", "wall_clock_s",
             "iterations", "work_units_to_single_quality", "wall_clock_to_single_quality_s", "start_psnr",
-            "ratio_resolution"}
+            "ratio_resolution", "delta_psnr_vs_best_baseline", "work_units_to_best_baseline_quality",
+            "wall_clock_to_best_baseline_quality_s", "x_less_work_than_best_baseline", "x_less_time_than_best_baseline"}
     on_disk = json.load(open(tmp_path / "summary.json"))
-    assert set(on_disk) == {"config", "runs", "baseline_learned", "verdict"} and all(set(r) == keys for r in on_disk["runs"])
+    assert set(on_disk) == {"config", "runs", "baseline_learned", "verdict", "best_baseline", "vs_baselines"}
+    assert all(set(r) == keys for r in on_disk["runs"])
     for r in on_disk["runs"]:
         assert abs(r["work_units"] - 12) <= 3 and r["flops"] > 0
         assert np.isfinite(r["test_psnr"]) and 0 < r["test_ssim"] <= 1  # full test images, once at the end

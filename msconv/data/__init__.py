@@ -259,12 +259,15 @@ class CropSampler:
         self.pos += 1
         return i
 
-    def next_batch(self, n: int) -> torch.Tensor:
-        """(n, C, crop, crop) float32 clean crops."""
+    def next_batch(self, n: int, crop: int | None = None) -> torch.Tensor:
+        """(n, C, c, c) float32 clean crops, c = ``crop`` (at most the sampler's crop) or the sampler's."""
         if isinstance(n, bool) or not hasattr(n, "__index__") or n < 1:
             raise ValueError(f"CropSampler.next_batch: n must be a positive int (the batch size), got n={n!r}")
+        if crop is not None and (isinstance(crop, bool) or not hasattr(crop, "__index__") or not 1 <= crop <= self.crop):
+            raise ValueError(f"CropSampler.next_batch: crop must be an int in [1, {self.crop}] (the sampler's crop, "
+                             f"checked against every image), got crop={crop!r}")
         n = int(n)
-        g, c = self.generator, self.crop
+        g, c = self.generator, self.crop if crop is None else int(crop)
         out = []
         for _ in range(n):
             im = self.ds.images[self._next_index()]

@@ -137,6 +137,13 @@ class MGE:
             0..depth, for data whose coarse grids are not plain restrictions of the fine pair
             (e.g. ``msconv.tasks.Denoise(noise_restriction="preserve").pyramid_pair``). Level 0
             must be the pair itself, or the estimator is no longer unbiased for it.
+        unit_pixels: the pixels of one work unit (one sample of the reference crop on the finest
+            grid, e.g. 128 * 128). Default: the level-0 size of the batches given. Set it when
+            batches come in other sizes than the reference (small patches, resized crops), so
+            their work is counted in the same currency.
+        grid_spacing: the spacing, in reference pixels, of the grid the batches' level 0 is on
+            (``crop / side`` for crops resized to ``side``); every evaluation runs in
+            ``msconv.grid_scale(grid_spacing * 2 ** level)``.
 
     ``est.batch_sizes`` is the current allocation (what the next step's batches should hold;
     :class:`msconv.multilevel.MultilevelBatchSampler` reads it when given the estimator).
@@ -164,10 +171,17 @@ class MGE:
         multiple_of: int | None = None,
         pyramid_fn: Callable | None = None,
         data_level: int = 0,
+        unit_pixels: int | None = None,
+        grid_spacing: float = 1.0,
     ) -> None:
         self.levels = _check_int(levels, "levels", 0)
         self.base_level = _check_int(base_level, "base_level", 0)
         self.data_level = _check_int(data_level, "data_level", 0)
+        self.unit_pixels = None if unit_pixels is None else _check_int(unit_pixels, "unit_pixels", 1)
+        if isinstance(grid_spacing, bool) or not isinstance(grid_spacing, (int, float)) or not grid_spacing > 0:
+            raise ValueError(f"MGE: grid_spacing must be a number > 0 (reference pixels per pixel of the batches' "
+                             f"level-0 grid), got grid_spacing={grid_spacing!r}")
+        self.grid_spacing = float(grid_spacing)
         if self.data_level > self.base_level:
             raise ValueError(f"MGE: data_level={data_level} is coarser than base_level={base_level}, the estimator's finest "
                              "grid; the batches must arrive on that grid or a finer one")
@@ -304,7 +318,7 @@ class MGE:
         for j, group in enumerate(grids):
             level = b + j
             lc = LevelCost(level=level, grid_scale=2.0**level)
-            with grid_scale(2.0**level), count_flops(self.count_flops, device) as counted:
+            with grid_scale(self.grid_spacing * 2.0**level), count_flops(self.count_flops, device) as counted:
                 same_shape = len({tuple(x.shape[1:]) for _, _, x, _ in group}) == 1
                 if fused and len(group) > 1 and same_shape:
                     preds = model(torch.cat([x for _, _, x, _ in group])).split([x.shape[0] for _, _, x, _ in group])
@@ -330,7 +344,8 @@ class MGE:
             for l, _, x, _ in group:
                 lc.samples += x.shape[0]
                 lc.pixels += x.shape[0] * x.shape[2] * x.shape[3]
-                lc.work_units += work_units(x.shape[0], x.shape[2], x.shape[3], *fine_hw[l])
+                unit = (self.unit_pixels, 1) if self.unit_pixels else fine_hw[l]
+                lc.work_units += work_units(x.shape[0], x.shape[2], x.shape[3], *unit)
             if lc.samples:
                 self._level_flops_per_sample[j] = lc.flops_forward / lc.samples
             cost.levels.append(lc)

@@ -43,6 +43,11 @@ class Stage:
     ``lr_scale`` multiplies the scheduled learning rate during the stage (large-batch rules);
     ``estimator`` is set when a :class:`Schedule` runs the stage; ``steps_run``,
     ``advanced_early`` and ``validation`` record what happened.
+
+    Sample size: ``crop`` is the side, on the finest grid, of the crops the stage draws (None: the
+    run's crop); ``resize`` the side they are resized to before the task corrupts them
+    (progressive resizing; None: not resized). ``area`` is the work of one level-0 sample in work
+    units (its pixels over the reference crop's); it scales :attr:`work_per_step`.
     """
 
     base_level: int
@@ -51,6 +56,9 @@ class Stage:
     iterations: int
     index: int = 0
     lr_scale: float = 1.0
+    crop: int | None = None
+    resize: int | None = None
+    area: float = 1.0
     estimator: MGE | None = field(default=None, repr=False)
     steps_run: int = 0
     advanced_early: bool = False
@@ -62,19 +70,30 @@ class Stage:
         return self.base_level
 
     @property
+    def spacing(self) -> float:
+        """Grid spacing of the stage's level-0 samples in reference pixels (``crop / resize`` for
+        resized crops, else 1)."""
+        return 1.0 if self.resize is None or self.crop is None else self.crop / self.resize
+
+    @property
     def work_per_step(self) -> float:
         """Nominal work units of one step of this stage."""
-        return step_work(self.batch_sizes, self.base_level)
+        return step_work(self.batch_sizes, self.base_level) * self.area
 
     def as_dict(self) -> dict:
         """The plan of this stage as plain values (what run files record)."""
-        return {"base_level": self.base_level, "levels": self.levels, "batch_sizes": list(self.batch_sizes),
-                "iterations": self.iterations, "work_per_step": self.work_per_step}
+        d = {"base_level": self.base_level, "levels": self.levels, "batch_sizes": list(self.batch_sizes),
+             "iterations": self.iterations, "work_per_step": self.work_per_step}
+        if self.crop is not None:
+            d["crop"] = self.crop
+        if self.resize is not None:
+            d["resize"] = self.resize
+        return d
 
 
 def plan(mode: str, levels: int, batch_sizes: Sequence[int], *, budget: float | None = None,
          iterations: int | None = None, iteration_ratio: float = 2.0, batch_ratio: float = 2.0,
-         lr_batch_power: float = 0.0) -> list[Stage]:
+         lr_batch_power: float = 0.0, crop: int | None = None, fine_crop: int | None = None) -> list[Stage]:
     """The stages of ``mode`` (``"single"``, ``"mge"`` or ``"fmg"``), scaled so the run spends
     ``budget`` work units or runs ``iterations`` steps in all (exactly one of them).
 
@@ -82,6 +101,11 @@ def plan(mode: str, levels: int, batch_sizes: Sequence[int], *, budget: float | 
     first). Full-Multiscale stage k (finest grid k) runs ``iteration_ratio**k`` times the
     iterations of the finest stage with batches ``batch_ratio**k`` times larger, and its learning
     rate is scaled by (its finest batch / the finest stage's)^``lr_batch_power``.
+
+    ``fine_crop`` (Full-Multiscale, with the reference ``crop``): stage k draws crops of side
+    ``min(crop, fine_crop * 2**k)`` on the finest grid, i.e. ``fine_crop``-pixel patches on every
+    grid until the reference crop's whole field of view fits: small patches on the fine grid,
+    the full field of view on the coarse ones. Default: every stage draws the reference crop.
     """
     if mode not in MODES:
         raise ValueError(f"plan: mode={mode!r} is not one of {MODES}")
@@ -95,7 +119,13 @@ def plan(mode: str, levels: int, batch_sizes: Sequence[int], *, budget: float | 
     else:
         shapes = [(k, levels - k, [max(1, round(n * batch_ratio ** k)) for n in sizes[: levels - k + 1]],
                    iteration_ratio ** k) for k in range(levels, -1, -1)]
-    works = [step_work(bs, b) for b, _, bs, _ in shapes]
+    if fine_crop is not None and mode != "fmg":
+        raise ValueError(f"plan: fine_crop applies to mode='fmg' only, got mode={mode!r}")
+    if fine_crop is not None and (crop is None or not 0 < fine_crop <= crop):
+        raise ValueError(f"plan: fine_crop={fine_crop!r} needs the reference crop= and 0 < fine_crop <= crop, got crop={crop!r}")
+    sides = [None if fine_crop is None else min(crop, fine_crop * 2 ** b) for b, *_ in shapes]
+    areas = [1.0 if side is None else (side / crop) ** 2 for side in sides]
+    works = [step_work(bs, b) * a for (b, _, bs, _), a in zip(shapes, areas)]
     if iterations is not None:
         total_rel = sum(r for *_, r in shapes)
         its = [max(1, round(iterations * r / total_rel)) for *_, r in shapes]
@@ -104,8 +134,8 @@ def plan(mode: str, levels: int, batch_sizes: Sequence[int], *, budget: float | 
         scale = budget / sum(r * w for (*_, r), w in zip(shapes, works))
         its = [max(1, round(r * scale)) for *_, r in shapes]
     fine = shapes[-1][2][0]
-    return [Stage(b, l, bs, it, index=i, lr_scale=(bs[0] / fine) ** lr_batch_power)
-            for i, ((b, l, bs, _), it) in enumerate(zip(shapes, its))]
+    return [Stage(b, l, bs, it, index=i, lr_scale=(bs[0] / fine) ** lr_batch_power, crop=side, area=a)
+            for i, ((b, l, bs, _), it, side, a) in enumerate(zip(shapes, its, sides, areas))]
 
 
 @dataclass
@@ -215,7 +245,8 @@ class Schedule:
             st.index = i
             try:
                 st.estimator = MGE(st.levels, st.batch_sizes, restriction, allocation, base_level=st.base_level,
-                                   data_level=st.base_level if batches_on_stage_grid else 0, **kwargs)
+                                   data_level=st.base_level if batches_on_stage_grid else 0,
+                                   grid_spacing=st.spacing, **kwargs)
             except ValueError as e:
                 raise ValueError(f"{owner}: stage {i} (finest level {st.base_level}): {e}") from None
             st.batch_sizes = list(st.estimator.batch_sizes)
@@ -242,7 +273,7 @@ class Schedule:
 
     def planned_work(self) -> float:
         """Nominal work units of the whole plan (fine-equivalent forward+backward passes)."""
-        return sum(s.iterations * s.estimator.step_work(s.batch_sizes) for s in self.stages)
+        return sum(s.iterations * s.work_per_step for s in self.stages)
 
     def lr_scheduler(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, power: float = 2.0):
         """A :class:`msconv.optim.WarmupPolyLR` over :attr:`total_steps`; step it after every

@@ -10,10 +10,12 @@ import json
 import math
 import os
 
+from msconv.multilevel.baselines import BASELINES
 from msconv.train.config import MODES, ConfigError, TrainConfig
 from msconv.train.trainer import Trainer
 
-__all__ = ["compare", "summarize", "to_single_quality", "baseline_verdict", "QUALITY_TOLERANCE_DB", "LEARNED_MARGIN_DB"]
+__all__ = ["compare", "summarize", "to_single_quality", "baseline_verdict", "best_baseline", "QUALITY_TOLERANCE_DB",
+           "LEARNED_MARGIN_DB", "BASELINE_MODES", "DEFAULT_MODES"]
 
 QUALITY_TOLERANCE_DB = 0.1
 # A single-scale run whose final validation PSNR is less than this above its starting PSNR (the
@@ -37,22 +39,23 @@ def to_single_quality(history: list[dict], target_psnr: float | None, tol: float
     return None, None
 
 
-def baseline_verdict(single: dict | None) -> tuple[bool, str]:
-    """(whether single-scale learned, a sentence saying so with its figures)."""
-    if single is None:
-        return False, "no single-scale run to compare against: no savings are reported"
-    h = single["val_history"]
-    start, final = (h[0]["psnr"] if h else None), single["psnr"]
+def baseline_verdict(base: dict | None) -> tuple[bool, str]:
+    """(whether the baseline run ``base`` learned, a sentence saying so with its figures)."""
+    if base is None:
+        return False, "no baseline run (single-scale or a baseline schedule) to compare against: no savings are reported"
+    name = "single-scale" if base["mode"] == "single" else f"the best baseline ({base['mode']})"
+    h = base["val_history"]
+    start, final = (h[0]["psnr"] if h else None), base["psnr"]
     if not _finite(final):
-        return False, f"single-scale's final validation PSNR is {final} (not finite): no savings are reported"
+        return False, f"{name}'s final validation PSNR is {final} (not finite): no savings are reported"
     if not _finite(start):
-        return False, "single-scale has no finite starting PSNR: no savings are reported"
+        return False, f"{name} has no finite starting PSNR: no savings are reported"
     gain = final - start
     if gain < LEARNED_MARGIN_DB:
-        return False, (f"single-scale did not learn: {start:.2f} -> {final:.2f} dB ({gain:+.2f} dB, less than "
+        return False, (f"{name} did not learn: {start:.2f} -> {final:.2f} dB ({gain:+.2f} dB, less than "
                        f"{LEARNED_MARGIN_DB:g} dB over the start), so no savings ratio is meaningful and none is "
                        f"reported. Raise --budget (or lower --lr for a deep model) and run again")
-    return True, f"single-scale learned: {start:.2f} -> {final:.2f} dB ({gain:+.2f} dB)"
+    return True, f"{name} learned: {start:.2f} -> {final:.2f} dB ({gain:+.2f} dB)"
 
 
 def ratio_resolution(history: list[dict], reached_wu: float | None):
@@ -66,26 +69,77 @@ def ratio_resolution(history: list[dict], reached_wu: float | None):
     return reached_wu / before[-1] if before and before[-1] > 0 else float("inf")
 
 
+BASELINE_MODES = ("single",) + BASELINES
+
+
+def is_baseline(mode: str) -> bool:
+    """Whether ``mode`` is a baseline; a name with a suffix (``small_p32``, a benchmark's variant)
+    counts as its mode's."""
+    return mode.split("_")[0] in BASELINE_MODES
+
+
+def _quality(history, target):
+    wu, t = to_single_quality(history, target)
+    return {"work_units": wu, "wall_clock_s": t, "resolution": ratio_resolution(history, wu)}
+
+
+def _against(run: dict, base: dict, learned: bool) -> dict:
+    """``run`` measured against baseline ``base``: PSNR difference at the end, and the work and
+    wall-clock each needed to come within the tolerance of ``base``'s final PSNR, as ratios
+    (base's figure over run's: > 1 means run needs less)."""
+    target = base["psnr"] if learned else None
+    mine, theirs = _quality(run["val_history"], target), _quality(base["val_history"], target)
+    dp = run["psnr"] - base["psnr"] if _finite(run["psnr"]) and _finite(base["psnr"]) else None
+    return {"baseline": base["mode"], "delta_psnr": dp, "work_units_to_quality": mine["work_units"],
+            "wall_clock_to_quality_s": mine["wall_clock_s"], "ratio_resolution": mine["resolution"],
+            "x_less_work": _ratio(theirs["work_units"], mine["work_units"]) if learned else None,
+            "x_less_time": _ratio(theirs["wall_clock_s"], mine["wall_clock_s"]) if learned else None}
+
+
+def best_baseline(results: list[dict]) -> dict | None:
+    """The baseline run (single-scale or one of the practitioner's schedules) with the highest
+    final validation PSNR; None when no baseline ran or none has a finite PSNR."""
+    base = [r for r in results if is_baseline(r["mode"]) and _finite(r["psnr"])]
+    return max(base, key=lambda r: r["psnr"]) if base else None
+
+
 def summarize(cfg: TrainConfig, results: list[dict], out: str) -> dict:
-    """Build and write summary.json / summary.md / plots from per-mode results."""
+    """Build and write summary.json / summary.md / plots from per-mode results.
+
+    Every run is measured against the best baseline (the baseline mode with the highest final
+    validation PSNR) and, in ``vs_baselines``, every multiscale run against each baseline. The
+    ``*_to_single_quality`` fields keep the figures against plain single-scale."""
     single = next((r for r in results if r["mode"] == "single"), None)
-    learned, verdict = baseline_verdict(single)
-    target = single["psnr"] if learned else None
-    runs = []
+    best = best_baseline(results)
+    if best is None:
+        best = next((r for r in results if is_baseline(r["mode"])), None)
+    learned, verdict = baseline_verdict(best)
+    single_learned = baseline_verdict(single)[0] if single is not None else False
+    baselines = [r for r in results if is_baseline(r["mode"])]
+    runs, vs = [], {}
     for r in results:
-        wu, t = to_single_quality(r["val_history"], target)
+        wu, t = to_single_quality(r["val_history"], single["psnr"] if single_learned else None)
+        vb = _against(r, best, learned) if best is not None else {}
         runs.append({
             "mode": r["mode"], "conv": r["conv"], "psnr": r["psnr"], "ssim": r["ssim"],
             "start_psnr": r["val_history"][0]["psnr"] if r["val_history"] else None,
             "test_psnr": r.get("test_psnr"), "test_ssim": r.get("test_ssim"),
             "work_units": r["work_units"], "flops": r["flops"], "wall_clock_s": r["wall_clock_s"],
             "iterations": r["iterations"], "work_units_to_single_quality": wu, "wall_clock_to_single_quality_s": t,
-            "ratio_resolution": ratio_resolution(r["val_history"], wu) if r["mode"] != "single" else None,
+            "ratio_resolution": vb.get("ratio_resolution") if r is not best else None,
+            "delta_psnr_vs_best_baseline": vb.get("delta_psnr"),
+            "work_units_to_best_baseline_quality": vb.get("work_units_to_quality"),
+            "wall_clock_to_best_baseline_quality_s": vb.get("wall_clock_to_quality_s"),
+            "x_less_work_than_best_baseline": vb.get("x_less_work"),
+            "x_less_time_than_best_baseline": vb.get("x_less_time"),
         })
+        if not is_baseline(r["mode"]):
+            vs[r["mode"]] = {b["mode"]: _against(r, b, baseline_verdict(b)[0]) for b in baselines}
     config = {k: v for k, v in cfg.to_dict().items() if k not in ("resume", "progress", "out", "max_steps")}
     config.update(modes=[r["mode"] for r in results], quality_tolerance_db=QUALITY_TOLERANCE_DB,
                   engine=results[0].get("engine") if results else None)
-    summary = {"config": config, "baseline_learned": learned, "verdict": verdict, "runs": runs}
+    summary = {"config": config, "baseline_learned": learned, "verdict": verdict,
+               "best_baseline": best["mode"] if best is not None else None, "runs": runs, "vs_baselines": vs}
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     md = summary_markdown(summary)
@@ -103,54 +157,65 @@ def _fmt(v, spec):
     return format(v, spec)
 
 
+def _times(v) -> str:
+    return "—" if v is None else f"{v:.2f}×"
+
+
 def _ratio(a, b):
     return None if not (_finite(a) and _finite(b)) or a <= 0 or b <= 0 else a / b
 
 
 def summary_markdown(summary: dict) -> str:
-    """A Markdown table; ratios are single-scale's figure divided by the mode's (× less)."""
+    """Markdown tables: every mode against the best baseline, then every multiscale mode against
+    each baseline; ratios are the baseline's figure divided by the mode's (× less)."""
     runs = summary["runs"]
-    single = next((r for r in runs if r["mode"] == "single"), None)
-    learned = summary.get("baseline_learned", True)
+    best = summary.get("best_baseline") or "single"
     c = summary["config"]
-    res = [r["ratio_resolution"] for r in runs if r.get("ratio_resolution")]
+    res = [r for r in runs if r.get("ratio_resolution")]
     lines = [
         f"# msconv compare: {c['task']} with {c['model']} ({c['conv']} conv), budget {c['budget']:g} work units",
         "",
         f"Training on {c['data']!r} (crops {c['crop']}²), validation on {c.get('val_data') or 'a split of it'!r}, "
-        f"test on {c.get('test_data') or '—'!r} (full images), seed {c['seed']}. Ratios are single-scale's figure "
-        f"over the mode's (so > 1 means the mode needs less); 'to quality' = spent until validation PSNR was within "
-        f"{c['quality_tolerance_db']} dB of single-scale's final PSNR.",
+        f"test on {c.get('test_data') or '—'!r} (full images), seed {c['seed']}. Every mode is measured against the "
+        f"**best baseline, {best}** (the baseline mode with the highest final validation PSNR; baselines: "
+        f"{', '.join(BASELINE_MODES)}). Ratios are its figure over the mode's (so > 1 means the mode needs less); "
+        f"'to quality' = spent until validation PSNR was within {c['quality_tolerance_db']} dB of {best}'s final PSNR.",
         "",
         f"**{summary.get('verdict', '')}.**" if summary.get("verdict") else "",
         "",
-        "| mode | PSNR (dB) | ΔPSNR vs single | SSIM | test PSNR (dB) | test SSIM | work units | FLOPs | wall-clock (s) | iterations "
-        "| work to quality | × less work | time to quality (s) | × less time |",
+        f"| mode | PSNR (dB) | ΔPSNR vs {best} | SSIM | test PSNR (dB) | test SSIM | work units | FLOPs | wall-clock (s) "
+        "| iterations | work to quality | × less work | time to quality (s) | × less time |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
-        dp = None if (single is None or not _finite(r["psnr"]) or not _finite(single["psnr"])) else r["psnr"] - single["psnr"]
-        s_wu = single and single["work_units_to_single_quality"]
-        s_t = single and single["wall_clock_to_single_quality_s"]
         lines.append(
-            f"| {r['mode']} | {_fmt(r['psnr'], '.2f')} | {_fmt(dp, '+.2f')} | {_fmt(r['ssim'], '.4f')} "
-            f"| {_fmt(r.get('test_psnr'), '.2f')} | {_fmt(r.get('test_ssim'), '.4f')} "
+            f"| {r['mode']} | {_fmt(r['psnr'], '.2f')} | {_fmt(r.get('delta_psnr_vs_best_baseline'), '+.2f')} "
+            f"| {_fmt(r['ssim'], '.4f')} | {_fmt(r.get('test_psnr'), '.2f')} | {_fmt(r.get('test_ssim'), '.4f')} "
             f"| {r['work_units']:.1f} | {r['flops']:.3g} | {r['wall_clock_s']:.1f} | {r['iterations']} "
-            f"| {_fmt(r['work_units_to_single_quality'], '.1f')} "
-            f"| {_fmt(_ratio(s_wu, r['work_units_to_single_quality']) if learned else None, '.2f')} "
-            f"| {_fmt(r['wall_clock_to_single_quality_s'], '.1f')} "
-            f"| {_fmt(_ratio(s_t, r['wall_clock_to_single_quality_s']) if learned else None, '.2f')} |"
+            f"| {_fmt(r.get('work_units_to_best_baseline_quality'), '.1f')} "
+            f"| {_fmt(r.get('x_less_work_than_best_baseline'), '.2f')} "
+            f"| {_fmt(r.get('wall_clock_to_best_baseline_quality_s'), '.1f')} "
+            f"| {_fmt(r.get('x_less_time_than_best_baseline'), '.2f')} |"
         )
-    if learned and res:
-        exact = ", ".join(f"{r['mode']} {r['ratio_resolution']:.2f}×" for r in runs
-                          if r.get("ratio_resolution") and math.isfinite(r["ratio_resolution"]))
-        lower = [r["mode"] for r in runs if r.get("ratio_resolution") == float("inf")]
+    if summary.get("baseline_learned") and res:
+        exact = ", ".join(f"{r['mode']} {r['ratio_resolution']:.2f}×" for r in res if math.isfinite(r["ratio_resolution"]))
+        lower = [r["mode"] for r in res if r["ratio_resolution"] == float("inf")]
         lines += [""]
         if exact:
-            lines += [f"Validation points are log-spaced in work units; each mode reached single-scale's quality "
+            lines += [f"Validation points are log-spaced in work units; each mode reached {best}'s quality "
                       f"between two of them, so its '× less' ratios are exact to within this factor: {exact}."]
         if lower:
             lines += [f"{', '.join(lower)} reached it at the first validation point: its ratios are lower bounds."]
+    vs = summary.get("vs_baselines") or {}
+    names = list(next(iter(vs.values()))) if vs else []
+    if vs and len(names) > 1:
+        lines += ["", "Each multiscale mode against each baseline (ΔPSNR at the end / × less work / × less time to "
+                  "that baseline's final quality; — = never reached it or the baseline did not learn):", "",
+                  "| mode | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for mode, per in vs.items():
+            cells = [f"{_fmt(per[b]['delta_psnr'], '+.2f')} dB / {_times(per[b]['x_less_work'])} / "
+                     f"{_times(per[b]['x_less_time'])}" for b in names]
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +245,12 @@ def plot(results: list[dict], out: str) -> list[str]:
     return paths
 
 
-def compare(cfg: TrainConfig, modes=MODES, data=None, on_step=None) -> dict:
+# What `msconv compare` runs without --modes: Full-Multiscale against single-scale and the baselines
+# a practitioner would pick instead (MGE, which loses to single-scale at equal work, on request).
+DEFAULT_MODES = ("single", "small", "progressive", "patches", "fmg")
+
+
+def compare(cfg: TrainConfig, modes=DEFAULT_MODES, data=None, on_step=None) -> dict:
     """Run each mode under ``cfg`` (same seed and budget) into ``cfg.out/<mode>``; summarise.
 
     With ``cfg.resume``, modes that already finished are read back and unfinished ones resume.

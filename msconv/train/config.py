@@ -13,12 +13,16 @@ from dataclasses import dataclass, field
 
 from msconv.models import CONV_KINDS, MODELS
 from msconv.multilevel.allocation import ALLOCATIONS
-from msconv.multilevel.schedule import MODES
+from msconv.multilevel.baselines import BASELINES
+from msconv.multilevel.schedule import MODES as MULTILEVEL_MODES
 from msconv.reference import RESTRICT_KINDS
 from msconv.tasks import TASKS, Denoise
 
 __all__ = ["TrainConfig", "load_yaml", "options_of_run", "RUN_RECORD_KEYS", "ConfigError", "MODES", "OPTIMIZERS", "DEFAULT_LR", "LR_BATCH_POWERS", "CLI_MODEL_SIZES", "PRECISIONS"]
 
+# Every mode a run can have: the multilevel ones (single-scale is their one-level case) and the
+# single-scale schedules a practitioner would use instead (msconv.multilevel.baselines).
+MODES = MULTILEVEL_MODES + BASELINES
 OPTIMIZERS = ("adam", "sgd", "lars", "lamb")
 PRECISIONS = ("32", "bf16", "fp16")
 # Rates from the per-optimizer sweeps (bench/results/defaults_sweep for Adam; paper_large_batch_sweep
@@ -82,7 +86,9 @@ class TrainConfig:
                                     "transfers (measured: Full-Multiscale 27.8 dB with 0.5, 5 dB without); 0 = off "
                                     "(the paper's fixed σ on every grid)")
     # --- multiscale
-    mode: str = _f("single", _alts(MODES), choices=MODES)
+    mode: str = _f("single", "single (one grid, --crop crops) | mge | fmg (Full-Multiscale) | the baselines: small "
+                   "(single-scale on small patches, --small-crop) | progressive (Composer's progressive resizing) | "
+                   "patches (Restormer's progressive patch sizes)", choices=MODES)
     levels: int = _f(3, "coarser levels below the finest grid (mge, fmg): 3 = four grids, 128² down to 16² for the default crop")
     batch_size: int = _f(4, "fine-level batch size (single; level 0 of mge)")
     batch_sizes: list = _f(None, "mge: per-level batch sizes, finest first, e.g. 4,4,4 (default: batch_size at every level)")
@@ -97,6 +103,15 @@ class TrainConfig:
     lr_batch_scaling: str = _f("none", "fmg: each stage's LR times (its finest-level batch / the fine stage's)^p: "
                                "none (p=0) | sqrt (p=1/2) | linear (p=1, the SGD rule for large batches)",
                                choices=tuple(LR_BATCH_POWERS))
+    fmg_crop: int = _f(None, "fmg: crop side of the finest stage on the fine grid; coarser stage k draws min(--crop, "
+                             "fmg_crop*2**k), i.e. the same patch in its own pixels until the full --crop fits "
+                             "(default: --crop at every stage)")
+    small_crop: int = _f(None, "small: patch side (default: the rule small_patch_rule gives for the model's receptive "
+                               "field, see msconv.train.run)")
+    small_batch: int = _f(None, "small: batch size (default: --batch-size)")
+    progressive_initial_scale: float = _f(0.5, "progressive: initial side as a fraction of --crop (Composer's default 0.5)")
+    progressive_delay: float = _f(0.5, "progressive: fraction of the steps at the initial scale (Composer's default)")
+    progressive_finetune: float = _f(0.2, "progressive: fraction of the steps at full size at the end (Composer's default)")
     fmg_adaptive: bool = _f(False, "fmg: end a stage early when validation on its grid stops improving")
     fmg_validate_every: int = _f(20, "fmg --fmg-adaptive: validate every this many steps of a stage")
     fmg_patience: int = _f(3, "fmg --fmg-adaptive: validations without improvement before moving to the next stage")
@@ -206,7 +221,24 @@ class TrainConfig:
             raise ConfigError(f"--divergence-factor must be 0 (off) or > 1, got {self.divergence_factor!r}")
         if self.iterations is not None and (not isinstance(self.iterations, int) or self.iterations < 1):
             raise ConfigError(f"--iterations must be an int >= 1, got {self.iterations!r}")
-        if self.mode != "single" and self.levels == 0:
+        for name in ("fmg_crop", "small_crop", "small_batch"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"--{_opt(name)} must be an int >= 1, got {v!r}")
+        for name in ("fmg_crop", "small_crop"):
+            v = getattr(self, name)
+            if v is not None and v > self.crop:
+                raise ConfigError(f"--{_opt(name)} {v} is larger than --crop {self.crop}; give at most {self.crop}")
+        if self.fmg_crop is not None and self.fmg_crop % 2 ** self.levels:
+            raise ConfigError(f"--fmg-crop {self.fmg_crop} must be a multiple of 2**levels = {2 ** self.levels} so every "
+                              f"grid has whole pixels; e.g. --fmg-crop {max(1, self.fmg_crop // 2 ** self.levels) * 2 ** self.levels}")
+        if not 0 < self.progressive_initial_scale <= 1:
+            raise ConfigError(f"--progressive-initial-scale must be in (0, 1], got {self.progressive_initial_scale!r}")
+        if not (0 <= self.progressive_delay and 0 <= self.progressive_finetune
+                and self.progressive_delay + self.progressive_finetune <= 1):
+            raise ConfigError(f"--progressive-delay and --progressive-finetune must be >= 0 with a sum <= 1, got "
+                              f"{self.progressive_delay!r} and {self.progressive_finetune!r}")
+        if self.mode in MULTILEVEL_MODES and self.mode != "single" and self.levels == 0:
             raise ConfigError(f"--mode {self.mode} needs --levels >= 1 (levels=0 is single-scale training; use --mode single)")
         if self.batch_sizes is not None:
             if len(self.batch_sizes) != self.levels + 1 or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
@@ -214,7 +246,7 @@ class TrainConfig:
                     f"--batch-sizes must be {self.levels + 1} positive ints (one per level, finest first, for "
                     f"--levels {self.levels}), got {self.batch_sizes!r}"
                 )
-        if self.mode != "single" and self.resolved_allocation == "mlmc":
+        if self.mode in ("mge", "fmg") and self.resolved_allocation == "mlmc":
             smallest = min(self.batch_sizes or [self.batch_size])
             if smallest < MLMC_MIN_BATCH:
                 raise ConfigError(
@@ -222,7 +254,7 @@ class TrainConfig:
                     f"--batch-size{'s' if self.batch_sizes else ''} gives a level {smallest}: with fewer the "
                     f"variances are never measured and the sizes never adapt. Use --batch-size {MLMC_MIN_BATCH} or more"
                     f"{' (and every --batch-sizes entry >= ' + str(MLMC_MIN_BATCH) + ')' if self.batch_sizes else ''}")
-        mult = 2 ** (self.levels if self.mode != "single" else 0) * (self.sr_scale if self.task == "sr" else 1)
+        mult = 2 ** (self.levels if self.mode in ("mge", "fmg") else 0) * (self.sr_scale if self.task == "sr" else 1)
         if self.crop % mult:
             raise ConfigError(
                 f"--crop {self.crop} must be a multiple of {mult} (2**levels"

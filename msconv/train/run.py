@@ -8,6 +8,7 @@ Options reach the task and the model only when they apply to them.
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ import torch
 
 from msconv.data import CropSampler, ImageSet, load_dataset
 from msconv.models import MODELS, build_model
+from msconv.multilevel.baselines import (plan_progressive_patches, plan_progressive_resizing, plan_small_patches,
+                                         receptive_field)
 from msconv.multilevel.schedule import Stage, plan
 from msconv.tasks import TASKS, Task, build_task
 from msconv.train.config import CLI_MODEL_SIZES, LR_BATCH_POWERS, TrainConfig
@@ -59,7 +62,7 @@ def model_options(cfg: TrainConfig) -> dict:
 
 def base_batch_sizes(cfg: TrainConfig) -> list[int]:
     """The finest stage's per-level batch sizes, finest first."""
-    if cfg.mode == "single":
+    if cfg.mode not in ("mge", "fmg"):
         return [cfg.batch_size]
     if cfg.batch_sizes:
         return list(cfg.batch_sizes)
@@ -72,11 +75,51 @@ def base_batch_sizes(cfg: TrainConfig) -> list[int]:
 MIN_STEPS_TO_LEARN = 100
 
 
-def plan_stages(cfg: TrainConfig) -> list[Stage]:
-    """The stages of ``cfg.mode``, with iterations scaled so the run spends ``cfg.budget``
-    work units (or runs ``cfg.iterations`` steps in all); see :func:`msconv.multilevel.plan`."""
+# The small-patch baseline's default side: this many receptive fields (rounded up to a multiple of
+# 8, at least 16, at most --crop), from the sweep in bench/results/strong_baselines.
+SMALL_PATCH_RF_MULTIPLE = 2.0
+
+
+def small_patch_rule(rf: int, crop: int, multiple: int = 1) -> int:
+    """Default side of the small-patch baseline for a model whose receptive field is ``rf`` pixels:
+    ``SMALL_PATCH_RF_MULTIPLE * rf`` rounded up to a multiple of lcm(8, ``multiple``), within [16, crop]."""
+    step = math.lcm(8, multiple)
+    side = math.ceil(SMALL_PATCH_RF_MULTIPLE * rf / step) * step
+    return min(crop, max(16, side))
+
+
+def _baseline_stages(cfg: TrainConfig, model: torch.nn.Module | None, in_channels: int, multiple: int) -> list[Stage]:
     from msconv.train.config import ConfigError
 
+    budget = cfg.budget if cfg.iterations is None else cfg.iterations * cfg.batch_size
+    if cfg.mode == "progressive":
+        return plan_progressive_resizing(cfg.crop, cfg.batch_size, budget, cfg.progressive_initial_scale,
+                                         cfg.progressive_delay, cfg.progressive_finetune,
+                                         increment=math.lcm(4, multiple))
+    if cfg.mode == "patches":
+        return plan_progressive_patches(cfg.crop, cfg.batch_size, budget, multiple=math.lcm(8, multiple))
+    side = cfg.small_crop
+    if side is None:
+        if model is None:
+            raise ConfigError("--mode small without --small-crop needs the model to measure its receptive field")
+        side = small_patch_rule(receptive_field(model, in_channels), cfg.crop, multiple)
+    if side % multiple:
+        raise ConfigError(f"--small-crop {side} must be a multiple of {multiple} for this task; e.g. --small-crop "
+                          f"{max(multiple, side // multiple * multiple)}")
+    return plan_small_patches(cfg.crop, side, cfg.small_batch or cfg.batch_size, budget)
+
+
+def plan_stages(cfg: TrainConfig, model: torch.nn.Module | None = None, in_channels: int = 1,
+                multiple: int = 1) -> list[Stage]:
+    """The stages of ``cfg.mode``, with iterations scaled so the run spends ``cfg.budget``
+    work units (or runs ``cfg.iterations`` steps in all); see :func:`msconv.multilevel.plan` and,
+    for the baselines, :mod:`msconv.multilevel.baselines` (``--iterations`` then means the work of
+    that many single-scale steps). ``model`` (with ``in_channels``) sizes the small-patch
+    baseline's default patch; ``multiple``: the task's size multiple."""
+    from msconv.train.config import ConfigError
+
+    if cfg.mode not in ("single", "mge", "fmg"):
+        return _baseline_stages(cfg, model, in_channels, multiple)
     iterations = cfg.iterations
     if iterations is None and cfg.mode == "mge" and cfg.resolved_allocation == "matched":
         # Matched MGE aims at single-scale's gradient variance per step at no more than its work
@@ -85,7 +128,8 @@ def plan_stages(cfg: TrainConfig) -> list[Stage]:
     stages = plan(cfg.mode, cfg.levels, base_batch_sizes(cfg),
                   budget=None if iterations is not None else cfg.budget, iterations=iterations,
                   iteration_ratio=cfg.fmg_iteration_ratio, batch_ratio=cfg.fmg_batch_ratio,
-                  lr_batch_power=LR_BATCH_POWERS[cfg.lr_batch_scaling])
+                  lr_batch_power=LR_BATCH_POWERS[cfg.lr_batch_scaling],
+                  crop=cfg.crop, fine_crop=cfg.fmg_crop if cfg.mode == "fmg" else None)
     if sum(s.iterations for s in stages) < 1:
         raise ConfigError("--budget is too small for a single step; raise --budget")
     if cfg.iterations is None and cfg.budget / cfg.batch_size < MIN_STEPS_TO_LEARN:
@@ -118,7 +162,7 @@ def warn_unresolved_mf(cfg: TrainConfig) -> None:
     """Mesh-free layers on grids coarser than 2σ: the derivative taps are a small fraction of
     their fine-grid size (≈ 0 beyond 4σ), the layer is close to a 1×1 mix there, and what the
     coarse grids learn does not carry over (bench/results/paper_transfer measures it)."""
-    coarsest = 2 ** (cfg.levels if cfg.mode != "single" else 0)
+    coarsest = 2 ** (cfg.levels if cfg.mode in ("mge", "fmg") else 0)
     sigma = 0.5 if cfg.mf_sigma is None else cfg.mf_sigma
     if cfg.conv == "mf" and not cfg.mf_sigma_floor and sigma < coarsest / 2:
         warnings.warn(
@@ -152,7 +196,7 @@ class Run:
     @property
     def allocation(self) -> str:
         """The batch allocation of the stages' estimators (single-scale has one level: fixed)."""
-        return self.cfg.resolved_allocation if self.cfg.mode != "single" else "fixed"
+        return self.cfg.resolved_allocation if self.cfg.mode in ("mge", "fmg") else "fixed"
 
 
 def build_run(cfg: TrainConfig, data: tuple[ImageSet, ImageSet] | None = None) -> Run:
@@ -171,7 +215,7 @@ def build_run(cfg: TrainConfig, data: tuple[ImageSet, ImageSet] | None = None) -
     device = resolve_device(cfg.device)
     model.to(device)
     warn_unresolved_mf(cfg)
-    stages = plan_stages(cfg)
+    stages = plan_stages(cfg, model, task.in_channels(c), task.size_multiple)
     optimizer = build_optimizer(cfg, model.parameters())
     from msconv.optim import WarmupPolyLR
 

@@ -45,6 +45,10 @@ RESUME_MAY_CHANGE = ("lr", "on_nonfinite", "max_skips", "divergence_factor")
 # The divergence guard compares a loss with the median of the stage's last GUARD_WINDOW good
 # losses, once the stage has GUARD_WARMUP of them (early losses fall fast and say little).
 GUARD_WINDOW, GUARD_WARMUP = 50, 20
+# The divergence guard keeps a snapshot of the run state every this many steps (not every step: a
+# full copy of model and optimizer per step costs as much as a small model's step); a stop on
+# divergence rolls back to the newest snapshot whose next step still had a good loss.
+GUARD_SNAPSHOT_EVERY = 10
 # Seconds a rank waits for its peers (rendezvous and every collective) under torchrun.
 DIST_TIMEOUT_S = float(os.environ.get("MSCONV_DIST_TIMEOUT", 300))
 
@@ -117,6 +121,17 @@ def _centre_crop(im: torch.Tensor, side: int, multiple: int) -> torch.Tensor:
     return im[:, top:top + th, left:left + tw]
 
 
+def _to_cpu(obj):
+    """``obj`` with every tensor in it moved to the CPU (nested dicts, lists and tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 class Trainer:
     """Build everything from a :class:`TrainConfig`; :meth:`run` trains and returns the result.
 
@@ -152,7 +167,8 @@ class Trainer:
             run.stages, cfg.restriction, run.allocation, sample_batches=self.draw, batches_on_stage_grid=True,
             validate=self.stage_val_loss if cfg.fmg_adaptive else None,
             validate_every=cfg.fmg_validate_every, patience=cfg.fmg_patience, fast_forward_scheduler=self.scheduler,
-            estimator_kwargs={"count_flops": False, "pyramid_fn": self.task.pyramid_pair})
+            estimator_kwargs={"count_flops": False, "pyramid_fn": self.task.pyramid_pair,
+                              "unit_pixels": cfg.crop * cfg.crop})
         self.stages = self.schedule.stages
         self.estimators = [st.estimator for st in self.stages]
         self.total_steps = self.schedule.total_steps
@@ -170,9 +186,10 @@ class Trainer:
         # The divergence guard's reference: the current stage's recent good losses.
         self.guard = {"stage": 0, "losses": []}
         self.why_skipped: str | None = None
-        # A copy of the state after the latest step, and the latest one whose next loss was good (its
-        # weights are known to be fine): what a stop on divergence leaves in the checkpoint.
-        self._state_before_step: dict | None = None
+        # The divergence guard's snapshots: the newest one (taken every GUARD_SNAPSHOT_EVERY steps,
+        # not yet known good) and the newest one whose next step's loss was good (its weights are
+        # known to be fine): what a stop on divergence leaves in the checkpoint.
+        self._pending_state: dict | None = None
         self._last_good_state: dict | None = None
 
     def _set_up_execution(self) -> None:
@@ -213,9 +230,16 @@ class Trainer:
     def draw(self, sizes, level: int = 0) -> list:
         """One fresh corrupted batch per estimator level, ``[(x_l, y_l)]`` with ``sizes[l]`` samples,
         on grid ``level`` (the stage's finest), on the device."""
+        # The stage being drawn for (the schedule sets it before drawing its batches) says the
+        # crop side and the resize of its samples (small patches, progressive resizing).
+        stage = self.schedule.stage
+        crop, resize = (stage.crop, stage.resize) if stage is not None else (None, None)
         out = []
         for n in sizes:
-            clean = self.sampler.next_batch(n)
+            clean = self.sampler.next_batch(n, crop)
+            if resize is not None:
+                # Nearest-neighbour, as Composer's progressive resizing resizes a batch.
+                clean = F.interpolate(clean, size=(resize, resize), mode="nearest")
             # Corruption runs on the CPU generator (reproducible on any device), then moves.
             x, y = self.task.corrupt_on_grid(clean, self.corrupt_rng, level, self.cfg.restriction)
             mf = self.memory_format
@@ -500,7 +524,7 @@ class Trainer:
         if cfg.on_nonfinite == "stop" or self.consecutive_skips >= cfg.max_skips:
             if sinks:
                 sinks[0].write(row)
-            good = (self._last_good_state or self._state_before_step) if diverged else None
+            good = (self._last_good_state or self._pending_state) if diverged else None
             self.save(good)
             good_step = self.step if good is None else good["step"]
             why = ("--on-nonfinite stop" if cfg.on_nonfinite == "stop"
@@ -520,6 +544,11 @@ class Trainer:
             )
         for s in sinks:
             s.note(msg + "step skipped, weights unchanged")
+
+    def _snapshot(self) -> None:
+        """Keep a copy of the run state for the divergence guard (on the host: it is rarely read)."""
+        if self.cfg.divergence_factor:
+            self._pending_state = copy.deepcopy(_to_cpu(self.state_dict()))
 
     def run(self) -> dict:
         """Train to the end of the schedule (or ``max_steps``); returns the result dict that is
@@ -547,8 +576,7 @@ class Trainer:
                 for s in sinks:
                     s.write(row)
             stop_at = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
-            if cfg.divergence_factor:
-                self._state_before_step = copy.deepcopy(self.state_dict())
+            self._snapshot()
             steps = iter(self.schedule) if not self.finished else iter(())
             while self.step < stop_at:
                 t0 = time.perf_counter()
@@ -566,8 +594,10 @@ class Trainer:
                 else:
                     self.consecutive_skips = 0
                     self._remember_good_loss(loss)
-                    # This step's loss was good, so the weights it started from were: remember that state.
-                    self._last_good_state = self._state_before_step
+                    # This step's loss was good, so the weights it started from were: a snapshot
+                    # taken right before it is known good.
+                    if self._pending_state is not None:
+                        self._last_good_state, self._pending_state = self._pending_state, None
                 stage_end = stage.steps_run >= stage.iterations
                 self.finished = stage_end and stage.index == len(self.stages) - 1
                 if self._val_due() or self.finished:
@@ -577,8 +607,8 @@ class Trainer:
                     s.write(row)
                 if self.step % cfg.ckpt_every == 0 or stage_end or self.step == stop_at:
                     self.save()
-                if cfg.divergence_factor:
-                    self._state_before_step = copy.deepcopy(self.state_dict())
+                if self.step % GUARD_SNAPSHOT_EVERY == 0:
+                    self._snapshot()
                 if self.on_step is not None:
                     self.on_step(self, self.step)
         finally:
