@@ -45,13 +45,13 @@ DEFAULTS = {
     "fmg": ["--mode", "fmg"],
 }
 SWEEP = {
-    **{f"small_p{p}_b{b}": ["--mode", "small", "--small-crop", str(p), "--small-batch", str(b)]
-       for p in (24, 32, 48, 64) for b in (4, 16)},
+    # Small patches: the side at equal pixels per step (batch 16), and the batch at 32².
+    **{f"small_p{p}_b16": ["--mode", "small", "--small-crop", str(p), "--small-batch", "16"] for p in (24, 32, 48, 64)},
+    "small_p32_b4": ["--mode", "small", "--small-crop", "32", "--small-batch", "4"],
     "small_p32_b64": ["--mode", "small", "--small-crop", "32", "--small-batch", "64"],
     "progressive_s0.25": ["--mode", "progressive", "--progressive-initial-scale", "0.25"],
     "fmg_c32": ["--mode", "fmg", "--fmg-crop", "32"],
     "fmg_c64": ["--mode", "fmg", "--fmg-crop", "64"],
-    "fmg_c32_r4": ["--mode", "fmg", "--fmg-crop", "32", "--fmg-iteration-ratio", "4"],
 }
 SUITES = {
     "sweep": ({**DEFAULTS, **SWEEP}, {"defaults": list(DEFAULTS), "all": list(DEFAULTS) + list(SWEEP)}),

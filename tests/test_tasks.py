@@ -137,3 +137,29 @@ def test_bad_arguments_name_the_argument():
         Denoise(25).corrupt(torch.rand(1, 1, 8, 8), 0)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         Denoise(25).corrupt(torch.rand(8, 8), torch.Generator())
+
+
+def test_coarse_same_poses_the_fine_problem_on_every_grid():
+    y = torch.rand(2, 1, 32, 32, dtype=torch.float64)
+    yc = msconv.restrict(y, "average", levels=2)
+    # sr: the x2 degradation of the restricted image, in that grid's own pixels
+    t = SuperResolution(2, "area", pre_upsample=True, coarse="same")
+    x, _ = t.corrupt(y, torch.Generator())
+    xs, ys = t.pyramid_pair(x, y, 2)
+    assert torch.equal(xs[0], x) and torch.allclose(ys[2], yc)
+    assert torch.allclose(xs[2], t.corrupt(yc, torch.Generator())[0])
+    assert all(torch.equal(a, b) for a, b in zip(t.corrupt_on_grid(y, torch.Generator(), 2), t.corrupt(yc, torch.Generator())))
+    # deblur: the same blur in the coarse grid's pixels, and the fine noise draw at its fine std
+    d = Deblur(1.6, 25.0, coarse="same")
+    x, _ = d.corrupt(y, torch.Generator().manual_seed(0))
+    xs, ys = d.pyramid_pair(x, y, 2)
+    noise2 = xs[2] - gaussian_blur(yc, 1.6, 1.0)
+    assert torch.allclose(noise2, 4 * msconv.restrict(x - gaussian_blur(y, 1.6, 1.0), "average", levels=2))
+    xg, yg = d.corrupt_on_grid(y, torch.Generator().manual_seed(0), 2)
+    assert torch.allclose(yg, yc) and abs(float((xg - gaussian_blur(yc, 1.6, 1.0)).std()) - 25 / 255) < 0.02
+    # "restricted" (the default) keeps the generic rule
+    r = Deblur(1.6, 25.0)
+    x, _ = r.corrupt(y, torch.Generator().manual_seed(0))
+    assert torch.equal(r.pyramid_pair(x, y, 1)[0][1], msconv.restrict(x, "average"))
+    with pytest.raises(ValueError, match="coarse must be one of"):
+        Deblur(coarse="x")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "Task", "Denoise", "Deblur", "Inpaint", "SuperResolution", "TASKS", "build_task",
-    "gaussian_taps", "gaussian_blur", "random_masks",
+    "gaussian_taps", "gaussian_blur", "random_masks", "COARSE_TASKS",
 ]
 
 
@@ -189,24 +189,62 @@ def gaussian_blur(u: torch.Tensor, sigma: float, scale: float = 1.0) -> torch.Te
     return v.reshape(n, c, h, wd)
 
 
+COARSE_TASKS = ("restricted", "same")
+
+
+def _check_coarse(coarse: str, who: str) -> str:
+    if coarse not in COARSE_TASKS:
+        raise ValueError(f"{who}: coarse must be one of {COARSE_TASKS}, got coarse={coarse!r}")
+    return coarse
+
+
 class Deblur(Task):
-    """Gaussian blur (``blur_sigma`` in reference pixels, i.e. finest-grid pixels) plus white
-    noise (``noise_sigma`` on 0–255)."""
+    """Gaussian blur (``blur_sigma`` pixels) plus white noise (``noise_sigma`` on 0–255).
+
+    ``coarse`` says what coarser grids pose:
+
+    * ``"restricted"`` (default; the generic rule): corrupt at the finest grid, restrict input and
+      target. The blur is in reference pixels, so on a grid of spacing s it spans σ/s pixels:
+      at s = 4 a σ = 1.6 blur is nearly the identity, and coarse training learns another task.
+    * ``"same"``: the clean image restricted to the grid, blurred with σ in *that grid's own*
+      pixels, plus noise of the same std: the fine problem at lower resolution. For MGE's
+      coupled differences, level l's input is the blur of ``R^l y`` plus the fine noise draw
+      restricted and rescaled to std σ (``2^l R^l n``); level 0 is unchanged.
+    """
 
     name = "deblur"
 
-    def __init__(self, blur_sigma: float = 1.6, noise_sigma: float = 2.55):
+    def __init__(self, blur_sigma: float = 1.6, noise_sigma: float = 2.55, coarse: str = "restricted"):
         if not (isinstance(blur_sigma, (int, float)) and blur_sigma > 0):
             raise ValueError(f"deblur: blur_sigma must be > 0 reference pixels (e.g. 1.6), got {blur_sigma!r}")
         if not (isinstance(noise_sigma, (int, float)) and noise_sigma >= 0):
             raise ValueError(f"deblur: noise_sigma must be >= 0 on the 0-255 scale, got {noise_sigma!r}")
         self.blur_sigma, self.noise_sigma = float(blur_sigma), float(noise_sigma)
+        self.coarse = _check_coarse(coarse, "deblur")
 
     def corrupt(self, y, generator):
         _check_image(y, "deblur")
         g = _check_generator(generator, "deblur")
         b = gaussian_blur(y, self.blur_sigma, 1.0)
         return b + (self.noise_sigma / 255.0) * _randn(y.shape, g, y), y
+
+    def pyramid_pair(self, x, y, depth, kind="average"):
+        if self.coarse == "restricted":
+            return super().pyramid_pair(x, y, depth, kind)
+        from msconv import pyramid
+
+        ys = pyramid(y, depth, kind)
+        noise = pyramid(x - gaussian_blur(y, self.blur_sigma, 1.0), depth, kind)
+        xs = [x] + [gaussian_blur(yl, self.blur_sigma, 1.0) + 2.0 ** l * nl
+                    for l, (yl, nl) in enumerate(zip(ys[1:], noise[1:]), 1)]
+        return xs, ys
+
+    def corrupt_on_grid(self, y, generator, level, kind="average"):
+        if self.coarse == "restricted" or level == 0:
+            return super().corrupt_on_grid(y, generator, level, kind)
+        from msconv import restrict
+
+        return self.corrupt(restrict(y, kind, levels=level), generator)
 
 
 def _segment_distance(yy, xx, p0, p1):
@@ -296,13 +334,33 @@ class SuperResolution(Task):
 
     name = "sr"
 
-    def __init__(self, scale: int = 2, kernel: str = "bicubic", pre_upsample: bool = False):
+    def __init__(self, scale: int = 2, kernel: str = "bicubic", pre_upsample: bool = False, coarse: str = "restricted"):
         if scale not in (2, 4):
             raise ValueError(f"sr: scale must be 2 or 4, got {scale!r}")
         if kernel not in ("bicubic", "area"):
             raise ValueError(f"sr: kernel must be 'bicubic' or 'area', got {kernel!r}")
         self.scale, self.kernel, self.pre_upsample = int(scale), kernel, bool(pre_upsample)
         self.size_multiple = self.scale
+        self.coarse = _check_coarse(coarse, "sr")
+
+    def pyramid_pair(self, x, y, depth, kind="average"):
+        """With ``coarse="same"``, level l's input is the ×scale degradation of ``R^l y`` in that
+        grid's own pixels (the fine problem at lower resolution; restricting the fine input
+        instead averages away the detail the model must restore, so coarse grids would pose a
+        near-identity task)."""
+        if self.coarse == "restricted":
+            return super().pyramid_pair(x, y, depth, kind)
+        from msconv import pyramid
+
+        ys = pyramid(y, depth, kind)
+        return [x] + [self._degrade(yl) for yl in ys[1:]], ys
+
+    def corrupt_on_grid(self, y, generator, level, kind="average"):
+        if self.coarse == "restricted" or level == 0:
+            return super().corrupt_on_grid(y, generator, level, kind)
+        from msconv import restrict
+
+        return self.corrupt(restrict(y, kind, levels=level), generator)
 
     def downsample(self, y: torch.Tensor) -> torch.Tensor:
         if self.kernel == "area":
@@ -314,10 +372,13 @@ class SuperResolution(Task):
         h, w = y.shape[2:]
         if h % self.scale or w % self.scale:
             raise ValueError(f"sr: image size {(h, w)} must be a multiple of scale={self.scale}; crop it first")
+        return self._degrade(y), y
+
+    def _degrade(self, y):
         lr = self.downsample(y)
         if self.pre_upsample:
-            lr = F.interpolate(lr, size=(h, w), mode="bicubic", align_corners=False)
-        return lr, y
+            lr = F.interpolate(lr, size=y.shape[2:], mode="bicubic", align_corners=False)
+        return lr
 
     def input_for_metrics(self, x):
         return x

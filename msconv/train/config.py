@@ -66,6 +66,11 @@ class TrainConfig:
                                 "to the fine grid's std, so every grid poses the same problem) | average (restricted with "
                                 "the image, std halves per level: coarse training then does not transfer)",
                                 choices=Denoise.NOISE_RESTRICTIONS)
+    coarse_task: str = _f("same", "deblur, sr: what coarse grids pose: same (the degradation in the grid's own pixels, "
+                                  "the fine problem at lower resolution, as --noise-restriction preserve does for "
+                                  "denoising) | restricted (corrupt at the fine grid, then restrict input and target: "
+                                  "the blur shrinks and the lost detail is averaged away, another task)",
+                          choices=("same", "restricted"))
     blur_sigma: float = _f(1.6, "deblur: Gaussian blur std in reference (finest-grid) pixels")
     mask_fraction: float = _f(0.25, "inpaint: fraction of pixels missing")
     mask_kind: str = _f("mixed", f"inpaint: {_alts(MASK_KINDS)}", choices=MASK_KINDS)

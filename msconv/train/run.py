@@ -47,6 +47,7 @@ def task_options(cfg: TrainConfig) -> dict:
         "noise_sigma": cfg.resolved_noise_sigma, "noise_restriction": cfg.noise_restriction,
         "blur_sigma": cfg.blur_sigma, "mask_fraction": cfg.mask_fraction, "mask_kind": cfg.mask_kind,
         "scale": cfg.sr_scale, "kernel": cfg.sr_kernel, "pre_upsample": cfg.model != "espcn",
+        "coarse": cfg.coarse_task,
     })
 
 

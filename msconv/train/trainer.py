@@ -99,8 +99,14 @@ def _check_divisible(cfg: TrainConfig, world: int) -> None:
                           f"(e.g. --batch-size {max(world, cfg.batch_size // world * world)})")
 
 
+# What a checkpoint from before a field existed ran with, where that differs from today's default.
+_BEFORE_FIELD = {"coarse_task": "restricted"}
+
+
 def _default(name: str):
-    """A TrainConfig field's default (what a checkpoint from before the field existed ran with)."""
+    """What a checkpoint from before field ``name`` existed ran with (its behaviour then)."""
+    if name in _BEFORE_FIELD:
+        return _BEFORE_FIELD[name]
     return next(f.default for f in TrainConfig.fields() if f.name == name)
 
 
