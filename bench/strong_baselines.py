@@ -15,7 +15,10 @@ Suites:
   and batch, progressive resizing's initial scale, Full-Multiscale's fine-stage patch;
 * ``bsd68`` (the same data): the default comparison (``msconv compare`` with its default modes);
 * ``unseen`` (Set5 + Set14, never tuned on; 80/20 split by image): the default comparison, plus the
-  tuned variants of the sweep.
+  tuned variants of the sweep;
+* ``tasks`` (the same unseen photos): deblurring and super-resolution x2 (DnCNN), single-scale, small
+  patches and Full-Multiscale with coarse grids posing the same problem (the default) or the
+  restricted fine one.
 
     python bench/strong_baselines.py --suite sweep --jobs 2
     python bench/strong_baselines.py --suite unseen --data /tmp/unseen
@@ -60,6 +63,12 @@ SUITES = {
                {"defaults": list(DEFAULTS),
                 "tuned": list(DEFAULTS) + ["progressive_s0.25", "fmg_c32"]}),
 }
+TASKS = {f"{task}_{name}": [*task_opts, *opts]
+         for task, task_opts in (("deblur", ["--task", "deblur"]), ("sr", ["--task", "sr"]))
+         for name, opts in (("single", DEFAULTS["single"]), ("fmg", DEFAULTS["fmg"]),
+                            ("fmg_restricted", [*DEFAULTS["fmg"], "--coarse-task", "restricted"]),
+                            ("small", DEFAULTS["small"]))}
+SUITES["tasks"] = (TASKS, {t: [n for n in TASKS if n.startswith(t)] for t in ("deblur", "sr")})
 FIELDS = ["suite", "name", "mode", "psnr_db", "start_psnr_db", "work_units", "wall_clock_s", "iterations",
           "stages", "options"]
 
@@ -89,9 +98,9 @@ def main() -> int:
     args = p.parse_args()
 
     configs, groups = SUITES[args.suite]
-    if args.suite == "unseen":
+    if args.suite in ("unseen", "tasks"):
         if not args.data or not os.path.isdir(args.data):
-            print("strong_baselines: --suite unseen needs --data DIR (Set5 + Set14 images)", file=sys.stderr)
+            print(f"strong_baselines: --suite {args.suite} needs --data DIR (Set5 + Set14 images)", file=sys.stderr)
             return 2
         common = ["--data", args.data]
     else:
@@ -131,7 +140,12 @@ def main() -> int:
         folder = os.path.join(out, g)
         os.makedirs(folder, exist_ok=True)
         # Runs are named in the summary by their configuration name (variants of one mode differ).
-        summarize(cfg, [dict(results[m], mode=results[m]["mode"] if m in DEFAULTS else m) for m in members], folder)
+        def label(m):  # a variant's name, with the task prefix dropped (deblur_fmg -> fmg)
+            short = m.split("_", 1)[1] if args.suite == "tasks" else m
+            return results[m]["mode"] if short in DEFAULTS else short
+
+        summarize(cfg.replace(task=g) if args.suite == "tasks" else cfg,
+                  [dict(results[m], mode=label(m)) for m in members], folder)
     for r in sorted(rows, key=lambda r: -r["psnr_db"]):
         print(f"{r['name']:22s} {r['psnr_db']:7.3f} dB  {r['work_units']:7.1f} WU  {r['wall_clock_s']:7.1f} s  {r['iterations']} steps")
     return 0
