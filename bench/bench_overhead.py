@@ -34,7 +34,7 @@ CATEGORIES = [
     ("pyramid", "tasks/__init__.py", "pyramid_pair"),
     ("loss (pyramid + forward)", "multilevel/estimator.py", "loss"),
     ("backward", "multilevel/estimator.py", "backward"),
-    ("optimizer", "train/trainer.py", "_scaled_step"),
+    ("optimizer", "optim/adam.py", "step"),
 ]
 
 
@@ -78,7 +78,8 @@ def profile(cfg, data) -> dict[str, float]:
             if func == name and fname.replace(os.sep, "/").endswith(suffix):
                 cum[cat] = cum.get(cat, 0.0) + ct
     step = sum(ct for (fname, _, func), (_, _, _, ct, _) in stats.items()
-               if func in ("_one_step", "draw") and fname.endswith("trainer.py"))
+               if (func == "__call__" and fname.replace(os.sep, "/").endswith("train/step.py"))
+               or (func == "draw" and fname.endswith("trainer.py")))
     out = {cat: cum.get(cat, 0.0) / step for cat, _, _ in CATEGORIES if step}
     out["forward"] = out.pop("loss (pyramid + forward)", 0.0) - out.get("pyramid", 0.0)
     out["other"] = 1.0 - sum(out.values())  # logging, FLOP counting, Python; the categories do not overlap

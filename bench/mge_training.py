@@ -87,8 +87,8 @@ class VarianceLog:
             return
         est = trainer.estimators[0]
         alloc = est.allocation
-        base = {"mode": cfg.mode, "allocation": alloc.name, "step": step, "work_units": trainer.work_units,
-                "wall_clock_s": trainer.wall}
+        base = {"mode": cfg.mode, "allocation": alloc.name, "step": step, "work_units": trainer.state.work_units,
+                "wall_clock_s": trainer.state.wall_clock_s}
         last = getattr(alloc, "last", None)
         if last is not None and (id(trainer), last["step"]) not in self._seen:
             self._seen.add((id(trainer), last["step"]))

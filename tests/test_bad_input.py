@@ -494,7 +494,7 @@ def _checkpoint_of_a_short_run(photo_dir, out):
      ("no config", r"has no run configuration \('config'\)"),
      ("step abc", r"incomplete or incompatible \(ValueError: 'step' must be a count >= 0, got 'abc'\)"),
      ("step inf", r"'step' must be a count >= 0, got inf"),
-     ("no scheduler", r"incomplete or incompatible \(KeyError: 'scheduler'\)")],
+     ("no sampler", r"incomplete or incompatible \(KeyError: 'sampler'\)")],
 )
 def test_cli_resume_from_a_damaged_checkpoint_is_a_clear_error(photo_dir, tmp_path, capsys, damage, match):
     # Before: an IndexError traceback for an empty file; KeyError/ValueError tracebacks for the others.
@@ -505,8 +505,8 @@ def test_cli_resume_from_a_damaged_checkpoint_is_a_clear_error(photo_dir, tmp_pa
     else:
         if damage == "no config":
             del ck["config"]
-        elif damage == "no scheduler":
-            del ck["scheduler"]
+        elif damage == "no sampler":
+            del ck["sampler"]
         else:
             ck["step"] = {"step abc": "abc", "step inf": float("inf")}[damage]
         save_atomic(ck, str(out / "checkpoint.pt"))

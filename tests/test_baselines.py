@@ -83,11 +83,12 @@ def test_work_units_count_small_and_resized_samples_against_the_reference_crop()
         MGE(0, [8], grid_spacing=0)
 
 
-@pytest.mark.parametrize("mode", DEFAULT_MODES + ("mge",))
-def test_every_mode_spends_its_budget(photo_dir, tmp_path, mode):
+@pytest.mark.parametrize("mode,allocation", [(m, "auto") for m in DEFAULT_MODES] + [("mge", "fixed"), ("mge", "auto")])
+def test_every_mode_spends_its_budget(photo_dir, tmp_path, mode, allocation):
     # Equal work is what makes a comparison fair: every mode within 2% of the budget, and its
-    # validation points spanning the run (the last one at its end).
-    t = Trainer(tiny(photo_dir, tmp_path, mode=mode, budget=96, allocation="fixed"))
+    # validation points spanning the run (the last one at its end). Matched MGE (auto) sets its
+    # batch sizes as it trains, so it runs until the budget is spent.
+    t = Trainer(tiny(photo_dir, tmp_path, mode=mode, budget=96, allocation=allocation))
     r = t.run()
     assert abs(r["work_units"] - 96) <= 0.02 * 96, (mode, r["work_units"], r["stages"])
     assert r["val_history"][-1]["work_units"] == r["work_units"]

@@ -91,11 +91,11 @@ def test_resume_after_interruption_is_exact(photo_dir, tmp_path, mode):
     assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["step"] == 3
     resumed = Trainer(cfg.replace(resume=True), data=data)
     r = resumed.run()
-    assert r["complete"] and r["iterations"] == full.step
+    assert r["complete"] and r["iterations"] == full.state.step
     for k, v in _weights(full.model).items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
-    assert r["work_units"] == full.work_units and r["flops"] == full.flops
-    assert [h["psnr"] for h in r["val_history"]] == [h["psnr"] for h in full.val_history]
+    assert r["work_units"] == full.state.work_units and r["flops"] == full.state.flops
+    assert [h["psnr"] for h in r["val_history"]] == [h["psnr"] for h in full.state.val_history]
     assert _rows(tmp_path / "cut" / "metrics.csv") == _rows(tmp_path / "full" / "metrics.csv")
     assert torch.equal(full.optimizer.state_dict()["state"][0]["exp_avg"],
                        resumed.optimizer.state_dict()["state"][0]["exp_avg"])
@@ -303,7 +303,9 @@ def test_summary_ratio_and_its_resolution(tmp_path):
 
 def test_validation_points_are_log_spaced_over_the_budget(photo_dir, tmp_path):
     tr = Trainer(tiny(photo_dir, tmp_path, iterations=None, budget=512, batch_size=2, val_points=5))
-    th = [tr._val_threshold(j) for j in range(6)]
+    from msconv.train.evaluate import val_threshold
+
+    th = [val_threshold(j, 5, tr.planned_work) for j in range(6)]
     assert th[0] == 0 and th[-1] == pytest.approx(tr.planned_work)
     assert th[1] == pytest.approx(tr.planned_work / 256)
     assert all(b / a == pytest.approx(4.0) for a, b in zip(th[1:], th[2:]))
@@ -366,3 +368,34 @@ def test_psnr_ssim_match_scikit_image(shape):
     assert psnr_ssim(target, target) == (100.0, pytest.approx(1.0))  # exact: capped, not inf
     with pytest.raises(ValueError, match="at least 7x7"):
         psnr_ssim(target[:, :5, :5], target[:, :5, :5])
+
+
+def test_learning_rate_is_one_function_of_the_position_and_resume_takes_a_new_peak(photo_dir, tmp_path):
+    # The loop writes lr(t) * stage scale before every step; nothing is stepped or saved, so a
+    # resumed run recomputes it and --resume --lr continues the same curve from the new peak.
+    cfg = tiny(photo_dir, tmp_path, mode="single", iterations=10, warmup=0.2, lr=1e-2)
+    Trainer(cfg.replace(max_steps=4)).run()
+    r = Trainer(cfg.replace(resume=True, lr=5e-3)).run()
+    rows = [x for x in csv.DictReader(open(tmp_path / "metrics.csv")) if x["lr"]]
+    lrs = [float(x["lr"]) for x in rows]
+    from msconv.optim.schedule import warmup_poly_factor
+
+    want = [(1e-2 if t < 4 else 5e-3) * warmup_poly_factor(t, 2, 10, 1.0) for t in range(10)]
+    assert r["complete"] and lrs == pytest.approx(want, rel=1e-12)
+
+
+def test_a_checkpoint_of_the_previous_format_resumes(photo_dir, tmp_path):
+    # Checkpoints written while the loop stepped a torch LR scheduler carry its state; the rate
+    # is now a function of the schedule position, and such a checkpoint continues exactly.
+    data = load_dataset(photo_dir)
+    full = Trainer(tiny(photo_dir, tmp_path / "full", mode="fmg"), data=data)
+    full.run()
+    cfg = tiny(photo_dir, tmp_path / "cut", mode="fmg")
+    Trainer(cfg.replace(max_steps=3), data=data).run()
+    ck = load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))
+    ck["scheduler"] = {"base_lrs": [3e-3], "last_epoch": 3, "lr_lambdas": [{}]}
+    save_atomic(ck, str(tmp_path / "cut" / "checkpoint.pt"))
+    resumed = Trainer(cfg.replace(resume=True), data=data)
+    resumed.run()
+    for k, v in _weights(full.model).items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k

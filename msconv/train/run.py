@@ -21,8 +21,10 @@ from msconv.multilevel.baselines import (plan_progressive_patches, plan_progress
 from msconv.multilevel.schedule import Stage, plan
 from msconv.tasks import TASKS, Task, build_task
 from msconv.train.config import CLI_MODEL_SIZES, LR_BATCH_POWERS, TrainConfig
+from msconv.train.lr import LearningRate
 
-__all__ = ["Run", "build_run", "plan_stages", "resolve_device", "task_options", "model_options"]
+__all__ = ["Run", "build_run", "plan_stages", "resolve_device", "task_options", "model_options", "work_driven",
+           "lr_position", "small_patch_rule"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,6 +78,17 @@ def base_batch_sizes(cfg: TrainConfig) -> list[int]:
 MIN_STEPS_TO_LEARN = 100
 
 
+# A run that stops on its budget (work_driven) plans at most this many times single-scale's steps.
+WORK_DRIVEN_STEP_CAP = 4
+
+
+def work_driven(cfg: TrainConfig) -> bool:
+    """Whether the run ends when it has spent ``cfg.budget`` work units rather than after its
+    planned steps (matched MGE under a budget: its per-step work is set as it trains); its learning
+    rate then follows the work spent (:func:`lr_position`)."""
+    return cfg.iterations is None and cfg.mode == "mge" and cfg.resolved_allocation == "matched"
+
+
 # The small-patch baseline's default side: this many receptive fields (rounded up to a multiple of
 # 8, at least 16, at most --crop), from the sweep in bench/results/strong_baselines.
 SMALL_PATCH_RF_MULTIPLE = 2.0
@@ -122,10 +135,11 @@ def plan_stages(cfg: TrainConfig, model: torch.nn.Module | None = None, in_chann
     if cfg.mode not in ("single", "mge", "fmg"):
         return _baseline_stages(cfg, model, in_channels, multiple)
     iterations = cfg.iterations
-    if iterations is None and cfg.mode == "mge" and cfg.resolved_allocation == "matched":
-        # Matched MGE aims at single-scale's gradient variance per step at no more than its work
-        # per step, so it takes single-scale's steps (the budget over --batch-size).
-        iterations = max(1, round(cfg.budget / cfg.batch_size))
+    if iterations is None and work_driven(cfg):
+        # Matched MGE adapts its batch sizes as it goes, so its steps cost less than single-scale's
+        # by an amount known only then: it runs until it has spent the budget (see work_driven),
+        # and the plan's steps are only a cap.
+        iterations = max(1, round(WORK_DRIVEN_STEP_CAP * cfg.budget / cfg.batch_size))
     stages = plan(cfg.mode, cfg.levels, base_batch_sizes(cfg),
                   budget=None if iterations is not None else cfg.budget, iterations=iterations,
                   iteration_ratio=cfg.fmg_iteration_ratio, batch_ratio=cfg.fmg_batch_ratio,
@@ -186,9 +200,10 @@ class Run:
     device: torch.device
     stages: list[Stage]
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    lr: LearningRate
     sampler: CropSampler
     corrupt_rng: torch.Generator
+    work_target: float | None = None
 
     @property
     def total_steps(self) -> int:
@@ -218,10 +233,18 @@ def build_run(cfg: TrainConfig, data: tuple[ImageSet, ImageSet] | None = None) -
     warn_unresolved_mf(cfg)
     stages = plan_stages(cfg, model, task.in_channels(c), task.size_multiple)
     optimizer = build_optimizer(cfg, model.parameters())
-    from msconv.optim import WarmupPolyLR
-
-    total = sum(s.iterations for s in stages)
+    # The LR's time axis: the planned steps, or (work-driven runs) the budget in single-scale steps.
+    total = sum(s.iterations for s in stages) if not work_driven(cfg) else max(1, round(cfg.budget / cfg.batch_size))
     warm = int(cfg.warmup * total)
-    scheduler = WarmupPolyLR(optimizer, warm, max(total, warm + 1), cfg.lr_power)
-    return Run(cfg, train_set, val_set, task, model, device, stages, optimizer, scheduler,
-               CropSampler(train_set, cfg.crop, seed=cfg.seed), torch.Generator().manual_seed(cfg.seed + 1))
+    lr = LearningRate(cfg.resolved_lr, warm, max(total, warm + 1), cfg.lr_power)
+    return Run(cfg, train_set, val_set, task, model, device, stages, optimizer, lr,
+               CropSampler(train_set, cfg.crop, seed=cfg.seed), torch.Generator().manual_seed(cfg.seed + 1),
+               cfg.budget if work_driven(cfg) else None)
+
+
+def lr_position(run: Run, global_step: int, work_units: float) -> int:
+    """The learning-rate position of the next step: the schedule's step count, or for a
+    work-driven run the share of the budget spent, in single-scale steps."""
+    if run.work_target is None:
+        return global_step
+    return int(run.lr.total_steps * work_units / run.work_target)

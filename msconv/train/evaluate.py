@@ -1,0 +1,89 @@
+"""Validation and test of a training run: fixed corrupted pairs, PSNR/SSIM at the fine grid, and
+the validation loss on a coarse grid (the adaptive stage-end signal)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from msconv.nn.grid import grid_scale
+from msconv.tasks import Task
+from msconv.train.metrics import psnr_ssim
+
+__all__ = ["Evaluator", "centre_crop", "val_threshold", "VAL_SPAN"]
+
+# Validation points span work units from the planned work / VAL_SPAN to the planned work.
+VAL_SPAN = 256.0
+
+
+def centre_crop(im: torch.Tensor, side: int, multiple: int) -> torch.Tensor:
+    """The centre ``side × side`` of a (C, H, W) image (0: whole), each side a multiple of ``multiple``."""
+    h, w = im.shape[1:]
+    th = min(h, side) if side else h
+    tw = min(w, side) if side else w
+    th, tw = th - th % multiple, tw - tw % multiple
+    top, left = (h - th) // 2, (w - tw) // 2
+    return im[:, top:top + th, left:left + tw]
+
+
+def val_threshold(j: int, points: int, planned_work: float) -> float:
+    """Work units at which validation point ``j`` falls: 0 (the start), then ``points`` points
+    log-spaced from ``planned_work / VAL_SPAN`` to ``planned_work``. Log-spaced, and the same in
+    every mode of a comparison, because savings are ratios: a mode that reaches a quality with 16x
+    less work must have validation points that early."""
+    if j == 0:
+        return 0.0
+    if points == 1:
+        return planned_work
+    return planned_work * VAL_SPAN ** (-(points - j) / (points - 1))
+
+
+class Evaluator:
+    """Validation of ``model`` on ``images`` centre-cropped to ``side`` and corrupted once by
+    ``task`` from ``seed`` (every mode of a comparison is judged on the same inputs)."""
+
+    def __init__(self, task: Task, model: torch.nn.Module, device: torch.device, images, side: int, seed: int,
+                 restriction: str) -> None:
+        self.task, self.model, self.device, self.restriction = task, model, device, restriction
+        self.pairs = self.corrupted_pairs(images, side, seed)
+
+    def corrupted_pairs(self, images, side: int, seed: int) -> list:
+        """(x, y) per image, centre-cropped to ``side`` (0: whole), corrupted once from ``seed``."""
+        g = torch.Generator().manual_seed(seed)
+        pairs = []
+        for im in images:
+            y = centre_crop(im, side, self.task.size_multiple).unsqueeze(0)
+            x, y = self.task.corrupt(y, g)
+            pairs.append((x.to(self.device), y.to(self.device)))
+        return pairs
+
+    def validate(self, pairs=None) -> tuple[float, float]:
+        """Mean PSNR/SSIM of the model's outputs on ``pairs`` (default: the validation pairs)."""
+        self.model.eval()
+        ps, ss = [], []
+        with torch.no_grad(), grid_scale(1.0):
+            for x, y in (self.pairs if pairs is None else pairs):
+                p, s = psnr_ssim(self.model(x)[0], y[0])
+                ps.append(p)
+                ss.append(s)
+        self.model.train()
+        return sum(ps) / len(ps), sum(ss) / len(ss)
+
+    def loss_on_grid(self, level: int) -> float:
+        """Validation MSE on grid ``level`` (the adaptive stage-end rule's signal)."""
+        self.model.eval()
+        total = 0.0
+        with torch.no_grad(), grid_scale(2.0 ** level):
+            for x, y in self.pairs:
+                xs, ys = self.task.restrict_pair(x, y, level, self.restriction)
+                total += float(F.mse_loss(self.model(xs), ys))
+        self.model.train()
+        return total / len(self.pairs)
+
+    def test(self, folder: str | None, gray: bool, on_bad: str, seed: int) -> tuple[float | None, float | None]:
+        """Mean PSNR/SSIM on the images in ``folder`` at full size; (None, None) without one."""
+        if not folder:
+            return None, None
+        from msconv.data import load_folder
+
+        ds = load_folder(folder, gray, on_bad)
+        return self.validate(self.corrupted_pairs(ds.images, 0, seed))
