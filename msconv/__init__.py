@@ -4,7 +4,7 @@ Public API: the multilevel transfer operators ``restrict``, ``prolong`` and ``py
 ``info()``, the reference implementations in ``msconv.reference``, and the large-batch
 optimizers in ``msconv.optim`` (LARS, LAMB, warmup_poly).
 """
-__version__ = "0.1.0"
+from msconv._version import __version__
 
 from msconv import optim, reference
 from msconv._info import info

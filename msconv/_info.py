@@ -14,7 +14,7 @@ def info() -> dict:
     Keys: version, torch, cpp_ops, cuda_ops, triton, cuda_device, backends
     (``{device: {op: backend}}`` for the automatic choice; honours ``MSCONV_BACKEND``).
     """
-    from msconv import __version__
+    from msconv._version import __version__
 
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():

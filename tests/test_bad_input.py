@@ -19,8 +19,9 @@ import torch.nn.functional as F
 import msconv
 from msconv.data import CropSampler, ImageReadError, ImageSet, load_folder, load_image
 from msconv.nn import PoorFitWarning, UnresolvedSigmaWarning
-from msconv.nn import _memory, mfconv
-from msconv.nn._memory import AllocationTooLargeError
+from msconv import _memory
+from msconv.nn import mfconv
+from msconv._memory import AllocationTooLargeError
 
 
 @pytest.fixture

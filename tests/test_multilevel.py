@@ -524,13 +524,15 @@ def test_matched_bad_batch_is_an_error_or_warning_naming_the_option_and_the_near
         Matched(batch=0)
 
 
-def test_matched_mge_plans_single_scale_steps():
+def test_matched_mge_runs_on_its_budget_with_single_scale_steps_as_its_lr_axis():
     from msconv.train.config import TrainConfig
-    from msconv.train.run import plan_stages
+    from msconv.train.run import WORK_DRIVEN_STEP_CAP, plan_stages, work_driven
 
     cfg = TrainConfig(mode="mge", allocation="matched", budget=400.0, batch_size=4)
-    assert [s.iterations for s in plan_stages(cfg)] == [100]
-    assert plan_stages(cfg.replace(allocation="fixed"))[0].iterations < 100
+    # its steps cost what its allocation decides as it trains: the plan is a cap, the run stops on the budget
+    assert work_driven(cfg) and [s.iterations for s in plan_stages(cfg)] == [100 * WORK_DRIVEN_STEP_CAP]
+    assert not work_driven(cfg.replace(allocation="fixed")) and plan_stages(cfg.replace(allocation="fixed"))[0].iterations < 100
+    assert not work_driven(cfg.replace(iterations=50))
 
 
 @pytest.mark.filterwarnings("ignore:Matched. MGE cannot pay")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from msconv.multilevel.allocation import Allocation, make_allocation
 from msconv.multilevel.cost import LevelCost, StepCost, count_flops, work_units
-from msconv.nn.grid import grid_scale
+from msconv.grid import grid_scale
 from msconv.ops.transfer import pyramid
 from msconv.reference import RESTRICT_KINDS, max_levels
 
@@ -106,6 +106,61 @@ def _scalar_loss(term, level: int, pair: int) -> torch.Tensor:
         f"F.mse_loss(pred, target) with its default reduction='mean'); on level {level} (batches[{pair}]) it "
         f"returned {got}. Reduce it with .mean(), and return the tensor rather than a Python number"
     )
+
+
+def check_batches(batches, levels: int, base_level: int, data_level: int) -> list[Batch]:
+    """``batches`` as a list of ``levels + 1`` checked (x, y) pairs; ValueError saying what is wrong."""
+    n = levels + 1
+    if not isinstance(batches, (list, tuple)) or len(batches) != n:
+        got = f"{len(batches)} pairs" if isinstance(batches, (list, tuple)) else type(batches).__name__
+        raise ValueError(
+            f"MGE.loss: batches must be a list of levels + 1 = {n} pairs (x, y), one independent batch per "
+            f"level, finest first; got {got}. Draw them with msconv.multilevel.MultilevelBatchSampler"
+        )
+    out = []
+    for l, pair in enumerate(batches):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"MGE.loss: batches[{l}] must be a pair (x, y), got {type(pair).__name__}")
+        x, y = pair
+        if not _is_image(x):
+            raise ValueError(
+                f"MGE.loss: batches[{l}][0] must be a floating (N, C, H, W) tensor, got "
+                f"{getattr(x, 'shape', type(x).__name__)} {getattr(x, 'dtype', '')}"
+            )
+        if x.shape[0] == 0:
+            raise ValueError(f"MGE.loss: batches[{l}] is empty; every level needs at least one sample")
+        if isinstance(y, torch.Tensor) and y.shape[:1] != x.shape[:1]:
+            raise ValueError(f"MGE.loss: batches[{l}] has x.shape={tuple(x.shape)} but y.shape={tuple(y.shape)}; "
+                             "x and y must hold the same samples")
+        depth = base_level + l + (1 if l < levels else 0) - data_level
+        allowed = max_levels(x.shape[2], x.shape[3])
+        if depth > allowed:
+            raise ValueError(
+                f"MGE.loss: batches[{l}][0].shape={tuple(x.shape)} can be restricted only {allowed} time(s) (each level "
+                f"halves H and W and needs H, W >= 2), but level {l} of levels={levels} with "
+                f"base_level={base_level} needs {depth}; use fewer levels or larger images"
+            )
+        out.append((x, y))
+    return out
+
+
+def fusion(model: nn.Module, fuse, warned: list) -> tuple[bool, str]:
+    """(whether same-resolution evaluations may share one forward call, why not): not with
+    ``fuse=False``, nor when the model normalises with batch statistics (``fuse=True`` then
+    raises; ``"auto"`` warns once, recorded in ``warned``)."""
+    if fuse is False:
+        return False, "fuse=False"
+    coupled = batch_coupled_modules(model)
+    if not coupled:
+        return True, ""
+    note = (f"the model normalises with batch statistics in {coupled[:3]}{' …' if len(coupled) > 3 else ''} "
+            "(BatchNorm in training mode), so evaluations of different levels cannot share a forward call")
+    if fuse is True:
+        raise ValueError(f"MGE: fuse=True but {note}; pass fuse='auto' (falls back to separate calls) or call model.eval()")
+    if not warned:
+        warnings.warn(f"MGE: {note}; running each level term in its own forward call", stacklevel=4)
+        warned.append(True)
+    return False, note
 
 
 class MGE:
@@ -201,7 +256,7 @@ class MGE:
         self.steps = 0
         self.last_cost: StepCost | None = None
         self._level_flops_per_sample: list[float | None] = [None] * (self.levels + 1)
-        self._warned_coupled = False
+        self._warned_coupled: list = []
 
     # ------------------------------------------------------------------ configuration
 
@@ -214,58 +269,7 @@ class MGE:
         exact for sizes divisible by 2**levels)."""
         return step_work(self.batch_sizes if batch_sizes is None else batch_sizes, self.base_level)
 
-    def _fusion(self, model: nn.Module) -> tuple[bool, str]:
-        if self.fuse is False:
-            return False, "fuse=False"
-        coupled = batch_coupled_modules(model)
-        if not coupled:
-            return True, ""
-        note = (
-            f"the model normalises with batch statistics in {coupled[:3]}{' …' if len(coupled) > 3 else ''} "
-            "(BatchNorm in training mode), so evaluations of different levels cannot share a forward call"
-        )
-        if self.fuse is True:
-            raise ValueError(f"MGE: fuse=True but {note}; pass fuse='auto' (falls back to separate calls) or call model.eval()")
-        if not self._warned_coupled:
-            warnings.warn(f"MGE: {note}; running each level term in its own forward call", stacklevel=3)
-            self._warned_coupled = True
-        return False, note
-
     # ------------------------------------------------------------------ the estimator
-
-    def _check_batches(self, batches) -> list[Batch]:
-        n = self.levels + 1
-        if not isinstance(batches, (list, tuple)) or len(batches) != n:
-            got = f"{len(batches)} pairs" if isinstance(batches, (list, tuple)) else type(batches).__name__
-            raise ValueError(
-                f"MGE.loss: batches must be a list of levels + 1 = {n} pairs (x, y), one independent batch per "
-                f"level, finest first; got {got}. Draw them with msconv.multilevel.MultilevelBatchSampler"
-            )
-        out = []
-        for l, pair in enumerate(batches):
-            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                raise ValueError(f"MGE.loss: batches[{l}] must be a pair (x, y), got {type(pair).__name__}")
-            x, y = pair
-            if not _is_image(x):
-                raise ValueError(
-                    f"MGE.loss: batches[{l}][0] must be a floating (N, C, H, W) tensor, got "
-                    f"{getattr(x, 'shape', type(x).__name__)} {getattr(x, 'dtype', '')}"
-                )
-            if x.shape[0] == 0:
-                raise ValueError(f"MGE.loss: batches[{l}] is empty; every level needs at least one sample")
-            if isinstance(y, torch.Tensor) and y.shape[:1] != x.shape[:1]:
-                raise ValueError(f"MGE.loss: batches[{l}] has x.shape={tuple(x.shape)} but y.shape={tuple(y.shape)}; "
-                                 "x and y must hold the same samples")
-            depth = self.base_level + l + (1 if l < self.levels else 0) - self.data_level
-            allowed = max_levels(x.shape[2], x.shape[3])
-            if depth > allowed:
-                raise ValueError(
-                    f"MGE.loss: batches[{l}][0].shape={tuple(x.shape)} can be restricted only {allowed} time(s) (each level "
-                    f"halves H and W and needs H, W >= 2), but level {l} of levels={self.levels} with "
-                    f"base_level={self.base_level} needs {depth}; use fewer levels or larger images"
-                )
-            out.append((x, y))
-        return out
 
     def _levels_of(self, pair: Batch, l: int) -> tuple[list, list]:
         """x and y on grids base+l (and base+l+1 below the coarsest level)."""
@@ -295,9 +299,9 @@ class MGE:
             A 0-dim tensor: ``Σ_{l<L} [ℓ_l(B_l) − ℓ_{l+1}(B_l)] + ℓ_L(B_L)``.
         """
         loss_fn = F.mse_loss if loss_fn is None else loss_fn
-        batches = self._check_batches(batches)
+        batches = check_batches(batches, self.levels, self.base_level, self.data_level)
         L, b = self.levels, self.base_level
-        fused, note = self._fusion(model)
+        fused, note = fusion(model, self.fuse, self._warned_coupled)
         fine_hw = [tuple(d * 2**self.data_level for d in x.shape[2:]) for x, _ in batches]
 
         # grids[j] = [(pair l, sign, x_j, y_j)]: the fine term of pair j and the coarse term of pair j-1.
@@ -356,7 +360,7 @@ class MGE:
         cost.seconds_forward = sum(lc.seconds_forward for lc in cost.levels)
         self.last_cost = cost
         if grad_var:
-            self._measure_gradient_variance(model, loss_fn, outputs, device)
+            measure_gradient_variance(self, model, loss_fn, outputs, device)
         elif loss_var:
             for l in range(self.levels + 1):
                 fine = sample_losses[(l, 1.0)]
@@ -386,39 +390,6 @@ class MGE:
             return [f[l] + (f[l + 1] if l < self.levels else 0.0) for l in range(self.levels + 1)]
         return self.level_work()
 
-    def _measure_gradient_variance(self, model: nn.Module, loss_fn: Callable, outputs: dict, device) -> None:
-        """V_l = m/2 · ‖∇(Δℓ_A − Δℓ_B)‖² from the two halves A, B (m samples each) of level l's batch."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        cost = self.last_cost
-        with count_flops(self.count_flops, device) as counted:
-            for l in range(self.levels + 1):
-                pred, y = outputs[(l, 1.0)]
-                m = pred.shape[0] // 2
-                if m == 0:
-                    continue
-
-                def half(key, sl):
-                    p, t = outputs[key]
-                    return loss_fn(p[sl], t[sl] if isinstance(t, torch.Tensor) and t.shape[:1] == p.shape[:1] else t)
-
-                a, b = slice(0, m), slice(m, 2 * m)
-                diff = half((l, 1.0), a) - half((l, 1.0), b)
-                grads = torch.autograd.grad(diff, params, retain_graph=True, allow_unused=True)
-                if l == 0:
-                    # The fine evaluation alone is single-scale's gradient on these samples: its
-                    # half-batch difference gives single-scale's per-sample variance for free.
-                    self.allocation.observe_single(m * _sq_norm(grads) / 2)
-                if l < self.levels:
-                    coarse = half((l, -1.0), a) - half((l, -1.0), b)
-                    coarse_grads = torch.autograd.grad(coarse, params, retain_graph=True, allow_unused=True)
-                    grads = [g if c is None else (-c if g is None else g - c) for g, c in zip(grads, coarse_grads)]
-                self.allocation.observe(l, m * _sq_norm(grads) / 2)
-        # One backward through each level's graph: about 2/3 of a forward+backward work unit.
-        cost.work_units_variance = (2.0 / 3.0) * sum(
-            lc.work_units for lc in cost.levels)
-        cost.work_units += cost.work_units_variance
-        cost.flops_variance, cost.seconds_variance = counted
-
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict:
@@ -434,3 +405,37 @@ class MGE:
         extra = f", base_level={self.base_level}" if self.base_level else ""
         return (f"MGE(levels={self.levels}, batch_sizes={self.batch_sizes}, restriction={self.restriction!r}, "
                 f"allocation={self.allocation!r}{extra})")
+
+
+def measure_gradient_variance(est: "MGE", model: nn.Module, loss_fn: Callable, outputs: dict, device) -> None:
+    """V_l = m/2 · ‖∇(Δℓ_A − Δℓ_B)‖² from the two halves A, B (m samples each) of level l's batch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    cost = est.last_cost
+    with count_flops(est.count_flops, device) as counted:
+        for l in range(est.levels + 1):
+            pred, y = outputs[(l, 1.0)]
+            m = pred.shape[0] // 2
+            if m == 0:
+                continue
+
+            def half(key, sl):
+                p, t = outputs[key]
+                return loss_fn(p[sl], t[sl] if isinstance(t, torch.Tensor) and t.shape[:1] == p.shape[:1] else t)
+
+            a, b = slice(0, m), slice(m, 2 * m)
+            diff = half((l, 1.0), a) - half((l, 1.0), b)
+            grads = torch.autograd.grad(diff, params, retain_graph=True, allow_unused=True)
+            if l == 0:
+                # The fine evaluation alone is single-scale's gradient on these samples: its
+                # half-batch difference gives single-scale's per-sample variance for free.
+                est.allocation.observe_single(m * _sq_norm(grads) / 2)
+            if l < est.levels:
+                coarse = half((l, -1.0), a) - half((l, -1.0), b)
+                coarse_grads = torch.autograd.grad(coarse, params, retain_graph=True, allow_unused=True)
+                grads = [g if c is None else (-c if g is None else g - c) for g, c in zip(grads, coarse_grads)]
+            est.allocation.observe(l, m * _sq_norm(grads) / 2)
+    # One backward through each level's graph: about 2/3 of a forward+backward work unit.
+    cost.work_units_variance = (2.0 / 3.0) * sum(
+        lc.work_units for lc in cost.levels)
+    cost.work_units += cost.work_units_variance
+    cost.flops_variance, cost.seconds_variance = counted

@@ -1,5 +1,5 @@
 """Layers and layer context: the grid-scale context, MFConv2d and convert()."""
-from msconv.nn.grid import current_grid_scale, grid_scale
+from msconv.grid import current_grid_scale, grid_scale
 from msconv.nn.mfconv import MFConv2d, UnresolvedSigmaWarning
 from msconv.nn.convert import PoorFitWarning, convert
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from msconv import reference
-from msconv.nn._memory import check_fits
-from msconv.nn.grid import current_grid_scale
+from msconv._memory import check_fits
+from msconv.grid import current_grid_scale
 from msconv.ops._common import is_channels_last
 from msconv.ops.mfconv import METHODS, PADDING_MODES, mf_conv2d
 

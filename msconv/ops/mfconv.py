@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from msconv import reference
-from msconv.nn.grid import current_grid_scale
+from msconv.grid import current_grid_scale
 from msconv.ops import _backend
 from msconv.ops import mf_conv_fused as _fused
 from msconv.ops._common import check_choice, check_image

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from msconv import reference
-from msconv.nn._memory import check_fits
+from msconv._memory import check_fits
 from msconv.ops import _backend
 from msconv.ops._common import check_choice, check_image, check_int, empty_like_format
 from msconv.ops._taps import taps

@@ -78,7 +78,7 @@ class Task:
     def pyramid_pair(self, x: torch.Tensor, y: torch.Tensor, depth: int, kind: str = "average"):
         """``([x, R x, …, R^depth x], [y, R y, …])``: the pair on every grid down to ``depth``
         (what :class:`msconv.MGE` evaluates; pass it as ``MGE(..., pyramid_fn=task.pyramid_pair)``)."""
-        from msconv import pyramid
+        from msconv.ops.transfer import pyramid
 
         return pyramid(x, depth, kind), pyramid(y, depth, kind)
 
@@ -150,7 +150,7 @@ class Denoise(Task):
             return super().corrupt_on_grid(y, generator, level, kind)
         _check_image(y, "denoise")
         g = _check_generator(generator, "denoise")
-        from msconv import restrict
+        from msconv.ops.transfer import restrict
 
         yc = restrict(y, kind, levels=level)
         std = self.noise_sigma / 255.0 / (1.0 if self.noise_restriction == "preserve" else 2.0 ** level)
@@ -231,7 +231,7 @@ class Deblur(Task):
     def pyramid_pair(self, x, y, depth, kind="average"):
         if self.coarse == "restricted":
             return super().pyramid_pair(x, y, depth, kind)
-        from msconv import pyramid
+        from msconv.ops.transfer import pyramid
 
         ys = pyramid(y, depth, kind)
         noise = pyramid(x - gaussian_blur(y, self.blur_sigma, 1.0), depth, kind)
@@ -242,7 +242,7 @@ class Deblur(Task):
     def corrupt_on_grid(self, y, generator, level, kind="average"):
         if self.coarse == "restricted" or level == 0:
             return super().corrupt_on_grid(y, generator, level, kind)
-        from msconv import restrict
+        from msconv.ops.transfer import restrict
 
         return self.corrupt(restrict(y, kind, levels=level), generator)
 
@@ -350,7 +350,7 @@ class SuperResolution(Task):
         near-identity task)."""
         if self.coarse == "restricted":
             return super().pyramid_pair(x, y, depth, kind)
-        from msconv import pyramid
+        from msconv.ops.transfer import pyramid
 
         ys = pyramid(y, depth, kind)
         return [x] + [self._degrade(yl) for yl in ys[1:]], ys
@@ -358,7 +358,7 @@ class SuperResolution(Task):
     def corrupt_on_grid(self, y, generator, level, kind="average"):
         if self.coarse == "restricted" or level == 0:
             return super().corrupt_on_grid(y, generator, level, kind)
-        from msconv import restrict
+        from msconv.ops.transfer import restrict
 
         return self.corrupt(restrict(y, kind, levels=level), generator)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from msconv.nn.grid import grid_scale
+from msconv.grid import grid_scale
 from msconv.tasks import Task
 from msconv.train.metrics import psnr_ssim
 

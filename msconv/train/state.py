@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from msconv.train.evaluate import val_threshold
+
 __all__ = ["RunState"]
 
 
@@ -32,6 +34,30 @@ class RunState:
     next_val: int = 0
     flops_cache: dict = field(default_factory=dict)
     finished: bool = False
+
+    def count_step(self, work_units: float, seconds: float, shape_key: str, flops: int | None, world: int) -> None:
+        """One more step: its work (all processes), seconds, and the FLOPs of its shape (counted on
+        the first step of each distinct shape, ``flops``; None on the others)."""
+        self.step += 1
+        self.wall_clock_s += seconds
+        if flops is not None:
+            self.flops_cache[shape_key] = flops
+        self.work_units += work_units
+        self.flops += self.flops_cache.get(shape_key, 0) * world
+
+    def validation_due(self, points: int, planned_work: float) -> bool:
+        """Whether the work spent has reached the next of ``points`` validation points."""
+        return (self.next_val <= points
+                and self.work_units >= val_threshold(self.next_val, points, planned_work) - 1e-9)
+
+    def record_validation(self, psnr: float, ssim: float, points: int, planned_work: float) -> dict:
+        """Append a validation record at the current position (past every point it covers)."""
+        while self.validation_due(points, planned_work):
+            self.next_val += 1
+        rec = {"step": self.step, "work_units": self.work_units, "flops": self.flops,
+               "wall_clock_s": self.wall_clock_s, "psnr": psnr, "ssim": ssim}
+        self.val_history.append(rec)
+        return rec
 
     def state_dict(self) -> dict:
         return {"step": self.step, "work_units": self.work_units, "flops": self.flops, "wall_clock_s": self.wall_clock_s,

@@ -27,7 +27,8 @@ from msconv.multilevel import Schedule
 from msconv.nn import UnresolvedSigmaWarning
 from msconv.train.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
 from msconv.train.config import TrainConfig
-from msconv.train.evaluate import Evaluator, val_threshold
+from msconv.train.evaluate import Evaluator
+from msconv.train.batches import BatchDrawer
 from msconv.train.execution import Execution, check_divisible, make_output_folder, start_distributed
 from msconv.train.guard import DivergenceGuard
 from msconv.train.resume import check_same_run, checkpoint_config
@@ -85,6 +86,7 @@ class Trainer:
         self.train_set, self.val_set, self.task, self.model = run.train_set, run.val_set, run.task, run.model
         self.device, self.optimizer, self.sampler, self.corrupt_rng = run.device, run.optimizer, run.sampler, run.corrupt_rng
         self.execution = Execution.set_up(cfg, self.model, self.device, self.rank, self.world)
+        self.batches = BatchDrawer(self.sampler, self.task, self.corrupt_rng, cfg.restriction, self.execution)
         self.evaluator = Evaluator(self.task, self.model, self.device, self.val_set.images, cfg.val_crop, cfg.seed + 2,
                                    cfg.restriction)
         self.schedule = Schedule(
@@ -104,45 +106,16 @@ class Trainer:
         self.train_step = TrainingStep(self.model, self.optimizer, self.execution, self.guard, run.lr, cfg.inject_nan_at)
 
     def draw(self, sizes, level: int = 0) -> list:
-        """One fresh corrupted batch per estimator level, ``[(x_l, y_l)]`` with ``sizes[l]`` samples,
-        on grid ``level`` (the stage's finest), on the device; crops of the stage's side, resized
-        when the stage says so (nearest-neighbour, as Composer's progressive resizing does)."""
-        stage, ex = self.schedule.stage, self.execution  # the schedule sets the stage before drawing
-        crop, resize = (stage.crop, stage.resize) if stage is not None else (None, None)
-        out = []
-        for n in sizes:
-            clean = self.sampler.next_batch(n, crop)
-            if resize is not None:
-                clean = torch.nn.functional.interpolate(clean, size=(resize, resize), mode="nearest")
-            # Corruption runs on the CPU generator (reproducible on any device), then moves.
-            x, y = self.task.corrupt_on_grid(clean, self.corrupt_rng, level, self.cfg.restriction)
-            out.append(tuple(t.to(self.device, non_blocking=True, memory_format=ex.memory_format) for t in (x, y)))
-        if self.world > 1:
-            from msconv.multilevel.distributed import shard_batches
-
-            out = shard_batches(out, self.rank, self.world)  # every rank draws the global batch, trains on its share
-        return out
-
-    def validate(self, pairs=None) -> tuple[float, float]:
-        return self.evaluator.validate(pairs)
+        """One fresh corrupted batch per level on grid ``level``, shaped as the current stage says
+        (see :class:`~msconv.train.batches.BatchDrawer`)."""
+        return self.batches.draw(sizes, level, self.schedule.stage)
 
     def _record_val(self, sinks) -> dict:
-        s = self.state
-        psnr, ssim = self.validate()
-        while s.next_val <= self.cfg.val_points and s.work_units >= val_threshold(s.next_val, self.cfg.val_points,
-                                                                                 self.planned_work) - 1e-9:
-            s.next_val += 1
-        rec = {"step": s.step, "work_units": s.work_units, "flops": s.flops, "wall_clock_s": s.wall_clock_s,
-               "psnr": psnr, "ssim": ssim}
-        s.val_history.append(rec)
+        psnr, ssim = self.evaluator.validate()
+        rec = self.state.record_validation(psnr, ssim, self.cfg.val_points, self.planned_work)
         for sink in sinks:
             sink.validation(rec)
         return rec
-
-    def _val_due(self) -> bool:
-        s = self.state
-        return (s.next_val <= self.cfg.val_points
-                and s.work_units >= val_threshold(s.next_val, self.cfg.val_points, self.planned_work) - 1e-9)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
@@ -245,12 +218,7 @@ class Trainer:
                 t = lr_position(self.parts, st.global_step, s.work_units)
                 r = self.train_step(stage, st.estimator, st.batches, t, s.step + 1,
                                     cfg.count_flops and key not in s.flops_cache)
-                s.step += 1
-                s.wall_clock_s += r.seconds + draw_s
-                if r.flops is not None:
-                    s.flops_cache[key] = r.flops
-                s.work_units += r.work_units
-                s.flops += s.flops_cache.get(key, 0) * self.world
+                s.count_step(r.work_units, r.seconds + draw_s, key, r.flops, self.world)
                 row = {"step": s.step, "stage": stage.index, "level": stage.base_level, "loss": r.loss, "lr": r.lr,
                        "work_units": s.work_units, "flops": s.flops, "wall_clock_s": s.wall_clock_s,
                        "batch_sizes": " ".join(map(str, r.sizes)), "skipped": int(r.skipped is not None)}
@@ -262,7 +230,7 @@ class Trainer:
                 stage_end = stage.steps_run >= stage.iterations
                 spent = self.parts.work_target is not None and s.work_units >= self.parts.work_target - 1e-9
                 s.finished = (stage_end and stage.index == len(self.stages) - 1) or spent
-                if self._val_due() or s.finished:
+                if s.validation_due(cfg.val_points, self.planned_work) or s.finished:
                     rec = self._record_val(sinks)
                     row.update(val_psnr=rec["psnr"], val_ssim=rec["ssim"])
                 for sink in sinks:
