@@ -52,9 +52,17 @@ SWEEP = {
     **{f"small_p{p}_b16": ["--mode", "small", "--small-crop", str(p), "--small-batch", "16"] for p in (24, 32, 48, 64)},
     "small_p32_b4": ["--mode", "small", "--small-crop", "32", "--small-batch", "4"],
     "small_p32_b64": ["--mode", "small", "--small-crop", "32", "--small-batch", "64"],
+    "small_p24_b4": ["--mode", "small", "--small-crop", "24", "--small-batch", "4"],
+    "small_p16_b4": ["--mode", "small", "--small-crop", "16", "--small-batch", "4"],
+    "small_p40_b4": ["--mode", "small", "--small-crop", "40", "--small-batch", "4"],
     "progressive_s0.25": ["--mode", "progressive", "--progressive-initial-scale", "0.25"],
     "fmg_c32": ["--mode", "fmg", "--fmg-crop", "32"],
     "fmg_c64": ["--mode", "fmg", "--fmg-crop", "64"],
+    # Many cheap steps (what small patches do well): the same batch on every stage, 16x the steps per coarser stage.
+    "fmg_b1": ["--mode", "fmg", "--fmg-batch-ratio", "1", "--fmg-iteration-ratio", "16"],
+    # More of the work on the fine grid's small patches: FMG as their hot start.
+    "fmg_c32_r4": ["--mode", "fmg", "--fmg-crop", "32", "--fmg-iteration-ratio", "4"],
+    "fmg_c32_b1": ["--mode", "fmg", "--fmg-crop", "32", "--fmg-batch-ratio", "1", "--fmg-iteration-ratio", "16"],
 }
 SUITES = {
     "sweep": ({**DEFAULTS, **SWEEP}, {"defaults": list(DEFAULTS), "all": list(DEFAULTS) + list(SWEEP)}),

@@ -89,16 +89,18 @@ def work_driven(cfg: TrainConfig) -> bool:
     return cfg.iterations is None and cfg.mode == "mge" and cfg.resolved_allocation == "matched"
 
 
-# The small-patch baseline's default side: this many receptive fields (rounded up to a multiple of
-# 8, at least 16, at most --crop), from the sweep in bench/results/strong_baselines.
-SMALL_PATCH_RF_MULTIPLE = 2.0
+# The small-patch baseline's default side: the model's receptive field, to the nearest multiple of 8
+# (at least 16, at most --crop). Measured (bench/results/strong_baselines/sweep, DnCNN 8x32 with a
+# 17-pixel receptive field, batch 4, 1200 work units): at equal work, smaller patches train better
+# down to the smallest tried (16² > 24² > 32² > 40²), because the same work buys more steps.
+SMALL_PATCH_RF_MULTIPLE = 1.0
 
 
 def small_patch_rule(rf: int, crop: int, multiple: int = 1) -> int:
     """Default side of the small-patch baseline for a model whose receptive field is ``rf`` pixels:
-    ``SMALL_PATCH_RF_MULTIPLE * rf`` rounded up to a multiple of lcm(8, ``multiple``), within [16, crop]."""
+    ``SMALL_PATCH_RF_MULTIPLE * rf`` to the nearest multiple of lcm(8, ``multiple``), within [16, crop]."""
     step = math.lcm(8, multiple)
-    side = math.ceil(SMALL_PATCH_RF_MULTIPLE * rf / step) * step
+    side = max(1, round(SMALL_PATCH_RF_MULTIPLE * rf / step)) * step
     return min(crop, max(16, side))
 
 

@@ -6,7 +6,7 @@ Each tree runs ``msconv train`` in a fresh process at two budgets; (time at the 
 smaller) / (extra steps) is the per-step time, which cancels start-up, data loading and validation.
 Trees alternate within each repeat so a busy machine slows them alike. CSV to --out.
 
-    python bench/bench_engine_overhead.py --tree before=/work/before --tree after=. --repeats 5
+    python bench/engine_overhead.py --tree before=/work/before --tree after=. --repeats 5
 """
 from __future__ import annotations
 
