@@ -63,6 +63,14 @@ SWEEP = {
     # More of the work on the fine grid's small patches: FMG as their hot start.
     "fmg_c32_r4": ["--mode", "fmg", "--fmg-crop", "32", "--fmg-iteration-ratio", "4"],
     "fmg_c32_b1": ["--mode", "fmg", "--fmg-crop", "32", "--fmg-batch-ratio", "1", "--fmg-iteration-ratio", "16"],
+    # Plain-loss stages (no MGE differences in a stage: its gradient is as exact as single-scale's).
+    "fmg_plain": ["--mode", "fmg", "--fmg-plain-stages"],
+    "fmg_plain_b1": ["--mode", "fmg", "--fmg-plain-stages", "--fmg-batch-ratio", "1", "--fmg-iteration-ratio", "16"],
+    # ... with 16² patches on every grid (the small-patch baseline's pixels per step) and batch 4.
+    "fmg_plain_c16_b1_r4": ["--mode", "fmg", "--fmg-plain-stages", "--fmg-crop", "16", "--fmg-batch-ratio", "1",
+                            "--fmg-iteration-ratio", "4"],
+    "fmg_plain_c16_b1_r2": ["--mode", "fmg", "--fmg-plain-stages", "--fmg-crop", "16", "--fmg-batch-ratio", "1",
+                            "--fmg-iteration-ratio", "2"],
 }
 SUITES = {
     "sweep": ({**DEFAULTS, **SWEEP}, {"defaults": list(DEFAULTS), "all": list(DEFAULTS) + list(SWEEP)}),

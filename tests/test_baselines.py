@@ -157,3 +157,11 @@ def test_compare_runs_the_baselines_by_default(photo_dir, tmp_path):
     assert [r["mode"] for r in s["runs"]] == list(DEFAULT_MODES)
     assert set(s["vs_baselines"]) == {"fmg"} and set(s["vs_baselines"]["fmg"]) == {"single", "small", "progressive",
                                                                                     "patches"}
+
+
+def test_fmg_plain_stages_train_each_grid_with_the_plain_loss(photo_dir, tmp_path):
+    t = Trainer(tiny(photo_dir, tmp_path, mode="fmg", fmg_plain_stages=True, fmg_crop=8, fmg_batch_ratio=1.0))
+    assert [(s.base_level, s.levels, s.batch_sizes, s.crop) for s in t.stages] == [(2, 0, [2], 32), (1, 0, [2], 16),
+                                                                                  (0, 0, [2], 8)]
+    r = t.run()
+    assert abs(r["work_units"] - 48) <= 0.02 * 48

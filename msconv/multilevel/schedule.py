@@ -93,7 +93,8 @@ class Stage:
 
 def plan(mode: str, levels: int, batch_sizes: Sequence[int], *, budget: float | None = None,
          iterations: int | None = None, iteration_ratio: float = 2.0, batch_ratio: float = 2.0,
-         lr_batch_power: float = 0.0, crop: int | None = None, fine_crop: int | None = None) -> list[Stage]:
+         lr_batch_power: float = 0.0, crop: int | None = None, fine_crop: int | None = None,
+         plain_stages: bool = False) -> list[Stage]:
     """The stages of ``mode`` (``"single"``, ``"mge"`` or ``"fmg"``), scaled so the run spends
     ``budget`` work units or runs ``iterations`` steps in all (exactly one of them).
 
@@ -101,6 +102,9 @@ def plan(mode: str, levels: int, batch_sizes: Sequence[int], *, budget: float | 
     first). Full-Multiscale stage k (finest grid k) runs ``iteration_ratio**k`` times the
     iterations of the finest stage with batches ``batch_ratio**k`` times larger, and its learning
     rate is scaled by (its finest batch / the finest stage's)^``lr_batch_power``.
+
+    ``plain_stages`` (Full-Multiscale): every stage trains on its own grid with the plain loss
+    (``levels=0``) instead of MGE over its grid and the coarser ones.
 
     ``fine_crop`` (Full-Multiscale, with the reference ``crop``): stage k draws crops of side
     ``min(crop, fine_crop * 2**k)`` on the finest grid, i.e. ``fine_crop``-pixel patches on every
@@ -117,7 +121,8 @@ def plan(mode: str, levels: int, batch_sizes: Sequence[int], *, budget: float | 
     elif mode == "mge":
         shapes = [(0, levels, sizes, 1.0)]
     else:
-        shapes = [(k, levels - k, [max(1, round(n * batch_ratio ** k)) for n in sizes[: levels - k + 1]],
+        below = (lambda k: 0) if plain_stages else (lambda k: levels - k)
+        shapes = [(k, below(k), [max(1, round(n * batch_ratio ** k)) for n in sizes[: below(k) + 1]],
                    iteration_ratio ** k) for k in range(levels, -1, -1)]
     if fine_crop is not None and mode != "fmg":
         raise ValueError(f"plan: fine_crop applies to mode='fmg' only, got mode={mode!r}")

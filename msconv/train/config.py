@@ -108,6 +108,8 @@ class TrainConfig:
     lr_batch_scaling: str = _f("none", "fmg: each stage's LR times (its finest-level batch / the fine stage's)^p: "
                                "none (p=0) | sqrt (p=1/2) | linear (p=1, the SGD rule for large batches)",
                                choices=tuple(LR_BATCH_POWERS))
+    fmg_plain_stages: bool = _f(False, "fmg: each stage trains on its own grid with the plain loss instead of MGE over its "
+                                       "grid and the coarser ones")
     fmg_crop: int = _f(None, "fmg: crop side of the finest stage on the fine grid; coarser stage k draws min(--crop, "
                              "fmg_crop*2**k), i.e. the same patch in its own pixels until the full --crop fits "
                              "(default: --crop at every stage)")

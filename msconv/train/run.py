@@ -146,7 +146,8 @@ def plan_stages(cfg: TrainConfig, model: torch.nn.Module | None = None, in_chann
                   budget=None if iterations is not None else cfg.budget, iterations=iterations,
                   iteration_ratio=cfg.fmg_iteration_ratio, batch_ratio=cfg.fmg_batch_ratio,
                   lr_batch_power=LR_BATCH_POWERS[cfg.lr_batch_scaling],
-                  crop=cfg.crop, fine_crop=cfg.fmg_crop if cfg.mode == "fmg" else None)
+                  crop=cfg.crop, fine_crop=cfg.fmg_crop if cfg.mode == "fmg" else None,
+                  plain_stages=cfg.fmg_plain_stages and cfg.mode == "fmg")
     if sum(s.iterations for s in stages) < 1:
         raise ConfigError("--budget is too small for a single step; raise --budget")
     if cfg.iterations is None and cfg.budget / cfg.batch_size < MIN_STEPS_TO_LEARN:
