@@ -16,6 +16,10 @@ Suites:
 * ``bsd68`` (the same data): the default comparison (``msconv compare`` with its default modes);
 * ``unseen`` (Set5 + Set14, never tuned on; 80/20 split by image): the default comparison, plus the
   tuned variants of the sweep;
+* ``long`` (Train400 -> BSD68, run with ``--budget 4800``): the best baseline and the best
+  Full-Multiscale schedule of the sweep at four times the default budget;
+* ``unet`` (the unseen photos): a UNet with 3 poolings (receptive field 108 px), where small
+  patches lose context;
 * ``tasks`` (the same unseen photos): deblurring and super-resolution x2 (DnCNN), single-scale, small
   patches and Full-Multiscale with coarse grids posing the same problem (the default) or the
   restricted fine one.
@@ -75,10 +79,20 @@ SWEEP = {
 SUITES = {
     "sweep": ({**DEFAULTS, **SWEEP}, {"defaults": list(DEFAULTS), "all": list(DEFAULTS) + list(SWEEP)}),
     "bsd68": (DEFAULTS, {"defaults": list(DEFAULTS)}),
-    "unseen": ({**DEFAULTS, "progressive_s0.25": SWEEP["progressive_s0.25"], "fmg_c32": SWEEP["fmg_c32"]},
+    "unseen": ({**DEFAULTS, "progressive_s0.25": SWEEP["progressive_s0.25"], "fmg_c32": SWEEP["fmg_c32"],
+                "fmg_plain_c16_b1_r2": SWEEP["fmg_plain_c16_b1_r2"]},
                {"defaults": list(DEFAULTS),
-                "tuned": list(DEFAULTS) + ["progressive_s0.25", "fmg_c32"]}),
+                "tuned": list(DEFAULTS) + ["progressive_s0.25", "fmg_c32", "fmg_plain_c16_b1_r2"]}),
 }
+# A longer budget (--budget 4800): does the best baseline catch up as training converges?
+SUITES["long"] = ({n: ({**DEFAULTS, **SWEEP})[n] for n in ("small", "fmg_plain_c16_b1_r2")},
+                  {"defaults": ["small", "fmg_plain_c16_b1_r2"]})
+# A UNet with 3 poolings (receptive field 108 px): small patches lose context there.
+UNET = ["--model", "unet", "--depth", "3"]
+SUITES["unet"] = ({"single": [*UNET, *DEFAULTS["single"]], "small": [*UNET, *DEFAULTS["small"]],
+                   "small_p32": [*UNET, "--mode", "small", "--small-crop", "32"],
+                   "fmg": [*UNET, *DEFAULTS["fmg"]], "fmg_plain_b1": [*UNET, *SWEEP["fmg_plain_b1"]]},
+                  {"defaults": ["single", "small", "small_p32", "fmg", "fmg_plain_b1"]})
 TASKS = {f"{task}_{name}": [*task_opts, *opts]
          for task, task_opts in (("deblur", ["--task", "deblur"]), ("sr", ["--task", "sr"]))
          for name, opts in (("single", DEFAULTS["single"]), ("fmg", DEFAULTS["fmg"]),
@@ -114,7 +128,7 @@ def main() -> int:
     args = p.parse_args()
 
     configs, groups = SUITES[args.suite]
-    if args.suite in ("unseen", "tasks"):
+    if args.suite in ("unseen", "tasks", "unet"):
         if not args.data or not os.path.isdir(args.data):
             print(f"strong_baselines: --suite {args.suite} needs --data DIR (Set5 + Set14 images)", file=sys.stderr)
             return 2

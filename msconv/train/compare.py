@@ -259,24 +259,30 @@ def compare(cfg: TrainConfig, modes=DEFAULT_MODES, data=None, on_step=None) -> d
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise ConfigError(f"--modes: {bad or modes!r} not valid; give a comma-separated subset of {list(MODES)}")
+    twice = sorted({m for m in modes if modes.count(m) > 1})
+    if twice:
+        raise ConfigError(f"--modes: {', '.join(twice)} given more than once; each mode runs once into OUT/<mode>")
     os.makedirs(cfg.out, exist_ok=True)
     if data is None:
         from msconv.data import load_dataset
 
         data = load_dataset(cfg.data, cfg.val_data, cfg.gray, cfg.val_fraction, cfg.split_seed,
                             "skip" if cfg.skip_bad_files else "error")
-    results = []
-    for mode in modes:
-        sub = cfg.replace(mode=mode, out=os.path.join(cfg.out, mode))
-        done = os.path.join(sub.out, "result.json")
-        if cfg.resume and os.path.exists(done):
-            with open(done) as fh:
-                results.append(json.load(fh))
-            continue
-        if cfg.resume and not os.path.exists(os.path.join(sub.out, "checkpoint.pt")):
-            sub = sub.replace(resume=False)
-        r = Trainer(sub, on_step=on_step, data=data).run()
-        if not r["complete"]:  # stopped early on purpose (max_steps): nothing to summarise yet
-            return {"config": cfg.to_dict(), "runs": [], "incomplete": mode}
-        results.append(r)
-    return summarize(cfg, results, cfg.out)
+    from msconv.train.folder import run_folder_lock
+
+    with run_folder_lock(cfg.out):
+        results = []
+        for mode in modes:
+            sub = cfg.replace(mode=mode, out=os.path.join(cfg.out, mode))
+            done = os.path.join(sub.out, "result.json")
+            if cfg.resume and os.path.exists(done):
+                with open(done) as fh:
+                    results.append(json.load(fh))
+                continue
+            if cfg.resume and not os.path.exists(os.path.join(sub.out, "checkpoint.pt")):
+                sub = sub.replace(resume=False)
+            r = Trainer(sub, on_step=on_step, data=data).run()
+            if not r["complete"]:  # stopped early on purpose (max_steps): nothing to summarise yet
+                return {"config": cfg.to_dict(), "runs": [], "incomplete": mode}
+            results.append(r)
+        return summarize(cfg, results, cfg.out)

@@ -146,6 +146,7 @@ class TrainConfig:
     split_seed: int = _f(0, "seed of the train/validation split")
     out: str = _f("runs/train", "output folder (metrics.csv, tb/, checkpoint.pt, result.json)")
     resume: bool = _f(False, "continue from OUT/checkpoint.pt")
+    overwrite: bool = _f(False, "start fresh even when OUT holds an unfinished run (its checkpoint is replaced)")
     val_points: int = _f(24, "validations at log-spaced work units from budget/256 to the budget (plus one at the start), "
                               "so savings up to 256x can be read off the curves")
     ckpt_every: int = _f(25, "checkpoint every this many steps (and at every stage end)")

@@ -8,7 +8,7 @@ from msconv.train.config import TrainConfig
 __all__ = ["RUN_ONLY", "RESUME_MAY_CHANGE", "check_same_run", "checkpoint_config"]
 
 # Options that say how one invocation runs, not what the run computes.
-RUN_ONLY = {"out", "resume", "progress", "tensorboard", "threads", "max_steps", "ckpt_every", "inject_nan_at", "device"}
+RUN_ONLY = {"out", "resume", "overwrite", "progress", "tensorboard", "threads", "max_steps", "ckpt_every", "inject_nan_at", "device"}
 # Options a resumed run may change (the remedies a non-finite stop advises); the rest must agree.
 RESUME_MAY_CHANGE = ("lr", "on_nonfinite", "max_skips", "divergence_factor")
 # What a checkpoint from before an option existed ran with, where that differs from today's default.

@@ -29,6 +29,7 @@ from msconv.train.checkpoint import FORMAT, CheckpointError, load_checkpoint, sa
 from msconv.train.config import TrainConfig
 from msconv.train.evaluate import Evaluator
 from msconv.train.batches import BatchDrawer
+from msconv.train.folder import check_not_resumable, run_folder_lock
 from msconv.train.execution import Execution, check_divisible, make_output_folder, start_distributed
 from msconv.train.guard import DivergenceGuard
 from msconv.train.resume import check_same_run, checkpoint_config
@@ -77,6 +78,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         make_output_folder(cfg.out)
         self.ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+        if not cfg.resume and not cfg.overwrite:
+            check_not_resumable(cfg.out, load_checkpoint)
         self.rank, self.world = start_distributed()
         if self.world > 1:
             check_divisible(cfg, self.world)
@@ -188,7 +191,8 @@ class Trainer:
             # The run said it up front, with the CLI's options (build_run): the layers' own
             # warning on the first coarse step would repeat it in the library's terms.
             warnings.filterwarnings("ignore", category=UnresolvedSigmaWarning)
-            return self._run()
+            with run_folder_lock(self.cfg.out, enabled=self.rank == 0):
+                return self._run()
 
     def _run(self) -> dict:
         cfg, s = self.cfg, self.state

@@ -1,0 +1,76 @@
+"""One owner per run folder: a second run refuses and names the holder, a crashed run's lock is
+taken over, and a fresh run never overwrites a resumable one silently."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from msconv.cli import main
+from msconv.train import TrainConfig, Trainer
+from msconv.train.compare import compare
+from msconv.train.config import ConfigError
+from msconv.train.folder import LOCK_NAME, run_folder_lock
+
+from _photo_data import photo_dir  # noqa: F401 - the fixture (tests/_photo_data.py)
+
+
+def tiny(photo_dir, out, **kw):
+    base = dict(data=photo_dir, crop=32, depth=2, width=4, batch_size=2, iterations=4, val_crop=32, val_points=1,
+                progress=False, tensorboard=False, out=str(out), threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _lock(out, pid):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, LOCK_NAME), "w") as fh:
+        json.dump({"pid": pid, "host": os.uname().nodename, "started": "2026-12-06 10:00:00"}, fh)
+
+
+def test_a_second_run_on_a_folder_in_use_refuses_and_names_the_holder(photo_dir, tmp_path):
+    # Before: two runs with the same --out both exited 0 and interleaved their metrics.csv rows.
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _lock(tmp_path, holder.pid)
+        with pytest.raises(ConfigError, match=rf"in use by another msconv run \(pid {holder.pid} on .*another --out"):
+            Trainer(tiny(photo_dir, tmp_path)).run()
+        assert not (tmp_path / "metrics.csv").exists()
+        with pytest.raises(ConfigError, match="in use by another msconv run"):
+            compare(tiny(photo_dir, tmp_path), modes=["single"])
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_crashed_runs_lock_is_taken_over_and_a_finished_run_releases_it(photo_dir, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _lock(tmp_path, dead.pid)
+    r = Trainer(tiny(photo_dir, tmp_path)).run()
+    assert r["complete"] and not (tmp_path / LOCK_NAME).exists()
+    with run_folder_lock(str(tmp_path)):
+        with run_folder_lock(str(tmp_path)):  # re-entrant in one process (compare, then its modes)
+            assert (tmp_path / LOCK_NAME).exists()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_fresh_run_does_not_overwrite_a_resumable_one(photo_dir, tmp_path, capsys):
+    # Before: the second command silently replaced the first run's checkpoint, metrics and config.
+    args = ["train", "--data", photo_dir, "--crop", "32", "--depth", "2", "--width", "4", "--iterations", "6",
+            "--val-points", "1", "--no-progress", "--no-tensorboard", "--threads", "1", "--out", str(tmp_path)]
+    assert main(args + ["--max-steps", "3"]) == 0
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds an unfinished run (checkpoint at step 3)" in err and "--resume" in err and "--overwrite" in err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert main(args + ["--resume"]) == 0
+    assert main(args) == 0  # the run finished: a new one may start there
+    assert main(args + ["--max-steps", "2"]) == 0 and main(args + ["--overwrite"]) == 0
+
+
+def test_compare_refuses_a_mode_given_twice(photo_dir, tmp_path):
+    with pytest.raises(ConfigError, match="single given more than once"):
+        compare(tiny(photo_dir, tmp_path), modes=["single", "single"])
