@@ -22,7 +22,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not belong to this run."""
 
 
-def _alive(pid: int) -> bool:
+def pidpid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -42,7 +42,7 @@ def remove_orphaned_temporaries(folder: str) -> list[str]:
         return removed
     for name in names:
         m = _TMP.match(name)
-        if (m and not _alive(int(m.group(1)))) or _TMP_LEGACY.match(name):
+        if (m and not pid_alive(int(m.group(1)))) or _TMP_LEGACY.match(name):
             path = os.path.join(folder, name)
             try:
                 os.unlink(path)

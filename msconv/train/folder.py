@@ -13,21 +13,12 @@ import os
 import socket
 import time
 
+from msconv.train.checkpoint import pid_alive
 from msconv.train.config import ConfigError
 
 __all__ = ["run_folder_lock", "check_not_resumable", "LOCK_NAME"]
 
 LOCK_NAME = ".msconv-lock"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _holder(path: str) -> dict | None:
@@ -55,7 +46,7 @@ def run_folder_lock(out: str, enabled: bool = True):
             h = _holder(path)
             if h is not None and h.get("pid") == me["pid"] and h.get("host") == me["host"]:
                 break  # this process holds it already (an enclosing run)
-            if h is not None and h.get("host") == me["host"] and isinstance(h.get("pid"), int) and not _alive(h["pid"]):
+            if h is not None and h.get("host") == me["host"] and isinstance(h.get("pid"), int) and not pid_alive(h["pid"]):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)  # stale: its run died without releasing it
                 continue
