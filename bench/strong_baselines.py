@@ -93,10 +93,14 @@ SUITES["unet"] = ({"single": [*UNET, *DEFAULTS["single"]], "small": [*UNET, *DEF
                    "small_p32": [*UNET, "--mode", "small", "--small-crop", "32"],
                    "fmg": [*UNET, *DEFAULTS["fmg"]], "fmg_plain_b1": [*UNET, *SWEEP["fmg_plain_b1"]]},
                   {"defaults": ["single", "small", "small_p32", "fmg", "fmg_plain_b1"]})
+# The best Full-Multiscale schedule of the sweep, spelled out (plain stages, 16² patches on every
+# grid, batch 4 everywhere, iterations x2 per coarser stage).
+FMG_SMALL = ["--fmg-plain-stages", "--fmg-crop", "16", "--fmg-batch-ratio", "1", "--fmg-iteration-ratio", "2"]
 TASKS = {f"{task}_{name}": [*task_opts, *opts]
          for task, task_opts in (("deblur", ["--task", "deblur"]), ("sr", ["--task", "sr"]))
          for name, opts in (("single", DEFAULTS["single"]), ("fmg", DEFAULTS["fmg"]),
                             ("fmg_restricted", [*DEFAULTS["fmg"], "--coarse-task", "restricted"]),
+                            ("fmg_small", ["--mode", "fmg", *FMG_SMALL]),
                             ("small", DEFAULTS["small"]))}
 SUITES["tasks"] = (TASKS, {t: [n for n in TASKS if n.startswith(t)] for t in ("deblur", "sr")})
 FIELDS = ["suite", "name", "mode", "psnr_db", "start_psnr_db", "work_units", "wall_clock_s", "iterations",

@@ -20,8 +20,10 @@ from _photo_data import photo_dir  # noqa: F401 - the fixture (tests/_photo_data
 
 def tiny(photo_dir, out, **kw):
     # The product defaults' 8:1 Full-Multiscale ratio would leave the finest stage no steps at 8 iterations.
+    # Full-Multiscale with MGE stages and full crops (the schedule these tests were written for;
+    # the default plain-stage, small-patch schedule is tested in test_baselines.py).
     base = dict(data=photo_dir, crop=32, depth=3, width=4, blocks=1, batch_size=2, levels=2, iterations=8,
-                fmg_iteration_ratio=2.0,
+                fmg_iteration_ratio=2.0, fmg_batch_ratio=2.0, fmg_plain_stages=False, fmg_crop=32,
                 val_crop=32, val_points=4, ckpt_every=100, progress=False, tensorboard=False, out=str(out),
                 lr=3e-3, threads=1)
     base.update(kw)
@@ -35,13 +37,14 @@ def test_step_work_and_budget_scaling():
     assert [(s.base_level, s.levels, s.batch_sizes, s.iterations) for s in single] == [(0, 0, [4], 25)]
     mge = plan_stages(TrainConfig(mode="mge", allocation="fixed", budget=130, batch_size=4, levels=2))
     assert mge[0].batch_sizes == [4, 4, 4] and mge[0].iterations == 20  # 6.5 work units per step
-    fmg = plan_stages(TrainConfig(mode="fmg", budget=165, batch_size=4, levels=2, fmg_iteration_ratio=2.0))
+    mge_stages = dict(fmg_iteration_ratio=2.0, fmg_batch_ratio=2.0, fmg_plain_stages=False, fmg_crop=128)
+    fmg = plan_stages(TrainConfig(mode="fmg", budget=165, batch_size=4, levels=2, **mge_stages))
     # Coarsest first; iterations halve and batches halve per finer stage.
     assert [s.base_level for s in fmg] == [2, 1, 0]
     assert [s.batch_sizes for s in fmg] == [[16], [8, 8], [4, 4, 4]]
     assert [s.iterations for s in fmg] == [40, 20, 10]
     assert abs(sum(s.iterations * s.work_per_step for s in fmg) - 165) < 1e-9
-    fixed = plan_stages(TrainConfig(mode="fmg", iterations=14, levels=2, fmg_iteration_ratio=2.0))
+    fixed = plan_stages(TrainConfig(mode="fmg", iterations=14, levels=2, **mge_stages))
     assert sum(s.iterations for s in fixed) == 14
 
 

@@ -102,17 +102,19 @@ class TrainConfig:
                          "per step), fixed for fmg", choices=("auto",) + ALLOCATIONS)
     restriction: str = _f("average", f"restriction of inputs and targets: {_alts(RESTRICT_KINDS)}",
                           choices=RESTRICT_KINDS)
-    fmg_iteration_ratio: float = _f(8.0, "fmg: each coarser stage runs this many times the iterations of the next finer one "
-                                     "(with --fmg-batch-ratio 2, each coarser stage does 4x the work of the next finer one)")
-    fmg_batch_ratio: float = _f(2.0, "fmg: each coarser stage multiplies the batch sizes by this")
+    fmg_iteration_ratio: float = _f(2.0, "fmg: each coarser stage runs this many times the iterations of the next finer one "
+                                     "(with the default patches and batches, each coarser stage does 2x the work of the "
+                                     "next finer one)")
+    fmg_batch_ratio: float = _f(1.0, "fmg: each coarser stage multiplies the batch sizes by this")
     lr_batch_scaling: str = _f("none", "fmg: each stage's LR times (its finest-level batch / the fine stage's)^p: "
                                "none (p=0) | sqrt (p=1/2) | linear (p=1, the SGD rule for large batches)",
                                choices=tuple(LR_BATCH_POWERS))
-    fmg_plain_stages: bool = _f(False, "fmg: each stage trains on its own grid with the plain loss instead of MGE over its "
-                                       "grid and the coarser ones")
+    fmg_plain_stages: bool = _f(True, "fmg: each stage trains on its own grid with the plain loss (--no-fmg-plain-stages: "
+                                      "MGE over its grid and the coarser ones)")
     fmg_crop: int = _f(None, "fmg: crop side of the finest stage on the fine grid; coarser stage k draws min(--crop, "
                              "fmg_crop*2**k), i.e. the same patch in its own pixels until the full --crop fits "
-                             "(default: --crop at every stage)")
+                             "(default: the small-patch baseline's patch for the model; --fmg-crop equal to --crop: "
+                             "full crops on every stage)")
     small_crop: int = _f(None, "small: patch side (default: the rule small_patch_rule gives for the model's receptive "
                                "field, see msconv.train.run)")
     small_batch: int = _f(None, "small: batch size (default: --batch-size)")

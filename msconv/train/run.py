@@ -142,11 +142,16 @@ def plan_stages(cfg: TrainConfig, model: torch.nn.Module | None = None, in_chann
         # by an amount known only then: it runs until it has spent the budget (see work_driven),
         # and the plan's steps are only a cap.
         iterations = max(1, round(WORK_DRIVEN_STEP_CAP * cfg.budget / cfg.batch_size))
+    fine_crop = cfg.fmg_crop
+    if cfg.mode == "fmg" and fine_crop is None:
+        if model is None:
+            raise ConfigError("--mode fmg without --fmg-crop needs the model to measure its receptive field")
+        fine_crop = small_patch_rule(receptive_field(model, in_channels), cfg.crop, math.lcm(2 ** cfg.levels, multiple))
     stages = plan(cfg.mode, cfg.levels, base_batch_sizes(cfg),
                   budget=None if iterations is not None else cfg.budget, iterations=iterations,
                   iteration_ratio=cfg.fmg_iteration_ratio, batch_ratio=cfg.fmg_batch_ratio,
                   lr_batch_power=LR_BATCH_POWERS[cfg.lr_batch_scaling],
-                  crop=cfg.crop, fine_crop=cfg.fmg_crop if cfg.mode == "fmg" else None,
+                  crop=cfg.crop, fine_crop=fine_crop if cfg.mode == "fmg" else None,
                   plain_stages=cfg.fmg_plain_stages and cfg.mode == "fmg")
     if sum(s.iterations for s in stages) < 1:
         raise ConfigError("--budget is too small for a single step; raise --budget")
