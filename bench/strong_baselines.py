@@ -91,8 +91,11 @@ SUITES["long"] = ({n: ({**DEFAULTS, **SWEEP})[n] for n in ("small", "fmg_plain_c
 UNET = ["--model", "unet", "--depth", "3"]
 SUITES["unet"] = ({"single": [*UNET, *DEFAULTS["single"]], "small": [*UNET, *DEFAULTS["small"]],
                    "small_p32": [*UNET, "--mode", "small", "--small-crop", "32"],
+                   "small_p112": [*UNET, "--mode", "small", "--small-crop", "112"],
+                   "fmg_mge_stages": [*UNET, "--mode", "fmg", "--no-fmg-plain-stages", "--fmg-crop", "128",
+                                      "--fmg-batch-ratio", "2", "--fmg-iteration-ratio", "8"],
                    "fmg": [*UNET, *DEFAULTS["fmg"]], "fmg_plain_b1": [*UNET, *SWEEP["fmg_plain_b1"]]},
-                  {"defaults": ["single", "small", "small_p32", "fmg", "fmg_plain_b1"]})
+                  {"defaults": ["single", "small", "small_p112", "fmg_mge_stages", "fmg_plain_b1", "fmg"]})
 # The best Full-Multiscale schedule of the sweep, spelled out (plain stages, 16² patches on every
 # grid, batch 4 everywhere, iterations x2 per coarser stage).
 FMG_SMALL = ["--fmg-plain-stages", "--fmg-crop", "16", "--fmg-batch-ratio", "1", "--fmg-iteration-ratio", "2"]

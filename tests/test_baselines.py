@@ -100,7 +100,8 @@ def test_small_patch_default_and_fmg_crop_reach_the_stages(photo_dir, tmp_path):
     assert t.stages[0].crop == 16  # the 7-pixel receptive field of a 3-layer DnCNN, to a multiple of 8, >= 16
     from msconv.train.run import small_patch_rule
 
-    assert [small_patch_rule(rf, 128) for rf in (7, 17, 21, 35, 300)] == [16, 16, 24, 32, 128]
+    assert [small_patch_rule(rf, 128) for rf in (7, 17, 21, 35, 300)] == [16, 16, 24, 32, 32]
+    assert small_patch_rule(17, 8) == 8  # never above the crop
     assert small_patch_rule(17, 128, multiple=3) == 24  # sr x3-style size multiples: lcm(8, 3)
     t = Trainer(tiny(photo_dir, tmp_path, mode="fmg", fmg_crop=8))
     assert [s.crop for s in t.stages] == [32, 16, 8]  # coarsest first: the full crop fits there

@@ -89,19 +89,22 @@ def work_driven(cfg: TrainConfig) -> bool:
     return cfg.iterations is None and cfg.mode == "mge" and cfg.resolved_allocation == "matched"
 
 
-# The small-patch baseline's default side: the model's receptive field, to the nearest multiple of 8
-# (at least 16, at most --crop). Measured (bench/results/strong_baselines/sweep, DnCNN 8x32 with a
-# 17-pixel receptive field, batch 4, 1200 work units): at equal work, smaller patches train better
-# down to the smallest tried (16² > 24² > 32² > 40²), because the same work buys more steps.
-SMALL_PATCH_RF_MULTIPLE = 1.0
+# The small-patch baseline's default side: the model's receptive field to the nearest multiple of 8,
+# within [16, 32] (and at most --crop). Measured (bench/results/strong_baselines, batch 4, 1200 work
+# units): at equal work smaller patches train better because the same work buys more steps — DnCNN
+# 8x32 (17-px receptive field) 16² > 24² > 32² > 40², and a UNet with a 108-px receptive field
+# trained better on 32² patches than on 112² ones (+0.71 dB): the context beyond 32 px did not pay.
+SMALL_PATCH_RF_MULTIPLE, SMALL_PATCH_MIN, SMALL_PATCH_MAX = 1.0, 16, 32
 
 
 def small_patch_rule(rf: int, crop: int, multiple: int = 1) -> int:
     """Default side of the small-patch baseline for a model whose receptive field is ``rf`` pixels:
-    ``SMALL_PATCH_RF_MULTIPLE * rf`` to the nearest multiple of lcm(8, ``multiple``), within [16, crop]."""
+    ``SMALL_PATCH_RF_MULTIPLE * rf`` to the nearest multiple of lcm(8, ``multiple``), within
+    [SMALL_PATCH_MIN, SMALL_PATCH_MAX] rounded to that multiple, and at most ``crop``."""
     step = math.lcm(8, multiple)
     side = max(1, round(SMALL_PATCH_RF_MULTIPLE * rf / step)) * step
-    return min(crop, max(16, side))
+    lo, hi = -(-SMALL_PATCH_MIN // step) * step, max(step, SMALL_PATCH_MAX // step * step)
+    return min(crop, max(lo, min(hi, side)))
 
 
 def _baseline_stages(cfg: TrainConfig, model: torch.nn.Module | None, in_channels: int, multiple: int) -> list[Stage]:
