@@ -13,7 +13,6 @@ Suites:
 
 * ``sweep`` (Train400 -> 10 BSD68 images, the tuning data): the small-patch baseline's patch side
   and batch, progressive resizing's initial scale, Full-Multiscale's fine-stage patch;
-* ``bsd68`` (the same data): the default comparison (``msconv compare`` with its default modes);
 * ``unseen`` (Set5 + Set14, never tuned on; 80/20 split by image): the default comparison, plus the
   tuned variants of the sweep;
 * ``long`` (Train400 -> BSD68, run with ``--budget 4800``): the best baseline and the best
@@ -51,6 +50,10 @@ DEFAULTS = {
     "patches": ["--mode", "patches"],
     "fmg": ["--mode", "fmg"],
 }
+# Full-Multiscale's previous defaults (MGE stages, full crops, batches x2 and iterations x8 per
+# coarser stage); the sweep's variants start from it, so each runs the same whatever the defaults.
+FMG_MGE_STAGES = ["--mode", "fmg", "--no-fmg-plain-stages", "--fmg-crop", "128", "--fmg-batch-ratio", "2",
+                  "--fmg-iteration-ratio", "8"]
 SWEEP = {
     # Small patches: the side at equal pixels per step (batch 16), and the batch at 32².
     **{f"small_p{p}_b16": ["--mode", "small", "--small-crop", str(p), "--small-batch", "16"] for p in (24, 32, 48, 64)},
@@ -60,51 +63,43 @@ SWEEP = {
     "small_p16_b4": ["--mode", "small", "--small-crop", "16", "--small-batch", "4"],
     "small_p40_b4": ["--mode", "small", "--small-crop", "40", "--small-batch", "4"],
     "progressive_s0.25": ["--mode", "progressive", "--progressive-initial-scale", "0.25"],
-    "fmg_c32": ["--mode", "fmg", "--fmg-crop", "32"],
-    "fmg_c64": ["--mode", "fmg", "--fmg-crop", "64"],
+    "fmg_mge_stages": FMG_MGE_STAGES,
+    "fmg_c32": [*FMG_MGE_STAGES, "--fmg-crop", "32"],
+    "fmg_c64": [*FMG_MGE_STAGES, "--fmg-crop", "64"],
     # Many cheap steps (what small patches do well): the same batch on every stage, 16x the steps per coarser stage.
-    "fmg_b1": ["--mode", "fmg", "--fmg-batch-ratio", "1", "--fmg-iteration-ratio", "16"],
+    "fmg_b1": [*FMG_MGE_STAGES, "--fmg-batch-ratio", "1", "--fmg-iteration-ratio", "16"],
     # More of the work on the fine grid's small patches: FMG as their hot start.
-    "fmg_c32_r4": ["--mode", "fmg", "--fmg-crop", "32", "--fmg-iteration-ratio", "4"],
-    "fmg_c32_b1": ["--mode", "fmg", "--fmg-crop", "32", "--fmg-batch-ratio", "1", "--fmg-iteration-ratio", "16"],
+    "fmg_c32_r4": [*FMG_MGE_STAGES, "--fmg-crop", "32", "--fmg-iteration-ratio", "4"],
+    "fmg_c32_b1": [*FMG_MGE_STAGES, "--fmg-crop", "32", "--fmg-batch-ratio", "1", "--fmg-iteration-ratio", "16"],
     # Plain-loss stages (no MGE differences in a stage: its gradient is as exact as single-scale's).
-    "fmg_plain": ["--mode", "fmg", "--fmg-plain-stages"],
-    "fmg_plain_b1": ["--mode", "fmg", "--fmg-plain-stages", "--fmg-batch-ratio", "1", "--fmg-iteration-ratio", "16"],
-    # ... with 16² patches on every grid (the small-patch baseline's pixels per step) and batch 4.
-    "fmg_plain_c16_b1_r4": ["--mode", "fmg", "--fmg-plain-stages", "--fmg-crop", "16", "--fmg-batch-ratio", "1",
+    "fmg_plain": [*FMG_MGE_STAGES, "--fmg-plain-stages"],
+    "fmg_plain_b1": [*FMG_MGE_STAGES, "--fmg-plain-stages", "--fmg-batch-ratio", "1", "--fmg-iteration-ratio", "16"],
+    # ... with 16² patches on every grid (the small-patch baseline's pixels per step) and batch 4;
+    # iterations x2 per coarser stage is the current default schedule ("fmg").
+    "fmg_plain_c16_b1_r4": [*FMG_MGE_STAGES, "--fmg-plain-stages", "--fmg-crop", "16", "--fmg-batch-ratio", "1",
                             "--fmg-iteration-ratio", "4"],
-    "fmg_plain_c16_b1_r2": ["--mode", "fmg", "--fmg-plain-stages", "--fmg-crop", "16", "--fmg-batch-ratio", "1",
-                            "--fmg-iteration-ratio", "2"],
 }
 SUITES = {
     "sweep": ({**DEFAULTS, **SWEEP}, {"defaults": list(DEFAULTS), "all": list(DEFAULTS) + list(SWEEP)}),
-    "bsd68": (DEFAULTS, {"defaults": list(DEFAULTS)}),
-    "unseen": ({**DEFAULTS, "progressive_s0.25": SWEEP["progressive_s0.25"], "fmg_c32": SWEEP["fmg_c32"],
-                "fmg_plain_c16_b1_r2": SWEEP["fmg_plain_c16_b1_r2"]},
+    "unseen": ({**DEFAULTS, "progressive_s0.25": SWEEP["progressive_s0.25"], "fmg_mge_stages": FMG_MGE_STAGES,
+                "fmg_c32": SWEEP["fmg_c32"]},
                {"defaults": list(DEFAULTS),
-                "tuned": list(DEFAULTS) + ["progressive_s0.25", "fmg_c32", "fmg_plain_c16_b1_r2"]}),
+                "tuned": list(DEFAULTS) + ["progressive_s0.25", "fmg_mge_stages", "fmg_c32"]}),
 }
 # A longer budget (--budget 4800): does the best baseline catch up as training converges?
-SUITES["long"] = ({n: ({**DEFAULTS, **SWEEP})[n] for n in ("small", "fmg_plain_c16_b1_r2")},
-                  {"defaults": ["small", "fmg_plain_c16_b1_r2"]})
-# A UNet with 3 poolings (receptive field 108 px): small patches lose context there.
+SUITES["long"] = ({n: DEFAULTS[n] for n in ("small", "fmg")}, {"defaults": ["small", "fmg"]})
+# A UNet with 3 poolings (receptive field 108 px).
 UNET = ["--model", "unet", "--depth", "3"]
 SUITES["unet"] = ({"single": [*UNET, *DEFAULTS["single"]], "small": [*UNET, *DEFAULTS["small"]],
-                   "small_p32": [*UNET, "--mode", "small", "--small-crop", "32"],
                    "small_p112": [*UNET, "--mode", "small", "--small-crop", "112"],
-                   "fmg_mge_stages": [*UNET, "--mode", "fmg", "--no-fmg-plain-stages", "--fmg-crop", "128",
-                                      "--fmg-batch-ratio", "2", "--fmg-iteration-ratio", "8"],
-                   "fmg": [*UNET, *DEFAULTS["fmg"]], "fmg_plain_b1": [*UNET, *SWEEP["fmg_plain_b1"]]},
+                   "fmg_mge_stages": [*UNET, *FMG_MGE_STAGES],
+                   "fmg_plain_b1": [*UNET, *SWEEP["fmg_plain_b1"]], "fmg": [*UNET, *DEFAULTS["fmg"]]},
                   {"defaults": ["single", "small", "small_p112", "fmg_mge_stages", "fmg_plain_b1", "fmg"]})
-# The best Full-Multiscale schedule of the sweep, spelled out (plain stages, 16² patches on every
-# grid, batch 4 everywhere, iterations x2 per coarser stage).
-FMG_SMALL = ["--fmg-plain-stages", "--fmg-crop", "16", "--fmg-batch-ratio", "1", "--fmg-iteration-ratio", "2"]
 TASKS = {f"{task}_{name}": [*task_opts, *opts]
          for task, task_opts in (("deblur", ["--task", "deblur"]), ("sr", ["--task", "sr"]))
-         for name, opts in (("single", DEFAULTS["single"]), ("fmg", DEFAULTS["fmg"]),
-                            ("fmg_restricted", [*DEFAULTS["fmg"], "--coarse-task", "restricted"]),
-                            ("fmg_small", ["--mode", "fmg", *FMG_SMALL]),
-                            ("small", DEFAULTS["small"]))}
+         for name, opts in (("single", DEFAULTS["single"]), ("small", DEFAULTS["small"]), ("fmg", DEFAULTS["fmg"]),
+                            ("fmg_mge_stages", FMG_MGE_STAGES),
+                            ("fmg_mge_stages_restricted", [*FMG_MGE_STAGES, "--coarse-task", "restricted"]))}
 SUITES["tasks"] = (TASKS, {t: [n for n in TASKS if n.startswith(t)] for t in ("deblur", "sr")})
 FIELDS = ["suite", "name", "mode", "psnr_db", "start_psnr_db", "work_units", "wall_clock_s", "iterations",
           "stages", "options"]
