@@ -12,19 +12,23 @@ is there already is read back, not run again. Each suite then writes
 Suites:
 
 * ``sweep`` (Train400 -> 10 BSD68 images, the tuning data): the small-patch baseline's patch side
-  and batch, progressive resizing's initial scale, Full-Multiscale's fine-stage patch;
-* ``unseen`` (Set5 + Set14, never tuned on; 80/20 split by image): the default comparison, plus the
-  tuned variants of the sweep;
-* ``long`` (Train400 -> BSD68, run with ``--budget 4800``): the best baseline and the best
-  Full-Multiscale schedule of the sweep at four times the default budget;
-* ``unet`` (the unseen photos): a UNet with 3 poolings (receptive field 108 px), where small
-  patches lose context;
-* ``tasks`` (the same unseen photos): deblurring and super-resolution x2 (DnCNN), single-scale, small
-  patches and Full-Multiscale with coarse grids posing the same problem (the default) or the
-  restricted fine one.
+  and batch, progressive resizing's initial scale, and 12 Full-Multiscale schedules (from the
+  previous defaults, ``FMG_MGE_STAGES``, to the current ones, ``fmg``);
+* ``unseen`` (Set5 + Set14, never tuned on; 80/20 split by image): the default comparison, plus
+  tuned progressive resizing and the previous Full-Multiscale schedule;
+* ``long`` (Train400 -> BSD68, run with ``--budget 4800``): the best baseline and Full-Multiscale at
+  four times the default budget;
+* ``unet`` (the unseen photos): a UNet with 3 poolings (receptive field 108 px);
+* ``tasks`` (the unseen photos): deblurring and super-resolution x2 (DnCNN): single-scale, small
+  patches, Full-Multiscale, and its previous schedule with coarse grids posing the same problem
+  or the restricted fine one.
+
+--data for unseen/unet/tasks: a folder holding Set5 and Set14 (e.g. symlinks ``Set5_<name>``,
+``Set14_<name>`` to ../shared/data/Set5/* and Set14/*).
 
     python bench/strong_baselines.py --suite sweep --jobs 2
-    python bench/strong_baselines.py --suite unseen --data /tmp/unseen
+    python bench/strong_baselines.py --suite unseen --data /tmp/unseen --jobs 2
+    python bench/strong_baselines.py --suite long --budget 4800 --jobs 2
 """
 from __future__ import annotations
 
