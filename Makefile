@@ -26,8 +26,9 @@ $(STAMP): $(VPY) $(SOURCES)
 	$(VPY) -m pip install -q --no-build-isolation -e ".[dev]"
 	@touch $(STAMP)
 
-# The defaults on the bundled photographs, as `msconv compare` runs them for a user: single-scale vs
-# MGE vs Full-Multiscale denoising (sigma 25), DnCNN 8x32, 128^2 crops, 1200 work units per mode.
+# The defaults on the bundled photographs, as `msconv compare` runs them for a user: Full-Multiscale
+# against single-scale and the baselines (small patches, progressive resizing, progressive patches),
+# denoising (sigma 25), DnCNN 8x32, 128^2 crops, 1200 work units per mode.
 demo: $(STAMP)
 	$(VPY) -m msconv compare --out runs/demo
 
