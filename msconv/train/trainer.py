@@ -72,8 +72,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, on_step=None, data: tuple[ImageSet, ImageSet] | None = None):
-        self.cfg = cfg = cfg.validated()
-        self.on_step = on_step
+        self.cfg, self.on_step = cfg.validated(), on_step
+        cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         make_output_folder(cfg.out)
@@ -100,12 +100,10 @@ class Trainer:
             # overhead would otherwise inflate every step's wall-clock.
             estimator_kwargs={"count_flops": False, "pyramid_fn": self.task.pyramid_pair,
                               "unit_pixels": cfg.crop * cfg.crop})
-        self.stages = self.schedule.stages
+        self.stages, self.total_steps = self.schedule.stages, self.schedule.total_steps
         self.estimators = [st.estimator for st in self.stages]
-        self.total_steps = self.schedule.total_steps
         self.planned_work = run.work_target or self.schedule.planned_work()
-        self.state = RunState()
-        self.guard = DivergenceGuard(cfg.divergence_factor)
+        self.state, self.guard = RunState(), DivergenceGuard(cfg.divergence_factor)
         self.train_step = TrainingStep(self.model, self.optimizer, self.execution, self.guard, run.lr, cfg.inject_nan_at)
 
     def draw(self, sizes, level: int = 0) -> list:
