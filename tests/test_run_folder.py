@@ -74,3 +74,20 @@ def test_a_fresh_run_does_not_overwrite_a_resumable_one(photo_dir, tmp_path, cap
 def test_compare_refuses_a_mode_given_twice(photo_dir, tmp_path):
     with pytest.raises(ConfigError, match="single given more than once"):
         compare(tiny(photo_dir, tmp_path), modes=["single", "single"])
+
+
+def test_a_fifo_named_like_an_image_is_skipped_not_waited_on(photo_dir, tmp_path):
+    # Before: PIL.Image.open blocked on the FIFO and the run hung for ever.
+    import shutil
+    import warnings
+
+    from msconv.data import load_folder
+
+    d = tmp_path / "photos"
+    shutil.copytree(photo_dir, d)
+    os.mkfifo(d / "zz_pipe.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = load_folder(str(d))
+    assert len(ds) == len(os.listdir(photo_dir)) and "zz_pipe.png" not in ds.names
+    assert any("not a regular file" in str(w.message) for w in caught)

@@ -141,6 +141,11 @@ def load_folder(path: str, gray: bool = True, on_bad_file: str = "error", recurs
     files.sort(key=lambda f: os.path.relpath(f, path))
     images, kept = [], []
     for f in files:
+        if not os.path.isfile(f):
+            # A FIFO, socket or device named like an image would block or stream for ever when opened.
+            warnings.warn(f"skipping {f!r}: not a regular file (a pipe, socket, device or broken link), so not an "
+                          "image", stacklevel=2)
+            continue
         try:
             images.append(load_image(f, gray))
             kept.append(os.path.relpath(f, path))
