@@ -91,3 +91,41 @@ def test_a_fifo_named_like_an_image_is_skipped_not_waited_on(photo_dir, tmp_path
         ds = load_folder(str(d))
     assert len(ds) == len(os.listdir(photo_dir)) and "zz_pipe.png" not in ds.names
     assert any("not a regular file" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("kind", ["float_888", "int32_200000", "float_negative"])
+def test_high_range_tiffs_are_scaled_by_their_range_not_clipped(tmp_path, kind):
+    # Before: a float TIFF with values 0..888 loaded with 77% of its pixels at 1.0.
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from msconv.data import load_image
+
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    a = {"float_888": (ramp * 888).astype(np.float32), "int32_200000": (ramp * 200000).astype(np.int32),
+         "float_negative": (ramp * 2 - 1).astype(np.float32)}[kind]
+    path = str(tmp_path / "x.tif")
+    Image.fromarray(a).save(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = load_image(path)
+    assert float(t.min()) == 0.0 and float(t.max()) == 1.0
+    assert float((t >= 1.0).float().mean()) < 0.01  # not saturated
+    assert np.allclose(t[0].numpy(), ramp, atol=1e-4)
+    assert any("scaled by that range" in str(w.message) for w in caught)
+
+
+def test_ordinary_images_load_as_before(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from msconv.data import load_image
+
+    for a in (np.arange(256, dtype=np.uint8).reshape(16, 16), (np.arange(256).reshape(16, 16) * 200).astype(np.uint16),
+              np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16),
+              np.linspace(0, 255, 256, dtype=np.float32).reshape(16, 16)):
+        Image.fromarray(a).save(tmp_path / "y.tif")
+        t = load_image(str(tmp_path / "y.tif"))
+        assert abs(float(t.max()) - float(a.max()) / {np.uint8: 255, np.uint16: 65535}.get(a.dtype.type, 255 if a.max() > 1 else 1)) < 1e-6

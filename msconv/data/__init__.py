@@ -69,8 +69,15 @@ def _to_tensor(a: np.ndarray, gray: bool, what: str) -> torch.Tensor:
                 f"{what}: the image holds {int((~np.isfinite(a)).sum())} non-finite value(s) (NaN or inf), which "
                 "would poison every crop and loss that touches them; fix or remove the file"
             )
-        if a.max(initial=0) > 1.0 + 1e-6:
-            a = a / 255.0
+        lo, hi = float(a.min(initial=0)), float(a.max(initial=0))
+        if lo >= 0 and hi > 1.0 + 1e-6 and hi <= 255.0 + 1e-3:
+            a = a / 255.0  # a float image on the 0-255 scale
+        elif lo < 0 or hi > 255.0 + 1e-3:
+            # Not [0, 1] nor 0-255: clamping would saturate it. Scale its own range to [0, 1], and say so.
+            warnings.warn(f"{what}: values span [{lo:g}, {hi:g}], neither [0, 1] nor 0-255; scaled by that range to "
+                          "[0, 1]. Convert the file to 8 or 16 bits (or [0, 1] floats) to control the scale",
+                          stacklevel=3)
+            a = ((a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)).astype(np.float32)
     if a.ndim == 3 and a.shape[2] == 4:  # RGBA: drop alpha
         a = a[..., :3]
     if a.ndim == 3 and a.shape[2] == 2:  # gray + alpha
@@ -101,7 +108,10 @@ def load_image(path: str, gray: bool = True) -> torch.Tensor:
             if im.mode in ("I;16", "I;16B", "I;16L"):
                 a = np.asarray(im, dtype=np.uint16)
             elif im.mode == "I":
-                a = np.asarray(im, dtype=np.int64).clip(0, 65535).astype(np.uint16)
+                a = np.asarray(im, dtype=np.int64)
+                # 32-bit integers: 16-bit data read as such; anything else is scaled by its range
+                # below (clipping it to 16 bits would saturate it silently).
+                a = a.astype(np.uint16) if a.min(initial=0) >= 0 and a.max(initial=0) <= 65535 else a.astype(np.float64)
             elif im.mode == "F":
                 a = np.asarray(im, dtype=np.float32)
             else:
