@@ -129,3 +129,18 @@ def test_ordinary_images_load_as_before(tmp_path):
         Image.fromarray(a).save(tmp_path / "y.tif")
         t = load_image(str(tmp_path / "y.tif"))
         assert abs(float(t.max()) - float(a.max()) / {np.uint8: 255, np.uint16: 65535}.get(a.dtype.type, 255 if a.max() > 1 else 1)) < 1e-6
+
+
+def test_psnr_refuses_targets_outside_the_unit_range():
+    # Before: psnr_ssim(t, t) on identical 0..255 images scored -43 dB (only the prediction was clipped).
+    import torch
+
+    from msconv.train.metrics import psnr_ssim
+
+    t = torch.rand(1, 16, 16) * 255
+    with pytest.raises(ValueError, match=r"target values span \[.*\], outside \[0, 1\].*target / 255"):
+        psnr_ssim(t, t)
+    with pytest.raises(ValueError, match="target must be a floating image"):
+        psnr_ssim(t, t.to(torch.uint8))
+    u = torch.rand(1, 16, 16)
+    assert psnr_ssim(u, u)[0] == 100.0

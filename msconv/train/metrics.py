@@ -31,6 +31,13 @@ def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
     if pred.dim() != 3 or pred.shape != target.shape:
         raise ValueError(f"psnr_ssim: pred and target must be one (C, H, W) image each of the same shape, got "
                          f"{tuple(pred.shape)} and {tuple(target.shape)}")
+    if not target.is_floating_point():
+        raise ValueError(f"psnr_ssim: target must be a floating image in [0, 1], got dtype {target.dtype}; convert "
+                         "it, e.g. target.float() / 255 for 8-bit images")
+    lo, hi = float(target.min()), float(target.max())
+    if not (0.0 <= lo and hi <= 1.0):
+        raise ValueError(f"psnr_ssim: target values span [{lo:g}, {hi:g}], outside [0, 1] (PSNR and SSIM use peak 1 "
+                         "and the prediction is clipped to [0, 1]); scale it to [0, 1], e.g. target / 255")
     if min(pred.shape[1:]) < _WIN:
         raise ValueError(f"psnr_ssim: SSIM needs images of at least {_WIN}x{_WIN} pixels, got {tuple(pred.shape)}")
     if not bool(torch.isfinite(pred).all()):
