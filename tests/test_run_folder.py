@@ -144,3 +144,27 @@ def test_psnr_refuses_targets_outside_the_unit_range():
         psnr_ssim(t, t.to(torch.uint8))
     u = torch.rand(1, 16, 16)
     assert psnr_ssim(u, u)[0] == 100.0
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(levels=-1), "levels=-1"), (dict(batch_sizes=[]), "batch_sizes=\\[\\]"), (dict(budget=-100.0), "budget=-100"),
+    (dict(budget=float("nan")), "budget=nan"), (dict(budget=None, iterations=0), "iterations=0"),
+    (dict(iteration_ratio=0), "iteration_ratio=0"), (dict(iteration_ratio=-1.0), "iteration_ratio=-1"),
+    (dict(mode="mge", batch_sizes=[4]), "levels \\+ 1 = 3 sizes for mode='mge'")])
+def test_plan_refuses_numbers_that_make_no_plan(kw, match):
+    from msconv.multilevel import plan
+
+    args = dict(mode="fmg", levels=2, batch_sizes=[4], budget=100.0)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        plan(args.pop("mode"), args.pop("levels"), args.pop("batch_sizes"), **args)
+
+
+def test_plan_honours_a_step_count_exactly():
+    # Before: --mode fmg --levels 2 --iterations 3 ran 5 steps.
+    from msconv.multilevel import plan
+
+    for n in (3, 4, 7, 14, 101):
+        assert sum(s.iterations for s in plan("fmg", 2, [4], iterations=n)) == n
+    with pytest.raises(ValueError, match="iterations=2 is fewer than the 3 stages"):
+        plan("fmg", 2, [4], iterations=2)

@@ -115,6 +115,7 @@ def plan(mode: str, levels: int, batch_sizes: Sequence[int], *, budget: float | 
         raise ValueError(f"plan: mode={mode!r} is not one of {MODES}")
     if (budget is None) == (iterations is None):
         raise ValueError("plan: give exactly one of budget= (work units) or iterations= (steps)")
+    _check_plan_numbers(mode, levels, batch_sizes, budget, iterations, iteration_ratio, batch_ratio)
     sizes = list(batch_sizes)
     if mode == "single":
         shapes = [(0, 0, sizes[:1], 1.0)]
@@ -132,15 +133,46 @@ def plan(mode: str, levels: int, batch_sizes: Sequence[int], *, budget: float | 
     areas = [1.0 if side is None else (side / crop) ** 2 for side in sides]
     works = [step_work(bs, b) * a for (b, _, bs, _), a in zip(shapes, areas)]
     if iterations is not None:
+        if iterations < len(shapes):
+            raise ValueError(f"plan: iterations={iterations} is fewer than the {len(shapes)} stages of mode={mode!r} "
+                             f"(each runs at least one step); give iterations >= {len(shapes)}")
         total_rel = sum(r for *_, r in shapes)
         its = [max(1, round(iterations * r / total_rel)) for *_, r in shapes]
         its[-1] = max(1, iterations - sum(its[:-1])) if len(its) > 1 else iterations
+        while sum(its) > iterations:  # the rounding gave more: take steps from the longest stage
+            its[its.index(max(its))] -= 1
     else:
         scale = budget / sum(r * w for (*_, r), w in zip(shapes, works))
         its = [max(1, round(r * scale)) for *_, r in shapes]
     fine = shapes[-1][2][0]
     return [Stage(b, l, bs, it, index=i, lr_scale=(bs[0] / fine) ** lr_batch_power, crop=side, area=a)
             for i, ((b, l, bs, _), it, side, a) in enumerate(zip(shapes, its, sides, areas))]
+
+
+def _check_plan_numbers(mode, levels, batch_sizes, budget, iterations, iteration_ratio, batch_ratio) -> None:
+    """ValueError naming the argument when a number of :func:`plan` cannot make a plan."""
+    import math as _math
+
+    def bad(name, v, want):
+        raise ValueError(f"plan: {name}={v!r} is not valid; it must be {want}")
+
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 0:
+        bad("levels", levels, "an int >= 0")
+    sizes = list(batch_sizes) if isinstance(batch_sizes, (list, tuple)) else None
+    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+        bad("batch_sizes", batch_sizes, "a non-empty list of ints >= 1, finest level first")
+    if mode == "mge" and len(sizes) != levels + 1:
+        bad("batch_sizes", batch_sizes, f"levels + 1 = {levels + 1} sizes for mode='mge'")
+    if mode == "fmg" and len(sizes) not in (1, levels + 1):
+        bad("batch_sizes", batch_sizes, f"1 or levels + 1 = {levels + 1} sizes for mode='fmg'")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not _math.isfinite(budget) or budget <= 0):
+        bad("budget", budget, "a finite number > 0 (work units)")
+    if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
+        bad("iterations", iterations, "an int >= 1")
+    for name, v in (("iteration_ratio", iteration_ratio), ("batch_ratio", batch_ratio)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not _math.isfinite(v) or v <= 0:
+            bad(name, v, "a finite number > 0")
 
 
 @dataclass
