@@ -168,3 +168,15 @@ def test_plan_honours_a_step_count_exactly():
         assert sum(s.iterations for s in plan("fmg", 2, [4], iterations=n)) == n
     with pytest.raises(ValueError, match="iterations=2 is fewer than the 3 stages"):
         plan("fmg", 2, [4], iterations=2)
+
+
+def test_schedule_refuses_another_schedules_state_and_momentum_is_checked(photo_dir, tmp_path):
+    from msconv.multilevel import Schedule, plan
+
+    a = Schedule(plan("fmg", 2, [2], iterations=6))
+    b = Schedule(plan("single", 0, [2], iterations=6))
+    with pytest.raises(ValueError, match="another schedule's"):
+        b.load_state_dict(a.state_dict())
+    b.load_state_dict(Schedule(plan("single", 0, [2], iterations=6)).state_dict())
+    with pytest.raises(ConfigError, match=r"--momentum must be in \[0, 1\)"):
+        tiny(photo_dir, tmp_path, optimizer="sgd", momentum=2.0).validated()

@@ -450,7 +450,14 @@ class Schedule:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict` at the next iteration of ``iter(self)``."""
+        """Continue from :meth:`state_dict` at the next iteration of ``iter(self)``; ValueError when
+        ``state`` is another schedule's (a different number of stages, or more steps run than planned)."""
+        n, runs = len(self.stages), state.get("steps_run", [])
+        if len(state.get("estimators", [])) != n or len(runs) != n or not 0 <= state.get("stage", -1) < n or any(
+                r > s.iterations for r, s in zip(runs, self.stages)):
+            raise ValueError(f"Schedule.load_state_dict: the state is another schedule's ({len(runs)} stage(s), steps run "
+                             f"{runs}) and this one has {n} stage(s) of {[s.iterations for s in self.stages]} steps; "
+                             "load it into the schedule it came from")
         for s, est, run in zip(self.stages, state["estimators"], state["steps_run"]):
             s.estimator.load_state_dict(est)
             s.steps_run = run

@@ -274,6 +274,10 @@ class TrainConfig:
             raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.val_crop and self.val_crop < 8:
             raise ConfigError(f"--val-crop must be 0 (full images) or >= 8, got {self.val_crop}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--momentum must be in [0, 1) (0.9 is usual), got {self.momentum!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
         if self.warmup < 0 or self.warmup >= 1:
             raise ConfigError(f"--warmup is a fraction of all steps in [0, 1), got {self.warmup}")
         if self.data != "bundled" and not os.path.isdir(self.data):
