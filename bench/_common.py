@@ -139,3 +139,25 @@ def report(rows: list[dict], args: argparse.Namespace, name: str, cols: list[str
     print(table(rows, cols))
     print(f"\nwrote {out}")
     return out
+
+
+def thin_metrics(path: str, steps: int = 500) -> None:
+    """Rewrite a run's metrics.csv with about ``steps`` training rows (evenly spaced) plus every row
+    that carries a validation, a skipped step or a stage change, so a long run's record stays a
+    small file; work units, FLOPs and wall-clock are cumulative columns, so no figure is lost at
+    the rows kept. A file already that small is left alone."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields, rows = reader.fieldnames, list(reader)
+    if len(rows) <= 2 * steps:
+        return
+    every = max(1, len(rows) // steps)
+    kept = [r for i, r in enumerate(rows)
+            if i % every == 0 or i == len(rows) - 1 or r.get("val_psnr") or r.get("skipped") == "1"
+            or (i and r.get("stage") != rows[i - 1].get("stage"))]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(kept)
+    os.replace(tmp, path)

@@ -5,6 +5,8 @@ on coarse grids, 128² reference crops, batch 4, 1200 work units, 1 thread) that
 others only in the options listed with it; runs go to OUT/<suite>/<name>/. A run whose result.json
 is there already is read back, not run again. Each suite then writes
 
+* OUT/<suite>/<name>/metrics.csv — the run's log, thinned to about 500 training rows plus every
+  validation, skipped-step and stage-change row;
 * OUT/<suite>/runs.csv — one row per run: final validation PSNR, work units, wall-clock, steps;
 * OUT/<suite>/<group>/summary.md and summary.json — ``msconv compare``'s own summary of a group
   of runs (every mode against the best baseline, and against each baseline).
@@ -40,7 +42,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from _common import bsd68_val_subset
+from _common import bsd68_val_subset, thin_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "..", "shared", "data")
@@ -118,6 +120,7 @@ def run_one(python, name, options, common, out) -> dict:
         print("+", " ".join(cmd), flush=True)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    thin_metrics(os.path.join(folder, "metrics.csv"))
     with open(done) as f:
         return json.load(f)
 
