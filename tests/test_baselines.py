@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from _photo_data import photo_dir  # noqa: F401 - the fixture (tests/_photo_data.py)
+from _run_records import run_record
 
 from msconv.models import build_model
 from msconv.multilevel import MGE
@@ -118,17 +119,11 @@ def test_baseline_options_are_checked(photo_dir, tmp_path, kw, match):
         tiny(photo_dir, tmp_path, **kw).validated()
 
 
-def _result(mode, history, wall=1.0):
-    return {"mode": mode, "conv": "standard", "psnr": history[-1][1], "ssim": 0.5, "work_units": history[-1][0],
-            "flops": 1, "wall_clock_s": wall, "iterations": 10,
-            "val_history": [{"work_units": w, "wall_clock_s": w / 10, "psnr": p} for w, p in history]}
-
-
 def test_summary_measures_against_the_best_baseline(tmp_path):
     single = [(0.0, 20.0), (10.0, 24.0), (100.0, 27.0)]
     small = [(0.0, 20.0), (10.0, 26.0), (50.0, 27.5), (100.0, 28.0)]
     fmg = [(0.0, 20.0), (10.0, 27.95), (100.0, 28.5)]
-    results = [_result("single", single), _result("small", small), _result("fmg", fmg)]
+    results = [run_record("single", single), run_record("small", small), run_record("fmg", fmg)]
     assert best_baseline(results)["mode"] == "small"
     s = summarize(TrainConfig(), results, str(tmp_path))
     assert s["best_baseline"] == "small" and "best baseline (small) learned" in s["verdict"]
@@ -146,7 +141,7 @@ def test_summary_measures_against_the_best_baseline(tmp_path):
 def test_summary_reports_a_loss_to_the_best_baseline(tmp_path):
     small = [(0.0, 20.0), (10.0, 26.0), (100.0, 29.0)]
     fmg = [(0.0, 20.0), (10.0, 27.0), (100.0, 28.5)]
-    s = summarize(TrainConfig(), [_result("small", small), _result("fmg", fmg)], str(tmp_path))
+    s = summarize(TrainConfig(), [run_record("small", small), run_record("fmg", fmg)], str(tmp_path))
     f = s["runs"][1]
     assert f["delta_psnr_vs_best_baseline"] == pytest.approx(-0.5) and f["x_less_work_than_best_baseline"] is None
     line = [l for l in (tmp_path / "summary.md").read_text().splitlines() if l.startswith("| fmg")][0]

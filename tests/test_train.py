@@ -16,6 +16,7 @@ from msconv.train.config import ConfigError, TrainConfig, load_yaml
 from msconv.train.trainer import NonFiniteError, Trainer
 
 from _photo_data import photo_dir  # noqa: F401 - the fixture (tests/_photo_data.py)
+from _run_records import run_record
 
 
 def tiny(photo_dir, out, **kw):
@@ -263,17 +264,11 @@ def test_compare_writes_summary(photo_dir, tmp_path):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def _result(mode, history, wall=1.0):
-    return {"mode": mode, "conv": "standard", "psnr": history[-1][1], "ssim": 0.5, "work_units": history[-1][0],
-            "flops": 1, "wall_clock_s": wall, "iterations": 10,
-            "val_history": [{"work_units": w, "wall_clock_s": w / 10, "psnr": p} for w, p in history]}
-
-
 def test_summary_gives_no_savings_when_the_baseline_did_not_learn(tmp_path):
     # The user-reported failure: every mode ended at the input's PSNR and the summary claimed
     # "work to quality 0.0" for all of them.
     flat = [(0.0, 20.28), (10.0, 20.28), (100.0, 20.29)]
-    s = summarize(TrainConfig(), [_result("single", flat), _result("fmg", flat)], str(tmp_path))
+    s = summarize(TrainConfig(), [run_record("single", flat), run_record("fmg", flat)], str(tmp_path))
     assert s["baseline_learned"] is False and "did not learn" in s["verdict"] and "--budget" in s["verdict"]
     assert all(r["work_units_to_single_quality"] is None for r in s["runs"])
     md = (tmp_path / "summary.md").read_text()
@@ -284,7 +279,7 @@ def test_summary_gives_no_savings_when_the_baseline_did_not_learn(tmp_path):
 def test_summary_reports_nan_as_nan_and_never_divides_by_zero(tmp_path):
     single = [(0.0, 20.3), (1.0, 24.0), (10.0, 27.0), (100.0, 28.0)]
     nan_run = [(0.0, 20.3), (1.0, float("nan")), (100.0, float("nan"))]
-    s = summarize(TrainConfig(), [_result("single", single), _result("mge", nan_run)], str(tmp_path))
+    s = summarize(TrainConfig(), [run_record("single", single), run_record("mge", nan_run)], str(tmp_path))
     assert s["baseline_learned"] is True
     mge = s["runs"][1]
     assert mge["work_units_to_single_quality"] is None
@@ -296,7 +291,7 @@ def test_summary_ratio_and_its_resolution(tmp_path):
     single = [(0.0, 20.0), (6.25, 22.0), (12.5, 24.0), (25.0, 26.0), (50.0, 27.0), (100.0, 28.0)]
     fmg = [(0.0, 20.0), (6.25, 25.0), (12.5, 28.0), (25.0, 28.5), (50.0, 28.6), (100.0, 28.7)]
     fast = [(0.0, 20.0), (6.25, 28.0), (100.0, 28.9)]
-    s = summarize(TrainConfig(), [_result("single", single), _result("fmg", fmg), _result("mge", fast)], str(tmp_path))
+    s = summarize(TrainConfig(), [run_record("single", single), run_record("fmg", fmg), run_record("mge", fast)], str(tmp_path))
     assert s["runs"][1]["work_units_to_single_quality"] == 12.5 and s["runs"][0]["work_units_to_single_quality"] == 100
     assert s["runs"][1]["ratio_resolution"] == 2.0  # crossed between 6.25 and 12.5 work units
     assert s["runs"][2]["ratio_resolution"] == float("inf")  # already there at the first point
@@ -402,3 +397,28 @@ def test_a_checkpoint_of_the_previous_format_resumes(photo_dir, tmp_path):
     resumed.run()
     for k, v in _weights(full.model).items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_a_full_multiscale_run_from_before_the_new_options_resumes_as_it_ran(photo_dir, tmp_path):
+    # Its config.json and checkpoint have no fmg_plain_stages / fmg_crop / coarse_task: they ran MGE
+    # stages on full crops, which `--resume --out` must rebuild (today's defaults would be plain
+    # stages on small patches, silently another run).
+    from msconv.cli import main
+
+    args = ["train", "--mode", "fmg", "--data", photo_dir, "--crop", "32", "--depth", "2", "--width", "4",
+            "--levels", "2", "--iterations", "8", "--fmg-iteration-ratio", "2", "--fmg-batch-ratio", "2",
+            "--no-fmg-plain-stages", "--fmg-crop", "32", "--val-points", "1", "--no-progress", "--no-tensorboard",
+            "--threads", "1"]
+    assert main(args + ["--out", str(tmp_path / "full")]) == 0
+    cut = tmp_path / "cut"
+    assert main(args + ["--out", str(cut), "--max-steps", "3"]) == 0
+    cfg = json.load(open(cut / "config.json"))
+    ck = load_checkpoint(str(cut / "checkpoint.pt"))
+    for k in ("fmg_plain_stages", "fmg_crop", "coarse_task"):
+        cfg.pop(k)
+        ck["config"].pop(k)
+    json.dump(cfg, open(cut / "config.json", "w"))
+    save_atomic(ck, str(cut / "checkpoint.pt"))
+    assert main(["train", "--resume", "--out", str(cut), "--no-progress"]) == 0
+    a, b = torch.load(tmp_path / "full" / "model.pt"), torch.load(cut / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -151,8 +151,6 @@ def plan(mode: str, levels: int, batch_sizes: Sequence[int], *, budget: float | 
 
 def _check_plan_numbers(mode, levels, batch_sizes, budget, iterations, iteration_ratio, batch_ratio) -> None:
     """ValueError naming the argument when a number of :func:`plan` cannot make a plan."""
-    import math as _math
-
     def bad(name, v, want):
         raise ValueError(f"plan: {name}={v!r} is not valid; it must be {want}")
 
@@ -166,12 +164,12 @@ def _check_plan_numbers(mode, levels, batch_sizes, budget, iterations, iteration
     if mode == "fmg" and len(sizes) not in (1, levels + 1):
         bad("batch_sizes", batch_sizes, f"1 or levels + 1 = {levels + 1} sizes for mode='fmg'")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                               or not _math.isfinite(budget) or budget <= 0):
+                               or not math.isfinite(budget) or budget <= 0):
         bad("budget", budget, "a finite number > 0 (work units)")
     if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
         bad("iterations", iterations, "an int >= 1")
     for name, v in (("iteration_ratio", iteration_ratio), ("batch_ratio", batch_ratio)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not _math.isfinite(v) or v <= 0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             bad(name, v, "a finite number > 0")
 
 

@@ -18,7 +18,7 @@ from msconv.multilevel.schedule import MODES as MULTILEVEL_MODES
 from msconv.reference import RESTRICT_KINDS
 from msconv.tasks import TASKS, Denoise
 
-__all__ = ["TrainConfig", "load_yaml", "options_of_run", "RUN_RECORD_KEYS", "ConfigError", "MODES", "OPTIMIZERS", "DEFAULT_LR", "LR_BATCH_POWERS", "CLI_MODEL_SIZES", "PRECISIONS"]
+__all__ = ["TrainConfig", "load_yaml", "options_of_run", "options_before", "RUN_RECORD_KEYS", "ConfigError", "MODES", "OPTIMIZERS", "DEFAULT_LR", "LR_BATCH_POWERS", "CLI_MODEL_SIZES", "PRECISIONS"]
 
 # Every mode a run can have: the multilevel ones (single-scale is their one-level case) and the
 # single-scale schedules a practitioner would use instead (msconv.multilevel.baselines).
@@ -204,6 +204,12 @@ class TrainConfig:
         return "matched" if self.mode == "mge" else "fixed"
 
     @property
+    def coarse_levels(self) -> int:
+        """The coarser levels the run trains on: ``levels`` for mge and fmg, 0 for single-scale and
+        the baselines (one grid each)."""
+        return self.levels if self.mode in ("mge", "fmg") else 0
+
+    @property
     def resolved_noise_sigma(self) -> float:
         if self.noise_sigma is not None:
             return self.noise_sigma
@@ -256,7 +262,7 @@ class TrainConfig:
                     f"--batch-sizes must be {self.levels + 1} positive ints (one per level, finest first, for "
                     f"--levels {self.levels}), got {self.batch_sizes!r}"
                 )
-        if self.mode in ("mge", "fmg") and self.resolved_allocation == "mlmc":
+        if self.coarse_levels and self.resolved_allocation == "mlmc":
             smallest = min(self.batch_sizes or [self.batch_size])
             if smallest < MLMC_MIN_BATCH:
                 raise ConfigError(
@@ -264,7 +270,7 @@ class TrainConfig:
                     f"--batch-size{'s' if self.batch_sizes else ''} gives a level {smallest}: with fewer the "
                     f"variances are never measured and the sizes never adapt. Use --batch-size {MLMC_MIN_BATCH} or more"
                     f"{' (and every --batch-sizes entry >= ' + str(MLMC_MIN_BATCH) + ')' if self.batch_sizes else ''}")
-        mult = 2 ** (self.levels if self.mode in ("mge", "fmg") else 0) * (self.sr_scale if self.task == "sr" else 1)
+        mult = 2 ** self.coarse_levels * (self.sr_scale if self.task == "sr" else 1)
         if self.crop % mult:
             raise ConfigError(
                 f"--crop {self.crop} must be a multiple of {mult} (2**levels"
@@ -395,6 +401,14 @@ def load_yaml(path: str) -> dict:
     return d
 
 
+def options_before(recorded: dict) -> dict:
+    """For the options missing from a run's recorded options (``config.json`` or a checkpoint's
+    ``config``, written before those options existed), what that run computed with, where it differs
+    from today's default: the restricted coarse problem, MGE stages, full crops on every stage."""
+    then = {"coarse_task": "restricted", "fmg_plain_stages": False, "fmg_crop": recorded.get("crop", 128)}
+    return {k: v for k, v in then.items() if k not in recorded}
+
+
 def options_of_run(out: str) -> dict:
     """The options a run in folder ``out`` was started with (its ``config.json``), for ``--resume``
     without repeating them; ``max_steps`` (one invocation's planned stop) and ``resume`` are left out.
@@ -405,4 +419,4 @@ def options_of_run(out: str) -> dict:
     d = load_yaml(path)
     for k in ("max_steps", "resume"):
         d.pop(k, None)
-    return d
+    return {**d, **options_before(d)}

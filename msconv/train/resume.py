@@ -3,7 +3,7 @@ agree, except the remedies a stopped run is advised to change."""
 from __future__ import annotations
 
 from msconv.train.checkpoint import CheckpointError
-from msconv.train.config import TrainConfig
+from msconv.train.config import TrainConfig, options_before
 
 __all__ = ["RUN_ONLY", "RESUME_MAY_CHANGE", "check_same_run", "checkpoint_config"]
 
@@ -11,14 +11,7 @@ __all__ = ["RUN_ONLY", "RESUME_MAY_CHANGE", "check_same_run", "checkpoint_config
 RUN_ONLY = {"out", "resume", "overwrite", "progress", "tensorboard", "threads", "max_steps", "ckpt_every", "inject_nan_at", "device"}
 # Options a resumed run may change (the remedies a non-finite stop advises); the rest must agree.
 RESUME_MAY_CHANGE = ("lr", "on_nonfinite", "max_skips", "divergence_factor")
-# What a checkpoint from before an option existed ran with, where that differs from today's default.
-_BEFORE_OPTION = {"coarse_task": "restricted"}
-
-
-def _then(name: str):
-    if name in _BEFORE_OPTION:
-        return _BEFORE_OPTION[name]
-    return next(f.default for f in TrainConfig.fields() if f.name == name)
+_DEFAULTS = {f.name: f.default for f in TrainConfig.fields()}
 
 
 def checkpoint_config(cfg: TrainConfig) -> dict:
@@ -33,9 +26,10 @@ def check_same_run(saved, cfg: TrainConfig, path: str) -> None:
         raise CheckpointError(f"--resume: {path!r} has no run configuration ('config'), so it cannot be "
                               "checked against this run; start fresh without --resume (or with another --out)")
     mine = checkpoint_config(cfg)
-    diff = sorted(k for k in mine if k not in RESUME_MAY_CHANGE and saved.get(k, _then(k)) != mine[k])
+    recorded = {**_DEFAULTS, **saved, **options_before(saved)}  # options added since the checkpoint: their value then
+    diff = sorted(k for k in mine if k not in RESUME_MAY_CHANGE and recorded[k] != mine[k])
     if diff:
-        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in diff[:5])
+        detail = ", ".join(f"{k}: checkpoint {recorded[k]!r} vs now {mine[k]!r}" for k in diff[:5])
         raise CheckpointError(
             f"--resume: {path!r} belongs to a different run ({detail}); use the same options "
             f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may change on --resume), "

@@ -16,7 +16,7 @@ import torch
 
 from msconv.data import CropSampler, ImageSet, load_dataset
 from msconv.models import MODELS, build_model
-from msconv.multilevel.baselines import (plan_progressive_patches, plan_progressive_resizing, plan_small_patches,
+from msconv.multilevel.baselines import (BASELINES, plan_progressive_patches, plan_progressive_resizing, plan_small_patches,
                                          receptive_field)
 from msconv.multilevel.schedule import Stage, plan
 from msconv.tasks import TASKS, Task, build_task
@@ -65,7 +65,7 @@ def model_options(cfg: TrainConfig) -> dict:
 
 def base_batch_sizes(cfg: TrainConfig) -> list[int]:
     """The finest stage's per-level batch sizes, finest first."""
-    if cfg.mode not in ("mge", "fmg"):
+    if not cfg.coarse_levels:
         return [cfg.batch_size]
     if cfg.batch_sizes:
         return list(cfg.batch_sizes)
@@ -137,7 +137,7 @@ def plan_stages(cfg: TrainConfig, model: torch.nn.Module | None = None, in_chann
     baseline's default patch; ``multiple``: the task's size multiple."""
     from msconv.train.config import ConfigError
 
-    if cfg.mode not in ("single", "mge", "fmg"):
+    if cfg.mode in BASELINES:
         return _baseline_stages(cfg, model, in_channels, multiple)
     iterations = cfg.iterations
     if iterations is None and work_driven(cfg):
@@ -188,7 +188,7 @@ def warn_unresolved_mf(cfg: TrainConfig) -> None:
     """Mesh-free layers on grids coarser than 2σ: the derivative taps are a small fraction of
     their fine-grid size (≈ 0 beyond 4σ), the layer is close to a 1×1 mix there, and what the
     coarse grids learn does not carry over (bench/results/paper_transfer measures it)."""
-    coarsest = 2 ** (cfg.levels if cfg.mode in ("mge", "fmg") else 0)
+    coarsest = 2 ** cfg.coarse_levels
     sigma = 0.5 if cfg.mf_sigma is None else cfg.mf_sigma
     if cfg.conv == "mf" and not cfg.mf_sigma_floor and sigma < coarsest / 2:
         warnings.warn(
@@ -223,7 +223,7 @@ class Run:
     @property
     def allocation(self) -> str:
         """The batch allocation of the stages' estimators (single-scale has one level: fixed)."""
-        return self.cfg.resolved_allocation if self.cfg.mode in ("mge", "fmg") else "fixed"
+        return self.cfg.resolved_allocation if self.cfg.coarse_levels else "fixed"
 
 
 def build_run(cfg: TrainConfig, data: tuple[ImageSet, ImageSet] | None = None) -> Run:
