@@ -113,8 +113,29 @@ def bench_parser(doc: str, name: str, quick_help: str) -> argparse.ArgumentParse
     p = argparse.ArgumentParser(prog=program_name(name), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
-    p.add_argument("--out", default=None, help=f"CSV path (default bench/results/{name}_<device>[_quick|_smoke].csv)")
+    p.add_argument("--out", default=None, type=writable_csv_path,
+                   help=f"CSV path (default bench/results/{name}_<device>[_quick|_smoke].csv)")
     return p
+
+
+def writable_csv_path(path: str) -> str:
+    """``--out``: checked before the benchmark runs (not after it, when its figures would be lost)."""
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    probe = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.path.isdir(path):
+            raise argparse.ArgumentTypeError(f"{path!r} is a folder; give a CSV file path, e.g. {os.path.join(path, 'out.csv')}")
+        probe = os.path.join(folder, f".msconv-write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write {path!r} ({e.strerror or e}); give a CSV path in a folder you "
+                                         "can write to") from None
+    finally:
+        if probe and os.path.exists(probe):
+            os.unlink(probe)
+    return path
 
 
 def kernel_parser(doc: str, name: str, quick_help: str) -> argparse.ArgumentParser:

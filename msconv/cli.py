@@ -69,6 +69,8 @@ def _cmd_bench(args) -> int:
 
 
 _EXIT_CONFIG, _EXIT_NONFINITE, _EXIT_CHECKPOINT = 2, 3, 4
+_EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C'd program
+_EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of our output went away (`msconv info | head`)
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
@@ -147,6 +149,14 @@ def _run_guarded(fn) -> int:
     except CheckpointError as e:
         print(f"msconv: error: {e}", file=sys.stderr)
         return _EXIT_CHECKPOINT
+    except KeyboardInterrupt as e:
+        print(f"\nmsconv: {e or 'interrupted'}", file=sys.stderr)
+        return _EXIT_INTERRUPTED
+    except OSError as e:  # a full disk or a vanished folder while writing logs or results
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"msconv: error: {e.strerror or e}{where}. Checkpoints are written atomically: after fixing it, run "
+              "the same command again with --resume", file=sys.stderr)
+        return _EXIT_CONFIG
 
 
 def _cmd_train(args) -> int:
@@ -209,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "logs, checkpoints and results; a rank that waits more than MSCONV_DIST_TIMEOUT seconds (default 300) "
         "for its peers fails. "
         "Exit codes: 2 bad options or data, 3 stopped on a non-finite or diverging loss or finished with non-finite "
-        "validation outputs, 4 unreadable checkpoint.",
+        "validation outputs, 4 unreadable or unwritable checkpoint, 130 interrupted (Ctrl-C; --resume continues).",
         )
     _add_config_options(pt)
     pt.set_defaults(func=_cmd_train)
@@ -239,7 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        rc = args.func(args)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        # Python's documented recipe: point stdout at devnull so the interpreter's final flush does not fail again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -130,6 +130,9 @@ class MultiscaleTraining(pl.Callback):
                             f"got {type(schedule).__name__}")
         if schedule.dataset is None and schedule.sample_batches is None:
             raise ValueError("MultiscaleTraining: the schedule has no data source; build it with dataset= or sample_batches=")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"MultiscaleTraining: loss_fn must be a function loss_fn(pred, target) -> scalar, got "
+                            f"{loss_fn!r}; e.g. loss_fn=torch.nn.functional.mse_loss (the default when left out)")
         self.schedule, self.loss_fn = schedule, loss_fn
         self.wrap_training_step, self.log = wrap_training_step, log
         self._original_step = None
@@ -176,6 +179,11 @@ class MultiscaleTraining(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Resume the schedule where the checkpoint's run stopped (``trainer.fit(..., ckpt_path=...)``)."""
+        if not isinstance(state_dict, dict) or set(state_dict) - {"schedule"}:
+            what = sorted(map(str, state_dict)) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"MultiscaleTraining.load_state_dict: expected what MultiscaleTraining.state_dict() "
+                             f"returns (a dict with at most the key 'schedule'), got {what}; this is another "
+                             "callback's state")
         if state_dict.get("schedule") is not None:
             self.schedule.load_state_dict(state_dict["schedule"])
             self._position = state_dict["schedule"]

@@ -11,6 +11,7 @@ goes into checkpoints so a resumed run draws exactly the batches an uninterrupte
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 
 __all__ = [
     "ImageSet", "ImageReadError", "BUNDLED_PHOTOS", "bundled_images", "bundled_split", "load_image",
-    "load_folder", "load_dataset", "CropSampler", "IMAGE_EXTENSIONS",
+    "load_folder", "load_dataset", "CropSampler", "IMAGE_EXTENSIONS", "MAX_MEGAPIXELS",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -54,6 +55,16 @@ class ImageSet:
 
     def min_side(self) -> int:
         return min(min(im.shape[1:]) for im in self.images)
+
+    def fingerprint(self) -> str:
+        """A short summary that differs when the images do: their count, names, shapes and pixel sums
+        (what processes of one run compare to be sure they train on the same data)."""
+        import hashlib
+
+        h = hashlib.sha1()
+        for im, name in zip(self.images, self.names):
+            h.update(f"{name}|{tuple(im.shape)}|{float(im.double().sum()):.9g};".encode())
+        return f"{len(self)} images, sha1 {h.hexdigest()[:12]}"
 
 
 def _to_tensor(a: np.ndarray, gray: bool, what: str) -> torch.Tensor:
@@ -95,15 +106,32 @@ def _to_tensor(a: np.ndarray, gray: bool, what: str) -> torch.Tensor:
     return t.clamp_(0, 1)
 
 
-def load_image(path: str, gray: bool = True) -> torch.Tensor:
+# Images declaring more pixels than this are refused unless the caller raises the limit: a few-kB
+# file can declare 100000x100000 pixels (tens of GB once decoded). PIL's own refusal threshold.
+MAX_MEGAPIXELS = 2 * 89_478_485 / 1e6
+
+
+def load_image(path: str, gray: bool = True, max_megapixels: float = MAX_MEGAPIXELS) -> torch.Tensor:
     """Read one PNG/JPEG/BMP/TIFF file as float32 (C, H, W) in [0, 1]; C = 1 if ``gray`` else 3.
 
-    Raises :class:`ImageReadError` naming the file if it cannot be decoded.
+    Raises :class:`ImageReadError` naming the file if it cannot be decoded, or if its header
+    declares more than ``max_megapixels`` million pixels (raise it for genuine images that large).
     """
     from PIL import Image, UnidentifiedImageError
 
+    pil_limit = Image.MAX_IMAGE_PIXELS
     try:
+        Image.MAX_IMAGE_PIXELS = None  # the limit is ours (max_megapixels), checked before decoding
         with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_megapixels * 1e6:
+                gb = w * h * (1 if gray else 3) * 4 / 1e9
+                raise ImageReadError(
+                    f"image file {path!r} declares {w}x{h} = {w * h} pixels ({w * h / 1e6:.0f} megapixels), more than "
+                    f"the limit of {max_megapixels:g} megapixels (a guard against damaged files that declare huge "
+                    f"sizes). If the image is genuine, raise the limit: --max-megapixels {math.ceil(w * h / 1e6)} "
+                    f"(library: max_megapixels=); it needs about {gb:.1f} GB of memory as float32. Else remove it, or "
+                    "skip bad files (on_bad_file='skip', CLI: --skip-bad-files)")
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L"):
                 a = np.asarray(im, dtype=np.uint16)
@@ -116,24 +144,22 @@ def load_image(path: str, gray: bool = True) -> torch.Tensor:
                 a = np.asarray(im, dtype=np.float32)
             else:
                 a = np.asarray(im.convert("RGB" if im.mode not in ("L", "LA") else "L"))
-    except Image.DecompressionBombError as e:
-        # A few-kB file can declare 100000×100000 pixels (tens of GB once decoded); PIL refuses
-        # headers above 2 × Image.MAX_IMAGE_PIXELS before decoding.
-        raise ImageReadError(
-            f"cannot read image file {path!r}: {e} Its header declares more pixels than PIL decodes safely (a damaged "
-            "or malicious file). Remove or replace the file, pass on_bad_file='skip' (CLI: --skip-bad-files) to skip "
-            "it with a warning, or, for a genuine image that large, raise PIL.Image.MAX_IMAGE_PIXELS"
-        ) from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except ImageReadError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError) as e:
         raise ImageReadError(
             f"cannot read image file {path!r}: {type(e).__name__}: {e}. Remove or replace the file, or pass "
             "on_bad_file='skip' (CLI: --skip-bad-files) to skip unreadable files with a warning"
         ) from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
     return _to_tensor(a, gray, path)
 
 
-def load_folder(path: str, gray: bool = True, on_bad_file: str = "error", recursive: bool = True) -> ImageSet:
-    """Every PNG/JPEG/BMP/TIFF under ``path`` (sorted by relative path), read into memory.
+def load_folder(path: str, gray: bool = True, on_bad_file: str = "error", recursive: bool = True,
+                max_megapixels: float = MAX_MEGAPIXELS) -> ImageSet:
+    """Every PNG/JPEG/BMP/TIFF under ``path`` (sorted by relative path), read into memory
+    (``max_megapixels``: see :func:`load_image`).
 
     ``on_bad_file``: ``"error"`` (default) raises :class:`ImageReadError` naming the file;
     ``"skip"`` warns and leaves it out.
@@ -157,12 +183,12 @@ def load_folder(path: str, gray: bool = True, on_bad_file: str = "error", recurs
                           "image", stacklevel=2)
             continue
         try:
-            images.append(load_image(f, gray))
+            images.append(load_image(f, gray, max_megapixels))
             kept.append(os.path.relpath(f, path))
         except ImageReadError as e:
             if on_bad_file == "error":
                 raise
-            warnings.warn(f"skipping unreadable image file {f!r} ({e.__cause__})", stacklevel=2)
+            warnings.warn(f"skipping unreadable image file {f!r} ({e.__cause__ or e})", stacklevel=2)
     if not images:
         raise FileNotFoundError(f"data: no readable images ({', '.join(IMAGE_EXTENSIONS)}) in {path!r}")
     return ImageSet(images, kept)
@@ -212,14 +238,16 @@ def bundled_split(gray: bool = True, val_fraction: float = 0.2, seed: int = 0) -
 
 
 def load_dataset(data: str = "bundled", val_data: str | None = None, gray: bool = True,
-                 val_fraction: float = 0.2, split_seed: int = 0, on_bad_file: str = "error"):
+                 val_fraction: float = 0.2, split_seed: int = 0, on_bad_file: str = "error",
+                 max_megapixels: float = MAX_MEGAPIXELS):
     """(train, val) ImageSets. ``data``: ``"bundled"`` or a folder. Without ``val_data`` the
     images of ``data`` are split by image (:func:`split_by_image`); with it, all of ``data``
     trains and ``val_data`` (a folder) validates."""
-    full = bundled_images(gray) if data == "bundled" else load_folder(data, gray, on_bad_file)
+    full = bundled_images(gray) if data == "bundled" else load_folder(data, gray, on_bad_file, max_megapixels=max_megapixels)
     if val_data is None:
         return split_by_image(full, val_fraction, split_seed)
-    val = bundled_images(gray) if val_data == "bundled" else load_folder(val_data, gray, on_bad_file)
+    val = (bundled_images(gray) if val_data == "bundled"
+           else load_folder(val_data, gray, on_bad_file, max_megapixels=max_megapixels))
     return full, val
 
 

@@ -361,6 +361,13 @@ class MLMC(Allocation):
 
     def initial_sizes(self, sizes: list) -> list[int]:
         sizes = super().initial_sizes(sizes)
+        small = [(l, n) for l, n in enumerate(sizes) if n < self.min_batch]
+        if small:
+            raise ValueError(
+                f"MGE: allocation 'mlmc' measures each level's variance from at least {self.min_batch} samples"
+                f"{' per rank' if self.multiple_of > 1 else ''}, but batch_sizes {list(sizes)} give level "
+                f"{small[0][0]} only {small[0][1]}: its variance is never measured and the sizes never adapt. Give "
+                f"every level at least {self.min_batch} samples, or use allocation='fixed'")
         if self.budget is None:
             self.budget = sum(n * c for n, c in zip(sizes, self.level_work))
         return sizes

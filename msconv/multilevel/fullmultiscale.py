@@ -78,6 +78,11 @@ class FullMultiscale(Schedule):
             raise ValueError(f"FullMultiscale: levels must be an int >= 0 (the coarsest level), got levels={levels!r}")
         self.levels = levels
         n = levels + 1
+        if not isinstance(iterations, (list, tuple)) and (
+                isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
+            # One int is the coarsest stage's count; finer stages get at least 1, so 0 would still train.
+            raise ValueError(f"FullMultiscale: iterations must be an int >= 1 (the coarsest stage's steps) or a list "
+                             f"of ints >= 0 per stage, coarsest first; got iterations={iterations!r}")
         iters = _per_stage(iterations, n, "iterations", lambda v, i: max(1, v // 2**i) if isinstance(v, int) else v)
         for v in iters:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

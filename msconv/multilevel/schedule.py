@@ -173,6 +173,23 @@ def _check_plan_numbers(mode, levels, batch_sizes, budget, iterations, iteration
             bad(name, v, "a finite number > 0")
 
 
+def _check_sampler_arity(fn: Callable, n: int, owner: str) -> None:
+    """TypeError now, not at the first step, when ``sample_batches`` cannot take ``n`` positional arguments."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: the first call will tell
+    try:
+        sig.bind(*range(n))
+    except TypeError:
+        call = "sample_batches(batch_sizes, level)" if n == 2 else "sample_batches(batch_sizes)"
+        raise TypeError(f"{owner}: sample_batches{sig} cannot be called as {call}, which is how the schedule draws "
+                        "each step's batches (a list of (x, y) per level, finest first)"
+                        + (" with batches_on_stage_grid=True" if n == 2 else "")) from None
+
+
 @dataclass
 class ScheduleStep:
     """What one iteration of a :class:`Schedule` hands the training loop.
@@ -287,6 +304,8 @@ class Schedule:
             st.batch_sizes = list(st.estimator.batch_sizes)
         if batches_on_stage_grid and sample_batches is None:
             raise ValueError(f"{type(self).__name__}: batches_on_stage_grid=True needs sample_batches=(batch_sizes, level)")
+        if sample_batches is not None:
+            _check_sampler_arity(sample_batches, 2 if batches_on_stage_grid else 1, type(self).__name__)
         self.dataset, self.sample_batches = dataset, sample_batches
         self.batches_on_stage_grid = batches_on_stage_grid
         self.loader_kwargs = dict(loader_kwargs or {})
@@ -450,6 +469,9 @@ class Schedule:
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict` at the next iteration of ``iter(self)``; ValueError when
         ``state`` is another schedule's (a different number of stages, or more steps run than planned)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"Schedule.load_state_dict: expected the dict Schedule.state_dict() returns, got "
+                            f"{type(state).__name__}")
         n, runs = len(self.stages), state.get("steps_run", [])
         if len(state.get("estimators", [])) != n or len(runs) != n or not 0 <= state.get("stage", -1) < n or any(
                 r > s.iterations for r, s in zip(runs, self.stages)):

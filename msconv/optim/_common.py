@@ -293,6 +293,12 @@ class LayerwiseOptimizer(SchedulerFriendlyStep, Optimizer):
                 f"(what {self._owner}.state_dict() returns), got {type(state_dict).__name__}"
             )
         for group in groups:
+            missing = sorted(k for k in self.defaults if k not in group and k not in self._added_options) \
+                if isinstance(group, dict) else ["(not a dict)"]
+            if missing:
+                raise ValueError(f"{self._owner}.load_state_dict: the state is another optimizer's: its param_groups "
+                                 f"lack {missing}, which {self._owner}.state_dict() holds; load a state saved by "
+                                 f"{self._owner} (a new {self._owner} starts without one)")
             # A shallow copy: the checks normalise in place and must not edit the caller's dict.
             self._check_group({**self._added_options, **group})
         super().load_state_dict(state_dict)

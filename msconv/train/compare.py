@@ -267,7 +267,7 @@ def compare(cfg: TrainConfig, modes=DEFAULT_MODES, data=None, on_step=None) -> d
         from msconv.data import load_dataset
 
         data = load_dataset(cfg.data, cfg.val_data, cfg.gray, cfg.val_fraction, cfg.split_seed,
-                            "skip" if cfg.skip_bad_files else "error")
+                            "skip" if cfg.skip_bad_files else "error", cfg.max_megapixels)
     from msconv.train.folder import run_folder_lock
 
     with run_folder_lock(cfg.out):

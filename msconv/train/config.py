@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from msconv.data import MAX_MEGAPIXELS
 from msconv.models import CONV_KINDS, MODELS
 from msconv.multilevel.allocation import ALLOCATIONS
 from msconv.multilevel.baselines import BASELINES
@@ -34,6 +35,10 @@ LR_BATCH_POWERS = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
 # lets `msconv compare` (three modes at the default budget) finish in minutes on a 2-core CPU.
 # The classes' own defaults stay the published sizes (DnCNN-S: 17 layers x 64 channels).
 CLI_MODEL_SIZES = {"dncnn": {"depth": 8, "width": 32}}
+# The optimizers apply --lr and --weight-decay to float32 weights: larger values cannot be represented.
+FLOAT32_MAX = 3.4028234663852886e38
+# More validation points than this only repeat validation passes (each is a pass over the validation set).
+MAX_VAL_POINTS = 10_000
 # --allocation mlmc needs this many samples per level to measure a level's variance.
 MLMC_MIN_BATCH = 2
 MASK_KINDS = ("boxes", "strokes", "mixed")
@@ -133,6 +138,8 @@ class TrainConfig:
     test_data: str = _f(None, "test folder evaluated once at the end on full images (e.g. ../shared/data/BSD68)")
     val_crop: int = _f(256, "validation images are centre-cropped to at most this side (0: full images)")
     skip_bad_files: bool = _f(False, "skip unreadable image files with a warning instead of stopping")
+    max_megapixels: float = _f(MAX_MEGAPIXELS, "images declaring more pixels than this (millions) are refused as "
+                               "damaged; raise it for genuine images that large (PIL's own limit by default)")
     # --- optimisation
     optimizer: str = _f("adam", "adam | sgd | lars | lamb", choices=OPTIMIZERS)
     lr: float = _f(None, "peak learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
@@ -229,7 +236,7 @@ class TrainConfig:
             minimum = 0 if name == "levels" else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
                 raise ConfigError(f"--{_opt(name)} must be an int >= {minimum}, got {v!r}")
-        for name in ("budget", "fmg_iteration_ratio", "fmg_batch_ratio"):
+        for name in ("budget", "fmg_iteration_ratio", "fmg_batch_ratio", "max_megapixels"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v <= 0:
                 raise ConfigError(f"--{_opt(name)} must be > 0, got {v!r}")
@@ -237,7 +244,7 @@ class TrainConfig:
             raise ConfigError(f"--divergence-factor must be 0 (off) or > 1, got {self.divergence_factor!r}")
         if self.iterations is not None and (not isinstance(self.iterations, int) or self.iterations < 1):
             raise ConfigError(f"--iterations must be an int >= 1, got {self.iterations!r}")
-        for name in ("fmg_crop", "small_crop", "small_batch"):
+        for name in ("fmg_crop", "small_crop", "small_batch", "depth", "width", "blocks", "threads", "max_steps"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"--{_opt(name)} must be an int >= 1, got {v!r}")
@@ -280,6 +287,14 @@ class TrainConfig:
             raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.val_crop and self.val_crop < 8:
             raise ConfigError(f"--val-crop must be 0 (full images) or >= 8, got {self.val_crop}")
+        if self.val_points > MAX_VAL_POINTS:
+            raise ConfigError(f"--val-points must be at most {MAX_VAL_POINTS} (each is a full validation pass; 24 "
+                              f"log-spaced points resolve savings up to 256x), got {self.val_points!r}")
+        if self.lr is not None and not (0 < self.lr <= FLOAT32_MAX):
+            raise ConfigError(f"--lr must be a finite number > 0 (default for --optimizer {self.optimizer}: "
+                              f"{DEFAULT_LR[self.optimizer]:g}), got {self.lr!r}")
+        if self.weight_decay > FLOAT32_MAX:
+            raise ConfigError(f"--weight-decay must be a float32 number (<= {FLOAT32_MAX:.3g}), got {self.weight_decay!r}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"--momentum must be in [0, 1) (0.9 is usual), got {self.momentum!r}")
         if self.weight_decay < 0:
@@ -389,6 +404,9 @@ def load_yaml(path: str) -> dict:
             d = yaml.safe_load(fh)
     except OSError as e:
         raise ConfigError(f"--config: cannot read {path!r}: {e}") from e
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config: {path!r} is not a text file (not UTF-8); give a YAML file of option: value lines, "
+                          "e.g. a run's config.json") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config: {path!r} is not valid YAML: {e}") from e
     if d is None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from msconv.data import ImageSet
 from msconv.grid import grid_scale
 from msconv.tasks import Task
-from msconv.train.metrics import psnr_ssim
+from msconv.train.config import ConfigError
+from msconv.train.metrics import SSIM_MIN_SIDE, psnr_ssim
 
 __all__ = ["Evaluator", "centre_crop", "val_threshold", "VAL_SPAN"]
 
@@ -41,17 +43,24 @@ class Evaluator:
     """Validation of ``model`` on ``images`` centre-cropped to ``side`` and corrupted once by
     ``task`` from ``seed`` (every mode of a comparison is judged on the same inputs)."""
 
-    def __init__(self, task: Task, model: torch.nn.Module, device: torch.device, images, side: int, seed: int,
-                 restriction: str) -> None:
+    def __init__(self, task: Task, model: torch.nn.Module, device: torch.device, images: ImageSet, side: int, seed: int,
+                 restriction: str, option: str = "validation data") -> None:
         self.task, self.model, self.device, self.restriction = task, model, device, restriction
-        self.pairs = self.corrupted_pairs(images, side, seed)
+        self.pairs = self.corrupted_pairs(images, side, seed, option)
 
-    def corrupted_pairs(self, images, side: int, seed: int) -> list:
-        """(x, y) per image, centre-cropped to ``side`` (0: whole), corrupted once from ``seed``."""
+    def corrupted_pairs(self, images: ImageSet, side: int, seed: int, option: str) -> list:
+        """(x, y) per image, centre-cropped to ``side`` (0: whole), corrupted once from ``seed``.
+        :class:`ConfigError` naming the file and ``option`` when an image is too small to be scored."""
         g = torch.Generator().manual_seed(seed)
         pairs = []
-        for im in images:
+        for im, name in zip(images.images, images.names):
             y = centre_crop(im, side, self.task.size_multiple).unsqueeze(0)
+            if min(y.shape[2:]) < SSIM_MIN_SIDE:
+                raise ConfigError(
+                    f"{option}: image {name!r} is {tuple(im.shape[1:])} pixels, {tuple(y.shape[2:])} after cropping to "
+                    f"a multiple of {self.task.size_multiple}; scoring (SSIM) needs at least {SSIM_MIN_SIDE}x"
+                    f"{SSIM_MIN_SIDE}. Remove it from {option}"
+                    + (", or give --val-crop 0 or a larger one" if side and side < SSIM_MIN_SIDE else ""))
             x, y = self.task.corrupt(y, g)
             pairs.append((x.to(self.device), y.to(self.device)))
         return pairs
@@ -79,11 +88,9 @@ class Evaluator:
         self.model.train()
         return total / len(self.pairs)
 
-    def test(self, folder: str | None, gray: bool, on_bad: str, seed: int) -> tuple[float | None, float | None]:
-        """Mean PSNR/SSIM on the images in ``folder`` at full size; (None, None) without one."""
-        if not folder:
-            return None, None
+    def test_pairs(self, folder: str, gray: bool, on_bad: str, seed: int, max_megapixels: float) -> list:
+        """The corrupted full-size pairs of the images in ``folder`` (``--test-data``), for :meth:`validate`."""
         from msconv.data import load_folder
 
-        ds = load_folder(folder, gray, on_bad)
-        return self.validate(self.corrupted_pairs(ds.images, 0, seed))
+        ds = load_folder(folder, gray, on_bad, max_megapixels=max_megapixels)
+        return self.corrupted_pairs(ds, 0, seed, "--test-data")

@@ -10,10 +10,39 @@ import torch
 
 from msconv.train.config import ConfigError, TrainConfig
 
-__all__ = ["Execution", "make_output_folder", "start_distributed", "check_divisible", "DIST_TIMEOUT_S"]
+__all__ = ["Execution", "make_output_folder", "start_distributed", "check_divisible", "dist_timeout",
+           "check_ranks_agree", "broadcast_from_rank0", "check_backend", "RANK_LOCAL_OPTIONS"]
 
-# Seconds a rank waits for its peers (rendezvous and every collective) under torchrun.
-DIST_TIMEOUT_S = float(os.environ.get("MSCONV_DIST_TIMEOUT", 300))
+# Options each torchrun process may set for itself: they change where and how fast it runs, not the run.
+RANK_LOCAL_OPTIONS = ("progress", "threads", "device")
+
+
+def dist_timeout() -> float:
+    """Seconds a rank waits for its peers (rendezvous and every collective) under torchrun:
+    ``MSCONV_DIST_TIMEOUT``, default 300."""
+    raw = os.environ.get("MSCONV_DIST_TIMEOUT", "300")
+    try:
+        v = float(raw)
+    except ValueError:
+        v = float("nan")
+    if not (v > 0 and v != float("inf")):
+        raise ConfigError(f"MSCONV_DIST_TIMEOUT={raw!r} must be a number of seconds > 0 (e.g. MSCONV_DIST_TIMEOUT=600), "
+                          "or unset for the default 300")
+    return v
+
+
+def check_backend(device: torch.device) -> None:
+    """Fail at start-up, not at the first coarse step, when ``MSCONV_BACKEND`` names kernels that cannot
+    run on ``device``."""
+    from msconv.ops._backend import BACKENDS, _available
+
+    requested = os.environ.get("MSCONV_BACKEND", "auto")
+    if requested not in BACKENDS:
+        raise ConfigError(f"MSCONV_BACKEND={requested!r} is not one of {BACKENDS}; unset it for the automatic choice")
+    why = None if requested == "auto" else _available(requested, device)
+    if why is not None:
+        raise ConfigError(f"MSCONV_BACKEND={requested!r} cannot run this run's ops on {device}: {why}. Unset "
+                          "MSCONV_BACKEND (automatic choice) or set it to 'reference'")
 
 
 def make_output_folder(out: str) -> None:
@@ -41,8 +70,37 @@ def start_distributed() -> tuple[int, int]:
         return 0, 1
     from msconv.multilevel.distributed import init_distributed
 
-    rank, world, _ = init_distributed(timeout=DIST_TIMEOUT_S)
+    rank, world, _ = init_distributed(timeout=dist_timeout())
     return rank, world
+
+
+def check_ranks_agree(what: str, mine: dict) -> None:
+    """Under torchrun, raise :class:`ConfigError` on every rank when ``mine`` (name -> value) differs
+    from rank 0's, naming the first entry that differs and both values: ranks that train with other
+    options or data than rank 0 would average gradients of different problems, silently."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    ref = everyone[0]
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        for k in sorted(set(ref) | set(theirs)):
+            if ref.get(k) != theirs.get(k):
+                raise ConfigError(f"torchrun: rank {rank} has {what} {k} = {theirs.get(k)!r}, rank 0 has {ref.get(k)!r}; "
+                                  "every process must get the same options and data (the same command line)")
+
+
+def broadcast_from_rank0(module: torch.nn.Module) -> None:
+    """Under torchrun, every rank's parameters and buffers become rank 0's (as DDP does at wrap time)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            dist.broadcast(t, src=0)
 
 
 def check_divisible(cfg: TrainConfig, world: int) -> None:

@@ -15,10 +15,11 @@ import math
 
 import torch
 
-__all__ = ["psnr_ssim", "PSNR_CAP_DB"]
+__all__ = ["psnr_ssim", "PSNR_CAP_DB", "SSIM_MIN_SIDE"]
 
 PSNR_CAP_DB = 100.0  # an exact reconstruction reports this instead of +inf
 _WIN = 7
+SSIM_MIN_SIDE = _WIN  # the smallest image side SSIM scores
 _K2_SAMPLE = 0.03 * math.sqrt((_WIN * _WIN - 1) / (_WIN * _WIN))
 
 

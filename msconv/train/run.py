@@ -231,7 +231,8 @@ def build_run(cfg: TrainConfig, data: tuple[ImageSet, ImageSet] | None = None) -
     with ``cfg.seed``, on ``cfg.device``), stage plan, optimizer and warm-up/poly LR schedule."""
     cfg = cfg.validated()
     on_bad = "skip" if cfg.skip_bad_files else "error"
-    train_set, val_set = data or load_dataset(cfg.data, cfg.val_data, cfg.gray, cfg.val_fraction, cfg.split_seed, on_bad)
+    train_set, val_set = data or load_dataset(cfg.data, cfg.val_data, cfg.gray, cfg.val_fraction, cfg.split_seed,
+                                              on_bad, cfg.max_megapixels)
     task = build_task(cfg.task, **task_options(cfg))
     c = train_set.channels
     upscale = cfg.sr_scale if (cfg.task == "sr" and cfg.model == "espcn") else 1

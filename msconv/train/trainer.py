@@ -30,7 +30,8 @@ from msconv.train.config import TrainConfig
 from msconv.train.evaluate import Evaluator
 from msconv.train.batches import BatchDrawer
 from msconv.train.folder import check_not_resumable, run_folder_lock
-from msconv.train.execution import Execution, check_divisible, make_output_folder, start_distributed
+from msconv.train.execution import (RANK_LOCAL_OPTIONS, Execution, broadcast_from_rank0, check_backend, check_divisible,
+                                    check_ranks_agree, make_output_folder, start_distributed)
 from msconv.train.guard import DivergenceGuard
 from msconv.train.resume import check_same_run, checkpoint_config
 from msconv.train.run import build_run, lr_position
@@ -38,13 +39,17 @@ from msconv.train.sinks import CsvLog, ProgressBar, TensorBoardLog
 from msconv.train.state import RunState
 from msconv.train.step import NONFINITE, TrainingStep
 
-__all__ = ["Trainer", "train", "NonFiniteError", "ENGINE"]
+__all__ = ["Trainer", "train", "NonFiniteError", "TrainingInterrupted", "ENGINE"]
 
 ENGINE = "msconv.multilevel.Schedule (stages of msconv.multilevel.MGE)"
 
 
 class NonFiniteError(RuntimeError):
     """Training stopped on a non-finite loss or gradient (``on_nonfinite='stop'``)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during training; the message says where the last checkpoint is."""
 
 
 def _stop_error(cfg: TrainConfig, why_skipped: str, loss: float, state: RunState, good_step: int, path: str):
@@ -82,16 +87,24 @@ class Trainer:
             check_not_resumable(cfg.out, load_checkpoint)
         self.rank, self.world = start_distributed()
         if self.world > 1:
+            check_ranks_agree("option", {k: v for k, v in cfg.to_dict().items() if k not in RANK_LOCAL_OPTIONS})
             check_divisible(cfg, self.world)
             if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
                 cfg = self.cfg = cfg.replace(device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         self.parts = run = build_run(cfg, data)
         self.train_set, self.val_set, self.task, self.model = run.train_set, run.val_set, run.task, run.model
+        if self.world > 1:
+            check_ranks_agree("data", {"training images": self.train_set.fingerprint(),
+                                       "validation images": self.val_set.fingerprint()})
+        check_backend(run.device)
         self.device, self.optimizer, self.sampler, self.corrupt_rng = run.device, run.optimizer, run.sampler, run.corrupt_rng
         self.execution = Execution.set_up(cfg, self.model, self.device, self.rank, self.world)
         self.batches = BatchDrawer(self.sampler, self.task, self.corrupt_rng, cfg.restriction, self.execution)
-        self.evaluator = Evaluator(self.task, self.model, self.device, self.val_set.images, cfg.val_crop, cfg.seed + 2,
-                                   cfg.restriction)
+        self.evaluator = Evaluator(self.task, self.model, self.device, self.val_set, cfg.val_crop, cfg.seed + 2,
+                                   cfg.restriction, "--val-data" if cfg.val_data else "--data")
+        # Read and checked now: a test folder that cannot be scored must not be found out after all the training.
+        self.test_pairs = None if not cfg.test_data else self.evaluator.test_pairs(
+            cfg.test_data, cfg.gray, "skip" if cfg.skip_bad_files else "error", cfg.seed + 3, cfg.max_megapixels)
         self.schedule = Schedule(
             run.stages, cfg.restriction, run.allocation, sample_batches=self.draw, batches_on_stage_grid=True,
             validate=(lambda: self.evaluator.loss_on_grid(self.schedule.stage.level)) if cfg.fmg_adaptive else None,
@@ -104,6 +117,7 @@ class Trainer:
         self.estimators = [st.estimator for st in self.stages]
         self.planned_work = run.work_target or self.schedule.planned_work()
         self.state, self.guard = RunState(), DivergenceGuard(cfg.divergence_factor)
+        self.saved_step: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
         self.train_step = TrainingStep(self.model, self.optimizer, self.execution, self.guard, run.lr, cfg.inject_nan_at)
 
     def draw(self, sizes, level: int = 0) -> list:
@@ -128,9 +142,24 @@ class Trainer:
                 "grad_scaler": self.execution.scaler.state_dict() if self.execution.scaler is not None else None}
 
     def save(self, state: dict | None = None) -> None:
-        """Write ``state`` (default: the current one) to OUT/checkpoint.pt; under torchrun rank 0 only."""
-        if self.rank == 0:
-            save_atomic(self.state_dict() if state is None else state, self.ckpt_path)
+        """Write ``state`` (default: the current one) to OUT/checkpoint.pt; under torchrun rank 0 only.
+        A failed write (full disk, ...) leaves the previous checkpoint whole and raises
+        :class:`CheckpointError` saying so."""
+        if self.rank != 0:
+            return
+        state = self.state_dict() if state is None else state
+        try:
+            save_atomic(state, self.ckpt_path)
+        except OSError as e:
+            raise CheckpointError(f"cannot write the checkpoint of step {state['step']} ({e.strerror or e}); "
+                                  f"{self._last_checkpoint()}. Free space (or fix {self.cfg.out!r}) and run the same "
+                                  "command again with --resume") from e
+        self.saved_step = state["step"]
+
+    def _last_checkpoint(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint of this run was written yet"
+        return f"the checkpoint of step {self.saved_step} in {self.ckpt_path} is intact"
 
     def load(self) -> None:
         """Continue from OUT/checkpoint.pt (also one written before the learning rate became a pure
@@ -189,13 +218,19 @@ class Trainer:
             # The run said it up front, with the CLI's options (build_run): the layers' own
             # warning on the first coarse step would repeat it in the library's terms.
             warnings.filterwarnings("ignore", category=UnresolvedSigmaWarning)
-            with run_folder_lock(self.cfg.out, enabled=self.rank == 0):
-                return self._run()
+            try:
+                with run_folder_lock(self.cfg.out, enabled=self.rank == 0):
+                    return self._run()
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(f"interrupted at step {self.state.step}; {self._last_checkpoint()}. To "
+                                          "continue: the same command again with --resume") from None
 
     def _run(self) -> dict:
         cfg, s = self.cfg, self.state
         if cfg.resume:
             self.load()
+            self.saved_step = self.state.step
+        broadcast_from_rank0(self.model)
         if self.rank == 0:
             with open(os.path.join(cfg.out, "config.json"), "w") as fh:
                 json.dump({**cfg.to_dict(), "engine": ENGINE, "stages": [st.as_dict() for st in self.stages]}, fh,
@@ -249,13 +284,20 @@ class Trainer:
                 sink.close()
         result = self.result()
         if s.finished:
-            result["test_psnr"], result["test_ssim"] = self.evaluator.test(
-                cfg.test_data, cfg.gray, "skip" if cfg.skip_bad_files else "error", cfg.seed + 3)
+            # The model and the validation result first: the test evaluation can fail, the trained model must not be lost.
+            result["test_psnr"] = result["test_ssim"] = None
+            self._write_result(result)
             if self.rank == 0:
-                with open(os.path.join(cfg.out, "result.json"), "w") as fh:
-                    json.dump(result, fh, indent=2)
-                torch.save(self.model.state_dict(), os.path.join(cfg.out, "model.pt"))
+                save_atomic(self.model.state_dict(), os.path.join(cfg.out, "model.pt"))
+            if self.test_pairs is not None:
+                result["test_psnr"], result["test_ssim"] = self.evaluator.validate(self.test_pairs)
+                self._write_result(result)
         return result
+
+    def _write_result(self, result: dict) -> None:
+        if self.rank == 0:
+            with open(os.path.join(self.cfg.out, "result.json"), "w") as fh:
+                json.dump(result, fh, indent=2)
 
     def result(self) -> dict:
         s = self.state
