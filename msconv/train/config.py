@@ -47,7 +47,7 @@ SR_KERNELS = ("bicubic", "area")
 
 
 # Keys a run's config.json adds to its options (a record of what ran, not settings).
-RUN_RECORD_KEYS = ("engine", "stages")
+RUN_RECORD_KEYS = ("engine", "stages", "architecture")
 
 
 class ConfigError(ValueError):

@@ -23,7 +23,7 @@ from msconv.tasks import TASKS, Task, build_task
 from msconv.train.config import CLI_MODEL_SIZES, LR_BATCH_POWERS, TrainConfig
 from msconv.train.lr import LearningRate
 
-__all__ = ["Run", "build_run", "plan_stages", "resolve_device", "task_options", "model_options", "work_driven",
+__all__ = ["Run", "build_run", "architecture", "plan_stages", "resolve_device", "task_options", "model_options", "work_driven",
            "lr_position", "small_patch_rule"]
 
 
@@ -61,6 +61,18 @@ def model_options(cfg: TrainConfig) -> dict:
         if sizes[k] is None:
             sizes[k] = v
     return _accepted(MODELS[cfg.model], sizes)
+
+
+def architecture(cfg: TrainConfig, channels: int) -> dict:
+    """The keyword arguments of :func:`msconv.models.build_model` for ``cfg`` on images of ``channels``
+    channels, every size resolved: recorded in a run's config.json so the model can be rebuilt from the
+    run folder alone, whatever the CLI's defaults become."""
+    task = TASKS[cfg.task]
+    t = task(**_accepted(task, task_options(cfg)))
+    return {"name": cfg.model, "in_channels": t.in_channels(channels), "out_channels": t.out_channels(channels),
+            "conv": cfg.conv, "upscale": cfg.sr_scale if (cfg.task == "sr" and cfg.model == "espcn") else 1,
+            "mf_sigma": cfg.mf_sigma, "mf_order": cfg.mf_order, "mf_sigma_floor": cfg.mf_sigma_floor or None,
+            **model_options(cfg)}
 
 
 def base_batch_sizes(cfg: TrainConfig) -> list[int]:
@@ -235,11 +247,8 @@ def build_run(cfg: TrainConfig, data: tuple[ImageSet, ImageSet] | None = None) -
                                               on_bad, cfg.max_megapixels)
     task = build_task(cfg.task, **task_options(cfg))
     c = train_set.channels
-    upscale = cfg.sr_scale if (cfg.task == "sr" and cfg.model == "espcn") else 1
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, task.in_channels(c), task.out_channels(c), cfg.conv, upscale,
-                        mf_sigma=cfg.mf_sigma, mf_order=cfg.mf_order, mf_sigma_floor=cfg.mf_sigma_floor or None,
-                        **model_options(cfg))
+    model = build_model(**architecture(cfg, c))
     device = resolve_device(cfg.device)
     model.to(device)
     warn_unresolved_mf(cfg)

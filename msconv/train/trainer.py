@@ -34,7 +34,7 @@ from msconv.train.execution import (RANK_LOCAL_OPTIONS, Execution, broadcast_fro
                                     check_ranks_agree, make_output_folder, start_distributed)
 from msconv.train.guard import DivergenceGuard
 from msconv.train.resume import check_same_run, checkpoint_config
-from msconv.train.run import build_run, lr_position
+from msconv.train.run import architecture, build_run, lr_position
 from msconv.train.sinks import CsvLog, ProgressBar, TensorBoardLog
 from msconv.train.state import RunState
 from msconv.train.step import NONFINITE, TrainingStep
@@ -233,8 +233,11 @@ class Trainer:
         broadcast_from_rank0(self.model)
         if self.rank == 0:
             with open(os.path.join(cfg.out, "config.json"), "w") as fh:
-                json.dump({**cfg.to_dict(), "engine": ENGINE, "stages": [st.as_dict() for st in self.stages]}, fh,
-                          indent=2)
+                # What ran, reusable as --config FILE for a new run: this invocation's resume, overwrite and
+                # max_steps are not part of it.
+                options = {**cfg.to_dict(), "resume": False, "overwrite": False, "max_steps": None}
+                json.dump({**options, "engine": ENGINE, "stages": [st.as_dict() for st in self.stages],
+                           "architecture": architecture(cfg, self.train_set.channels)}, fh, indent=2)
         sinks = self._sinks()
         try:
             if s.step == 0 and not s.val_history:
