@@ -28,9 +28,12 @@ $(STAMP): $(VPY) $(SOURCES)
 
 # The defaults on the bundled photographs, as `msconv compare` runs them for a user: Full-Multiscale
 # against single-scale and the baselines (small patches, progressive resizing, progressive patches),
-# denoising (sigma 25), DnCNN 8x32, 128^2 crops, 1200 work units per mode.
+# denoising (sigma 25), DnCNN 8x32, 128^2 crops, 1200 work units per mode. One intra-op thread
+# (DEMO_THREADS): on a shared or small machine more threads contend and make small coarse steps several
+# times slower; the README's table of this command was measured with it.
+DEMO_THREADS ?= 1
 demo: $(STAMP)
-	$(VPY) -m msconv compare --out runs/demo
+	$(VPY) -m msconv compare --out runs/demo --threads $(DEMO_THREADS)
 
 test: $(STAMP)
 	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -193,9 +193,20 @@ def _cmd_compare(args) -> int:
 
         cfg = _config_from_args(args, out="runs/compare")
         from msconv.train.compare import DEFAULT_MODES
+        from msconv.train.config import MODES
 
         modes = DEFAULT_MODES if args.modes is None else [m for m in args.modes.replace(" ", "").split(",") if m]
-        s = compare(cfg, modes)
+        data = None
+        if not cfg.resume and modes and all(m in MODES for m in modes):
+            import torch
+
+            from msconv.train.compare import load_data, plan_summary
+
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            data = load_data(cfg)
+            print(plan_summary(cfg, modes, data), flush=True)
+        s = compare(cfg, modes, data=data)
         if not s["runs"]:
             print(f"compare stopped during mode {s['incomplete']!r} (--max-steps); run again with --resume")
             return 0
@@ -277,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     pi = sub.add_parser("info", help="versions, compiled kernels, Triton, and the backend each op uses")
     pi.add_argument("--json", action="store_true", help="print as JSON")
     pi.set_defaults(func=_cmd_info)
+    import os
+
+    # The benchmarks live in a source checkout's bench/ folder, not in a wheel: advertised only where they are.
+    have_bench = os.path.isdir(_bench_dir()) and bool(_bench_names(_bench_dir()))
+    if not have_bench:
+        sub.metavar = "{" + ",".join(n for n in sub.choices if n != "bench") + ",...}"
     pb = sub.add_parser("bench", help="run a kernel microbenchmark and print its table (CSV into bench/results/)",
                         description="Run bench/bench_<which>.py (or every one, 'all', each in turn; a failing one does "
                         "not stop the rest). Options after the name go to every benchmark run: --quick (smaller), "
@@ -284,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "$MSCONV_BENCH_RESULTS.")
     pb.add_argument("which", help="which benchmark: transfer, mfconv, mge, lars, ... or all")
     pb.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark (see --help there)")
+    if not have_bench:
+        sub._choices_actions.pop()  # keep `msconv bench` (it says where the benchmarks are), but out of --help
     pb.set_defaults(func=_cmd_bench)
     return p
 

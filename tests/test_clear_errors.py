@@ -304,3 +304,13 @@ def test_the_lightning_callback_refuses_a_string_loss_and_foreign_states():
         with pytest.raises((ValueError, TypeError), match="state"):
             cb.load_state_dict(foreign)
     cb.load_state_dict({})  # a checkpoint saved before the first step
+
+
+def test_bench_is_not_advertised_where_the_benchmarks_are_not_installed(monkeypatch, capsys):
+    import msconv.cli as cli
+
+    assert "bench" in cli.build_parser().format_help()  # a source checkout has them
+    monkeypatch.setattr(cli, "_bench_dir", lambda: "/nonexistent")  # as in a wheel
+    assert "bench" not in cli.build_parser().format_help()
+    assert cli.main(["bench", "all"]) == 2
+    assert "not installed with msconv" in capsys.readouterr().err

@@ -21,7 +21,7 @@ def test_denoise_noise_level_and_restriction():
     assert y2 is y
     assert abs((x - y).std().item() - 25 / 255) < 0.02 * 25 / 255
     # Cell averages of white noise: the std halves per level of `average` restriction.
-    xr, yr = Denoise(25).restrict_pair(x, y, 2)
+    xr, yr = Denoise(25, "average").restrict_pair(x, y, 2)
     assert xr.shape == (8, 1, 32, 32) and torch.allclose(yr, torch.full_like(yr, 0.5))
     assert abs((xr - yr).std().item() - 25 / 255 / 4) < 0.05 * 25 / 255 / 4
 
@@ -31,7 +31,7 @@ def test_denoise_preserve_keeps_the_noise_level_on_every_grid_with_the_same_draw
     task = Denoise(25, noise_restriction="preserve")
     x, _ = task.corrupt(y, torch.Generator().manual_seed(0))
     xs, ys = task.pyramid_pair(x, y, 3)
-    plain_x, plain_y = Denoise(25).pyramid_pair(x, y, 3)
+    plain_x, plain_y = Denoise(25, "average").pyramid_pair(x, y, 3)
     assert torch.equal(xs[0], x) and all(torch.equal(a, b) for a, b in zip(ys, plain_y))  # fine grid untouched
     for l in range(1, 4):
         # The same draw: exactly 2^l times the restricted noise, so per-pixel std is σ again.
@@ -157,8 +157,8 @@ def test_coarse_same_poses_the_fine_problem_on_every_grid():
     assert torch.allclose(noise2, 4 * msconv.restrict(x - gaussian_blur(y, 1.6, 1.0), "average", levels=2))
     xg, yg = d.corrupt_on_grid(y, torch.Generator().manual_seed(0), 2)
     assert torch.allclose(yg, yc) and abs(float((xg - gaussian_blur(yc, 1.6, 1.0)).std()) - 25 / 255) < 0.02
-    # "restricted" (the default) keeps the generic rule
-    r = Deblur(1.6, 25.0)
+    # "restricted" keeps the generic rule
+    r = Deblur(1.6, 25.0, coarse="restricted")
     x, _ = r.corrupt(y, torch.Generator().manual_seed(0))
     assert torch.equal(r.pyramid_pair(x, y, 1)[0][1], msconv.restrict(x, "average"))
     with pytest.raises(ValueError, match="coarse must be one of"):

@@ -182,6 +182,15 @@ def test_tensorboard_events_are_readable_by_tensorboard(photo_dir, tmp_path):
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [e.value for e in acc.Scalars("val/psnr")] == pytest.approx([float(r["val_psnr"]) for r in rows if r["val_psnr"]])
+    # Where each step trained, a sample restoration per validation, and the options with the final scores.
+    assert [e.value for e in acc.Scalars("train/level")] == [float(r["level"]) for r in rows if r.get("loss")]
+    images = acc.Images("val/input_restored_clean")
+    assert len(images) == len(acc.Scalars("val/psnr")) and images[0].width == 3 * images[0].height
+    tags = set()
+    for name in os.listdir(tmp_path / "tb"):  # add_hparams writes a file of its own
+        hp = EventAccumulator(str(tmp_path / "tb" / name))
+        tags |= set(hp.Reload().Tags()["scalars"])
+    assert {"hparam/val_psnr", "hparam/work_units"} <= tags
 
 
 def test_to_single_quality():

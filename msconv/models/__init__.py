@@ -233,7 +233,7 @@ def mf_factory(sigma: float | None = None, order: int = 2, sigma_floor: float | 
     Multiscale training evaluates the layer on grids up to s = 2**levels, so σ must be sized
     for the coarsest grid: ``sigma >= 2**levels / 2``; or keep a small σ and give
     ``sigma_floor`` (see :class:`msconv.MFConv2d`; 0.5: grids too coarse for σ apply, in their own
-    pixels, the stencil of the finest grid that resolves it).
+    pixels, the stencil of the finest grid that resolves it; None: MFConv2d's default; 0: off).
     """
     from msconv.nn import MFConv2d
 
@@ -242,8 +242,8 @@ def mf_factory(sigma: float | None = None, order: int = 2, sigma_floor: float | 
 
     def conv(in_channels, out_channels, kernel_size, bias):
         s = None if sigma is None else sigma * kernel_size / 3
-        return MFConv2d(in_channels, out_channels, kernel_size, padding="same", bias=bias, order=order, sigma=s,
-                         sigma_floor=sigma_floor)
+        floor = {} if sigma_floor is None else {"sigma_floor": sigma_floor or None}  # 0: off
+        return MFConv2d(in_channels, out_channels, kernel_size, padding="same", bias=bias, order=order, sigma=s, **floor)
 
     return conv
 
@@ -254,7 +254,7 @@ def build_model(name: str, in_channels: int, out_channels: int, conv: str = "sta
     """Build a zoo model by name. ``kwargs`` the model does not take (e.g. ``depth`` for
     ESPCN) are ignored so one config serves every model; ``upscale`` only applies to ESPCN.
     ``mf_sigma``/``mf_order``/``mf_sigma_floor`` set the mesh-free layers' σ, order and σ floor
-    (``conv='mf'`` only; see :func:`mf_factory`)."""
+    (``conv='mf'`` only; see :func:`mf_factory`; a floor of None is MFConv2d's default, 0 is off)."""
     import inspect
 
     if name not in MODELS:

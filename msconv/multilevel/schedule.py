@@ -329,8 +329,9 @@ class Schedule:
         """Nominal work units of the whole plan (fine-equivalent forward+backward passes)."""
         return sum(s.iterations * s.work_per_step for s in self.stages)
 
-    def lr_scheduler(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, power: float = 2.0):
-        """A :class:`msconv.optim.WarmupPolyLR` over :attr:`total_steps`; step it after every
+    def lr_scheduler(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, power: float = 1.0):
+        """A :class:`msconv.optim.WarmupPolyLR` over :attr:`total_steps` (linear decay by default, as
+        ``msconv train`` uses); step it after every
         ``optimizer.step()``. Early stage ends fast-forward it (it becomes
         :attr:`fast_forward_scheduler`)."""
         from msconv.optim import WarmupPolyLR

@@ -106,10 +106,10 @@ class Denoise(Task):
 
     ``noise_restriction`` says how the noise reaches coarser grids:
 
-    * ``"average"`` (the default, as for every task: corrupt at the finest grid, then restrict): the
-      noise is cell-averaged with the image, so level l sees std σ/2^l — a different, easier
-      problem on every grid.
-    * ``"preserve"``: level l's input is ``R^l y + 2^l · R^l(x − y)``, the *same* noise draw
+    * ``"average"`` (the generic rule: corrupt at the finest grid, then restrict): the noise is
+      cell-averaged with the image, so level l sees std σ/2^l — a different, easier problem on
+      every grid, and coarse training does not transfer.
+    * ``"preserve"`` (default): level l's input is ``R^l y + 2^l · R^l(x − y)``, the *same* noise draw
       restricted and rescaled to per-pixel std σ (an average of 4^l i.i.d. N(0, σ²) times 2^l is
       again N(0, σ²)). Every grid then poses the same denoising problem at its resolution, so
       what a network learns on a coarse grid is what it needs on the fine one, and the MGE
@@ -120,7 +120,7 @@ class Denoise(Task):
     name = "denoise"
     NOISE_RESTRICTIONS = ("average", "preserve")
 
-    def __init__(self, noise_sigma: float = 25.0, noise_restriction: str = "average"):
+    def __init__(self, noise_sigma: float = 25.0, noise_restriction: str = "preserve"):
         if not (isinstance(noise_sigma, (int, float)) and noise_sigma >= 0 and math.isfinite(noise_sigma)):
             raise ValueError(f"denoise: noise_sigma must be >= 0 on the 0-255 scale (e.g. 25), got {noise_sigma!r}")
         if noise_restriction not in self.NOISE_RESTRICTIONS:
@@ -203,10 +203,10 @@ class Deblur(Task):
 
     ``coarse`` says what coarser grids pose:
 
-    * ``"restricted"`` (default; the generic rule): corrupt at the finest grid, restrict input and
+    * ``"restricted"`` (the generic rule): corrupt at the finest grid, restrict input and
       target. The blur is in reference pixels, so on a grid of spacing s it spans σ/s pixels:
       at s = 4 a σ = 1.6 blur is nearly the identity, and coarse training learns another task.
-    * ``"same"``: the clean image restricted to the grid, blurred with σ in *that grid's own*
+    * ``"same"`` (default): the clean image restricted to the grid, blurred with σ in *that grid's own*
       pixels, plus noise of the same std: the fine problem at lower resolution. For MGE's
       coupled differences, level l's input is the blur of ``R^l y`` plus the fine noise draw
       restricted and rescaled to std σ (``2^l R^l n``); level 0 is unchanged.
@@ -214,7 +214,7 @@ class Deblur(Task):
 
     name = "deblur"
 
-    def __init__(self, blur_sigma: float = 1.6, noise_sigma: float = 2.55, coarse: str = "restricted"):
+    def __init__(self, blur_sigma: float = 1.6, noise_sigma: float = 2.55, coarse: str = "same"):
         if not (isinstance(blur_sigma, (int, float)) and blur_sigma > 0):
             raise ValueError(f"deblur: blur_sigma must be > 0 reference pixels (e.g. 1.6), got {blur_sigma!r}")
         if not (isinstance(noise_sigma, (int, float)) and noise_sigma >= 0):
@@ -334,7 +334,7 @@ class SuperResolution(Task):
 
     name = "sr"
 
-    def __init__(self, scale: int = 2, kernel: str = "bicubic", pre_upsample: bool = False, coarse: str = "restricted"):
+    def __init__(self, scale: int = 2, kernel: str = "bicubic", pre_upsample: bool = False, coarse: str = "same"):
         if scale not in (2, 4):
             raise ValueError(f"sr: scale must be 2 or 4, got {scale!r}")
         if kernel not in ("bicubic", "area"):

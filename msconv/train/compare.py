@@ -10,6 +10,8 @@ import json
 import math
 import os
 
+import torch
+
 from msconv.multilevel.baselines import BASELINES
 from msconv.train.config import MODES, ConfigError, TrainConfig
 from msconv.train.trainer import Trainer
@@ -220,7 +222,9 @@ def summary_markdown(summary: dict) -> str:
 
 
 def plot(results: list[dict], out: str) -> list[str]:
-    """Validation PSNR against work units and against wall-clock, one line per mode (PNG)."""
+    """Validation PSNR against work units and against wall-clock, one line per mode (PNG). The axes are
+    logarithmic: savings are ratios, decided early, where a linear axis squeezes the points (the
+    start, at 0, is left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,9 +235,10 @@ def plot(results: list[dict], out: str) -> list[str]:
                              ("wall_clock_s", "training wall-clock (s)", "psnr_vs_wall_clock.png")):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         for r in results:
-            h = r["val_history"]
+            h = [p for p in r["val_history"] if p[key] > 0]
             ax.plot([p[key] for p in h], [p["psnr"] for p in h], marker="o", ms=3, label=f"{r['mode']} ({r['conv']})")
-        ax.set_xlabel(label)
+        ax.set_xscale("log")
+        ax.set_xlabel(label + " (log scale)")
         ax.set_ylabel("validation PSNR (dB)")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -250,6 +255,51 @@ def plot(results: list[dict], out: str) -> list[str]:
 DEFAULT_MODES = ("single", "small", "progressive", "patches", "fmg")
 
 
+def load_data(cfg: TrainConfig):
+    """(train, validation) image sets of ``cfg``, read once for every mode."""
+    from msconv.data import load_dataset
+
+    return load_dataset(cfg.data, cfg.val_data, cfg.gray, cfg.val_fraction, cfg.split_seed,
+                        "skip" if cfg.skip_bad_files else "error", cfg.max_megapixels)
+
+
+def plan_summary(cfg: TrainConfig, modes, data) -> str:
+    """What a comparison will run, before it starts: each mode's stages (grid side × steps × batch) and
+    an estimate of the wall-clock, from timing a few training steps of the fine grid on this machine
+    (a step costs about the same per work unit on every grid)."""
+    import time
+
+    import torch.nn.functional as F
+
+    from msconv.train.run import build_run
+
+    import warnings
+
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each run says its warnings when it starts
+        for mode in modes:
+            run = build_run(cfg.replace(mode=mode), data)
+            stages = ", ".join(f"{(s.resize or s.crop or cfg.crop) // 2 ** s.base_level}²@1/{2 ** s.base_level}:"
+                               f"{s.iterations}×{s.batch_sizes[0]}" for s in run.stages)
+            lines.append(f"  {mode:<12} {run.total_steps:>6} steps  [{stages}]")
+        run = build_run(cfg.replace(mode="single"), data)
+    x = torch.rand(cfg.batch_size, run.task.in_channels(run.train_set.channels), cfg.crop, cfg.crop, device=run.device)
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        y = run.model(x)
+        F.mse_loss(y, torch.zeros_like(y)).backward()
+        times.append(time.perf_counter() - t0)
+    per_unit = sorted(times[1:])[1] / cfg.batch_size  # the first step warms up
+    total = per_unit * cfg.budget * len(modes)
+    head = (f"plan: {len(modes)} modes x {cfg.budget:g} work units ({cfg.crop}² crops, batch {cfg.batch_size}) on "
+            f"{run.device}, {torch.get_num_threads()} thread(s); estimated {f'{total / 60:.0f} min' if total > 120 else f'{total:.0f} s'} of training "
+            f"({per_unit * 1e3:.1f} ms per work unit measured now; validation adds a little). Stages: "
+            "sample side² in the grid's own pixels @ the grid's resolution:steps×batch")
+    return "\n".join([head, *lines])
+
+
 def compare(cfg: TrainConfig, modes=DEFAULT_MODES, data=None, on_step=None) -> dict:
     """Run each mode under ``cfg`` (same seed and budget) into ``cfg.out/<mode>``; summarise.
 
@@ -264,10 +314,7 @@ def compare(cfg: TrainConfig, modes=DEFAULT_MODES, data=None, on_step=None) -> d
         raise ConfigError(f"--modes: {', '.join(twice)} given more than once; each mode runs once into OUT/<mode>")
     os.makedirs(cfg.out, exist_ok=True)
     if data is None:
-        from msconv.data import load_dataset
-
-        data = load_dataset(cfg.data, cfg.val_data, cfg.gray, cfg.val_fraction, cfg.split_seed,
-                            "skip" if cfg.skip_bad_files else "error", cfg.max_megapixels)
+        data = load_data(cfg)
     from msconv.train.folder import run_folder_lock
 
     with run_folder_lock(cfg.out):

@@ -290,8 +290,8 @@ class TrainConfig:
         if self.val_points > MAX_VAL_POINTS:
             raise ConfigError(f"--val-points must be at most {MAX_VAL_POINTS} (each is a full validation pass; 24 "
                               f"log-spaced points resolve savings up to 256x), got {self.val_points!r}")
-        if self.lr is not None and not (0 < self.lr <= FLOAT32_MAX):
-            raise ConfigError(f"--lr must be a finite number > 0 (default for --optimizer {self.optimizer}: "
+        if self.lr is not None and not (0 <= self.lr <= FLOAT32_MAX):
+            raise ConfigError(f"--lr must be a finite number >= 0 (default for --optimizer {self.optimizer}: "
                               f"{DEFAULT_LR[self.optimizer]:g}), got {self.lr!r}")
         if self.weight_decay > FLOAT32_MAX:
             raise ConfigError(f"--weight-decay must be a float32 number (<= {FLOAT32_MAX:.3g}), got {self.weight_decay!r}")

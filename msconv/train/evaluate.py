@@ -77,6 +77,20 @@ class Evaluator:
         self.model.train()
         return sum(ps) / len(ps), sum(ss) / len(ss)
 
+    def sample(self, side: int = 128) -> torch.Tensor:
+        """The first validation image as input | restored | clean side by side, (C, h, 3w) in [0, 1],
+        each at most ``side`` pixels square (for TensorBoard)."""
+        x, y = self.pairs[0]
+        self.model.eval()
+        with torch.no_grad(), grid_scale(1.0):
+            pred = self.model(x).clamp(0, 1)
+        self.model.train()
+        seen = self.task.input_for_metrics(x).clamp(0, 1)
+        if seen.shape[2:] != y.shape[2:]:  # a low-resolution input, shown at the target's size
+            seen = F.interpolate(seen, size=y.shape[2:], mode="nearest")
+        h, w = min(side, y.shape[2]), min(side, y.shape[3])
+        return torch.cat([t[0, :, :h, :w] for t in (seen, pred, y)], dim=2).cpu()
+
     def loss_on_grid(self, level: int) -> float:
         """Validation MSE on grid ``level`` (the adaptive stage-end rule's signal)."""
         self.model.eval()

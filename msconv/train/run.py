@@ -71,7 +71,7 @@ def architecture(cfg: TrainConfig, channels: int) -> dict:
     t = task(**_accepted(task, task_options(cfg)))
     return {"name": cfg.model, "in_channels": t.in_channels(channels), "out_channels": t.out_channels(channels),
             "conv": cfg.conv, "upscale": cfg.sr_scale if (cfg.task == "sr" and cfg.model == "espcn") else 1,
-            "mf_sigma": cfg.mf_sigma, "mf_order": cfg.mf_order, "mf_sigma_floor": cfg.mf_sigma_floor or None,
+            "mf_sigma": cfg.mf_sigma, "mf_order": cfg.mf_order, "mf_sigma_floor": cfg.mf_sigma_floor,  # 0: off
             **model_options(cfg)}
 
 

@@ -50,11 +50,13 @@ class CsvLog:
 
 
 class TensorBoardLog:
-    """``train/loss``, ``train/work_units``, ``train/lr`` per step and ``val/psnr``, ``val/ssim``,
-    ``val/psnr_vs_work_units`` per validation, written to ``folder`` by TensorBoard's own
-    ``SummaryWriter`` (the ``tensorboard`` package, in the ``train`` extra)."""
+    """``train/loss``, ``train/work_units``, ``train/lr``, ``train/stage``, ``train/level`` per step;
+    ``val/psnr``, ``val/ssim``, ``val/psnr_vs_work_units`` and (``samples``: a function returning a
+    (C, H, W) image in [0, 1]) a sample restoration per validation; the run's options as
+    hyperparameters with its final validation scores when it closes. Written to ``folder`` by
+    TensorBoard's own ``SummaryWriter`` (the ``tensorboard`` package, in the ``train`` extra)."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, hparams: dict | None = None, samples=None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
@@ -62,6 +64,9 @@ class TensorBoardLog:
                               "(or msconv[train]), or pass --no-tensorboard") from e
         os.makedirs(folder, exist_ok=True)
         self.writer = SummaryWriter(folder)
+        # TensorBoard's hyperparameter table takes numbers, strings and booleans only.
+        self.hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in (hparams or {}).items()}
+        self.samples, self.last = samples, None
 
     def write(self, row: dict) -> None:
         step, loss = row["step"], row.get("loss")
@@ -70,16 +75,24 @@ class TensorBoardLog:
         self.writer.add_scalar("train/loss", loss if math.isfinite(loss) else float("nan"), step)
         self.writer.add_scalar("train/work_units", row["work_units"], step)
         self.writer.add_scalar("train/lr", row["lr"], step)
+        self.writer.add_scalar("train/stage", row["stage"], step)
+        self.writer.add_scalar("train/level", row["level"], step)
 
     def validation(self, rec: dict) -> None:
         self.writer.add_scalar("val/psnr", rec["psnr"], rec["step"])
         self.writer.add_scalar("val/ssim", rec["ssim"], rec["step"])
         self.writer.add_scalar("val/psnr_vs_work_units", rec["psnr"], int(round(rec["work_units"])))
+        if self.samples is not None:
+            self.writer.add_image("val/input_restored_clean", self.samples(), rec["step"], dataformats="CHW")
+        self.last = rec
 
     def note(self, message: str) -> None:
         pass
 
     def close(self) -> None:
+        if self.hparams and self.last is not None:
+            self.writer.add_hparams(self.hparams, {"hparam/val_psnr": self.last["psnr"], "hparam/val_ssim": self.last["ssim"],
+                                                   "hparam/work_units": self.last["work_units"]}, run_name=".")
         self.writer.close()
 
 

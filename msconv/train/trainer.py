@@ -188,7 +188,8 @@ class Trainer:
         if self.rank != 0:
             return []  # under torchrun rank 0 logs for all
         self.csv = CsvLog(os.path.join(cfg.out, "metrics.csv"), self.state.step if cfg.resume else None)
-        sinks = [self.csv] + ([TensorBoardLog(os.path.join(cfg.out, "tb"))] if cfg.tensorboard else [])
+        tb = [TensorBoardLog(os.path.join(cfg.out, "tb"), cfg.to_dict(), self.evaluator.sample)] if cfg.tensorboard else []
+        sinks = [self.csv] + tb
         return sinks + [ProgressBar(self.total_steps, self.state.step, f"{cfg.mode}/{cfg.conv}", len(self.stages),
                                     cfg.progress)]
 
