@@ -258,7 +258,9 @@ def mf_padding(n: int, kmin: int, k: int, stride: int) -> tuple[int, int]:
     exactly the sum ``J[I] = Σ_k taps[k] u[S·I − k]``. Either amount can be negative (a crop)
     when the stride exceeds the stencil.
     """
-    n_out = -(-n // stride)
+    # ceil(n / S) as a floor division of non-negatives: with a symbolic n (torch.compile with
+    # dynamic shapes) -(-n // S) leaves a negative floor division that inductor cannot size.
+    n_out = (n + stride - 1) // stride
     kmax = kmin + k - 1
     return kmax, stride * (n_out - 1) - (n - 1) - kmin
 
@@ -278,7 +280,10 @@ def mf_pad(x: torch.Tensor, pad_h: tuple[int, int], pad_w: tuple[int, int], mode
     fits = {"reflect": lambda p, n: 0 <= p < n, "replicate": lambda p, n: p >= 0, "circular": lambda p, n: 0 <= p <= n}
     if mode not in fits:
         raise ValueError(f"mf_pad: unknown mode={mode!r}; use zeros, reflect, replicate or circular")
-    if all(fits[mode](p, n) for p, n in ((t, h), (b, h), (l, w), (r, w))):
+    # Under torch.compile replicate padding takes the gather below: inductor (torch 2.13, CPU)
+    # mis-strides the backward of F.pad(mode="replicate") followed by a convolution.
+    compiled_replicate = mode == "replicate" and torch.compiler.is_compiling()
+    if not compiled_replicate and all(fits[mode](p, n) for p, n in ((t, h), (b, h), (l, w), (r, w))):
         return F.pad(x, (l, r, t, b), mode=mode)
 
     def index(n: int, lo: int, hi: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from msconv import reference
-from msconv.nn.mfconv import MFConv2d
+from msconv.nn.mfconv import DEFAULT_SIGMA_FLOOR, MFConv2d
 
 __all__ = ["convert", "fit_mf_weight", "PoorFitWarning", "FIT_WARN_THRESHOLD"]
 
@@ -25,6 +25,19 @@ class PoorFitWarning(UserWarning):
     """convert(): a layer's mesh-free fit is far from its nn.Conv2d weights."""
 
 
+def take_over(new: nn.Module, old: nn.Module, weight: torch.Tensor) -> None:
+    """``new`` replaces ``old``: ``weight`` (in new's layout) and old's bias, each parameter frozen
+    exactly when old's was (a frozen layer stays frozen), and old's train/eval mode."""
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    new.weight.requires_grad_(old.weight.requires_grad)
+    if old.bias is not None:
+        new.bias.requires_grad_(old.bias.requires_grad)
+    new.train(old.training)
+
+
 def _window_offsets(conv: nn.Conv2d) -> int | None:
     """Offset of the conv's first tap from the output position S·I, or None if not "same"-like."""
     k = conv.kernel_size[0]
@@ -38,6 +51,8 @@ def _window_offsets(conv: nn.Conv2d) -> int | None:
 def _why_not(conv: nn.Conv2d) -> str | None:
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} subclasses nn.Conv2d and may change its forward; left as is"
+    if conv.kernel_size == (1, 1):
+        return "a 1×1 conv is a pure channel mix with no spatial extent: nothing mesh-free to fit; left as is"
     if conv.dilation != (1, 1):
         return f"dilation={conv.dilation} has no mesh-free equivalent"
     if conv.kernel_size[0] != conv.kernel_size[1] or conv.stride[0] != conv.stride[1]:
@@ -84,7 +99,7 @@ def fit_mf_weight(weight: torch.Tensor, first_offset: int, order: int, sigma: fl
 
 def convert(
     model: nn.Module, order: int = 2, sigma: float | None = None, inplace: bool = False,
-    warn_above: float | None = FIT_WARN_THRESHOLD,
+    warn_above: float | None = FIT_WARN_THRESHOLD, sigma_floor: float | None = DEFAULT_SIGMA_FLOOR,
 ):
     """Replace every nn.Conv2d in ``model`` by an MFConv2d fitted by least squares (at s = 1).
 
@@ -92,7 +107,10 @@ def convert(
     Frobenius distance between the sampled s = 1 stencil and the conv's weights. ``sigma``
     (reference pixels) defaults to each layer's ``kernel_size / 6``. Layers that MFConv2d cannot
     honour (dilation ≠ 1, non-square, padding that changes the output size, subclasses of
-    nn.Conv2d) are left in place and reported.
+    nn.Conv2d) and 1×1 convs (a channel mix, the same on every grid) are left in place and
+    reported. ``sigma_floor`` is passed to each MFConv2d (default 0.5, as there; None: off).
+    Each new parameter requires grad exactly when the conv's did, so frozen layers stay frozen.
+    A TorchScript module cannot be converted: convert the eager model, then script it.
 
     Returns ``(model, report)``: ``report`` is a list of dicts, one per nn.Conv2d found, with
     ``name``, ``converted`` (bool), ``rel_error`` (the relative fit error, None if skipped) and
@@ -116,6 +134,19 @@ def convert(
         )
     if warn_above is not None and not (isinstance(warn_above, (int, float)) and warn_above >= 0):
         raise ValueError(f"convert: warn_above must be a number >= 0 or None, got warn_above={warn_above!r}")
+    if sigma_floor is not None and not (
+        isinstance(sigma_floor, (int, float)) and not isinstance(sigma_floor, bool)
+        and math.isfinite(sigma_floor) and sigma_floor > 0
+    ):
+        raise ValueError(
+            f"convert: sigma_floor must be None (off) or a finite number > 0 in grid pixels, got "
+            f"sigma_floor={sigma_floor!r}; the default {DEFAULT_SIGMA_FLOOR} uses sigma = s/2 on grids too coarse for sigma"
+        )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"convert: model is a TorchScript module ({type(model).__name__}), whose layers cannot be replaced; "
+            "convert the eager nn.Module first, then script or trace the converted model"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
@@ -145,12 +176,9 @@ def convert(
         new = MFConv2d(
             mod.in_channels, mod.out_channels, k, mod.stride[0], groups=mod.groups, bias=mod.bias is not None,
             padding_mode=mod.padding_mode, device=mod.weight.device, dtype=mod.weight.dtype, order=order, sigma=sig,
+            sigma_floor=sigma_floor,
         )
-        with torch.no_grad():
-            new.weight.copy_(theta)
-            if mod.bias is not None:
-                new.bias.copy_(mod.bias)
-        new.train(mod.training)
+        take_over(new, mod, theta)
         swaps += [(place, new) for place in places[id(mod)]]
         report.append({"name": name, "converted": True, "rel_error": err, "reason": "", "shared_with": shared})
         if warn_above is not None and err > warn_above:

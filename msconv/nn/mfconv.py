@@ -14,7 +14,11 @@ from msconv.grid import current_grid_scale
 from msconv.ops._common import is_channels_last
 from msconv.ops.mfconv import METHODS, PADDING_MODES, mf_conv2d
 
-__all__ = ["MFConv2d", "UnresolvedSigmaWarning"]
+__all__ = ["MFConv2d", "UnresolvedSigmaWarning", "DEFAULT_SIGMA_FLOOR"]
+
+# The σ floor MFConv2d and convert() use unless told otherwise: the training CLI's default
+# (--mf-sigma-floor 0.5), where σ is resolved exactly when σ >= s/2.
+DEFAULT_SIGMA_FLOOR = 0.5
 
 
 class UnresolvedSigmaWarning(UserWarning):
@@ -45,6 +49,44 @@ def _smallest_representable_sigma(order: int, fan_in: int, dtype: torch.dtype) -
     return hi
 
 
+# How far below the dtype's largest finite number the largest tap must stay. The jets sum K
+# products tap × input, and the taps of very fine grids exceed those of s = 1 by up to ~3×
+# (measured at order 44, σ = ½, s = 1/8), so 2^16 leaves room for inputs and activations of a
+# few thousand. Measured at σ = ½ (kernel_size 3) in float32: the s = 1 taps pass 3.4e38 at
+# order 45 (NaN outputs), the s = 1/8 taps at order 44, an input of 1e3 overflows the jets
+# from order 42; with this headroom the largest usable order is 40.
+_TAP_HEADROOM = 2.0**16
+
+
+def _compute_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the taps are applied in: float64 for a float64 layer, else float32 (see mf_conv2d)."""
+    return torch.float64 if (dtype or torch.get_default_dtype()) == torch.float64 else torch.float32
+
+
+def _usable_orders(order: int, sigma: float, dtype: torch.dtype) -> int:
+    """How many derivative orders 0, 1, … have s = 1 taps that fit ``dtype`` with the headroom.
+
+    The largest tap of order a grows like σ^-a·sqrt(a!) (the Gaussian's a-th derivative), so
+    past some order the taps, and the jets, overflow and the layer returns NaN.
+    """
+    taps, _ = reference.mf_taps(order, sigma, 1.0)
+    limit = torch.finfo(dtype).max / _TAP_HEADROOM
+    fits = torch.isfinite(taps).all(-1) & (taps.abs().amax(-1) <= limit)  # [order + 1]
+    return int(fits.int().cumprod(0).sum())
+
+
+def _check_order(order: int, sigma: float, dtype: torch.dtype | None) -> None:
+    compute = _compute_dtype(dtype)
+    usable = _usable_orders(order, sigma, compute)
+    if usable <= order:
+        raise ValueError(
+            f"MFConv2d: order={order} is too high for sigma={sigma:g} in {compute}: the taps of the order-{usable} "
+            f"Gaussian derivative exceed {compute}'s range (they grow like sigma^-order·sqrt(order!)) and the "
+            f"layer would return NaN. The largest usable order here is {usable - 1}; use order <= {usable - 1} or a "
+            "larger sigma" + (", or a float64 layer (dtype=torch.float64)" if compute != torch.float64 else "")
+        )
+
+
 def _square(value, name: str) -> int:
     """An int, or a tuple of two equal ints (what nn.Conv2d's _pair accepts), as one int."""
     if isinstance(value, (tuple, list)):
@@ -58,6 +100,16 @@ def _square(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"MFConv2d: {name} must be a positive int, got {name}={value!r}")
     return value
+
+
+def _shortest_decimal(sigma: torch.Tensor) -> float:
+    """The shortest decimal that rounds to ``sigma``'s float16/float32 value, as a Python float.
+
+    A σ given as 0.9 and saved in float32 (0.89999998) comes back as 0.9; what a checkpoint of
+    format 1 (σ in the module's dtype) holds is most likely such a rounded decimal."""
+    if sigma.dtype in (torch.float16, torch.float32):
+        return float(str(sigma.detach().cpu().numpy()[()]))
+    return float(sigma)
 
 
 class MFConv2d(nn.Module):
@@ -79,11 +131,13 @@ class MFConv2d(nn.Module):
     Keyword-only: ``order`` p of the derivative basis (M = (p+1)(p+2)/2 weights per channel
     pair; 6 for p = 2), ``sigma`` in reference pixels, ``learn_sigma`` (σ a parameter, else a
     buffer), ``method`` (``auto``, ``separable``, ``fft`` for circular padding, ``dense``),
-    ``sigma_floor`` (None: off; f > 0: on a grid with ``f·s > σ`` the layer uses ``σ_s = f·s``
-    and multiplies the weight of jet (a, b) by ``(σ_s/σ)^(a+b)``, so a grid too coarse for σ
-    applies, in its own pixels, the stencil of the finest grid where ``σ = f·s`` instead of a
-    blur with vanishing derivative taps; grids that resolve σ are unchanged. f = 0.5 matches
-    the resolution rule ``σ >= s/2``).
+    ``sigma_floor`` (default 0.5, the training CLI's; f > 0: on a grid with ``f·s > σ`` the layer
+    uses ``σ_s = f·s`` and multiplies the weight of jet (a, b) by ``(σ_s/σ)^(a+b)``, so a grid too
+    coarse for σ applies, in its own pixels, the stencil of the finest grid where ``σ = f·s``
+    instead of a blur with vanishing derivative taps; grids that resolve σ are unchanged. f = 0.5
+    matches the resolution rule ``σ >= s/2``; None: off, the fixed σ on every grid).
+    ``order`` is limited by the float range: past about 40 for σ = ½ in float32 the
+    Gaussian-derivative taps overflow, and the constructor says which order is the largest.
     A learnable σ sets the stencil support from its current value, one host read per call (a
     graph break under torch.compile); a fixed σ is a Python constant and compiles fully.
 
@@ -117,7 +171,7 @@ class MFConv2d(nn.Module):
         sigma: float | None = None,
         learn_sigma: bool = False,
         method: str = "auto",
-        sigma_floor: float | None = None,
+        sigma_floor: float | None = DEFAULT_SIGMA_FLOOR,
     ):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
@@ -167,6 +221,7 @@ class MFConv2d(nn.Module):
                 f"MFConv2d: sigma_floor must be None or a finite number > 0 in grid pixels, got "
                 f"sigma_floor={sigma_floor!r}; 0.5 uses sigma = s/2 on grids too coarse for sigma"
             )
+        _check_order(order, float(sigma), dtype)
         self.sigma_floor = None if sigma_floor is None else float(sigma_floor)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.padding, self.dilation = (k, k), (stride, stride), padding, (1, 1)
@@ -178,11 +233,12 @@ class MFConv2d(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_channels, **fk))
         else:
             self.register_parameter("bias", None)
-        sig = torch.tensor(float(sigma), **fk)
         if learn_sigma:
-            self.sigma = nn.Parameter(sig)
+            self.sigma = nn.Parameter(torch.tensor(float(sigma), **fk))
         else:
-            self.register_buffer("sigma", sig)
+            # Stored in float64 whatever the module dtype (see _apply): a float64 holds the Python
+            # float exactly, so a checkpoint reloads the very σ it was saved with.
+            self.register_buffer("sigma", torch.tensor(float(sigma), dtype=torch.float64, device=device))
         # A fixed σ is used as a Python float: exact whatever the module dtype (a float16 buffer
         # would round it) and free of host syncs and graph breaks under torch.compile.
         self._sigma = float(sigma)
@@ -212,26 +268,48 @@ class MFConv2d(nn.Module):
             )
         bound = bound.to(device=self.weight.device, dtype=torch.float32)
         with torch.no_grad():
+            # σ too, for the meta-device recipe (build on meta, to_empty, reset_parameters).
+            self.sigma.fill_(self._sigma)
             u = torch.rand(self.weight.shape, device=self.weight.device, dtype=torch.float32) * 2 - 1
             self.weight.copy_(u * bound)
             if self.bias is not None:
                 b = 1.0 / math.sqrt(fan * self.kernel_size[0] ** 2)
                 nn.init.uniform_(self.bias, -b, b)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "sigma" in state_dict:
-            sigma = state_dict[prefix + "sigma"]
+    # 2: a fixed σ is saved in float64 (exact); 1 (or None): in the module's dtype.
+    _version = 2
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if not self.learn_sigma:
+            # .half()/.to(dtype) would round the fixed σ's buffer, to_empty() would leave it
+            # undefined; it always holds the exact σ the layer computes with.
+            self.sigma = torch.tensor(self._sigma, dtype=torch.float64, device=self.sigma.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        key = prefix + "sigma"
+        sigma = state_dict.get(key)
+        if sigma is not None:
             value = float(sigma) if isinstance(sigma, torch.Tensor) and sigma.numel() == 1 else float("nan")
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(
-                    f"MFConv2d.load_state_dict: {prefix}sigma must be a finite number > 0, got {sigma!r}; "
+                    f"MFConv2d.load_state_dict: {key} must be a finite number > 0, got {sigma!r}; "
                     "the checkpoint is damaged or not from an MFConv2d"
                 )
-            # Keep the exact σ when the buffer is just its rounding (0.3 is stored as 0.30000001): a
-            # resumed run must compute the same stencils as the run that saved it.
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+        if sigma is None or key not in state_dict:
+            return
+        if not self.learn_sigma and sigma.dtype != torch.float64:
+            # A checkpoint of format 1, or a learnable σ loaded into a fixed one: keep the exact σ
+            # when the value is just its rounding (0.3 is stored as 0.30000001), else the decimal
+            # it most likely rounds — a resumed run must compute the stencils of the run that saved it.
             if value != float(torch.tensor(self._sigma, dtype=sigma.dtype)):
-                self._sigma = value
+                self._sigma = _shortest_decimal(sigma)
+        else:
+            self._sigma = value
+        if not self.learn_sigma:
+            self.sigma = torch.tensor(self._sigma, dtype=torch.float64, device=self.sigma.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, C_in, H, W]`` on the grid of ``current_grid_scale()`` → ``[N, C_out, ceil(H/S), ceil(W/S)]``.
@@ -246,11 +324,13 @@ class MFConv2d(nn.Module):
                 "e.g. x.float() / 255 for 8-bit images"
             )
         scale = current_grid_scale()
+        if isinstance(x, torch.Tensor) and x.device.type == "meta":
+            return self._meta_forward(x, scale)
         sigma = self.sigma if self.learn_sigma else self._sigma
         if isinstance(x, torch.Tensor) and not torch.compiler.is_compiling():
             # Host-side checks on Python numbers, skipped while tracing so that a compiled forward
             # has no graph break: a compiled model gets them from its eager calls only.
-            sig = float(sigma)
+            sig = float(sigma.detach()) if isinstance(sigma, torch.Tensor) else sigma
             if not (math.isfinite(sig) and sig > 0):
                 raise ValueError(
                     f"MFConv2d: the learnable sigma is now {sig:g}, not a finite number > 0: training pushed it "
@@ -272,6 +352,18 @@ class MFConv2d(nn.Module):
         if is_channels_last(x) and not is_channels_last(y):
             y = y.contiguous(memory_format=torch.channels_last)
         return y
+
+    def _meta_forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """Shapes only, as nn.Conv2d on meta tensors: a meta tensor has no value to read, so the
+        stencil is sized from the σ the layer was built (or last loaded) with, and there is no
+        autocast on the meta device."""
+        weight, sigma = self.weight, self._sigma
+        if self.sigma_floor is not None:
+            sigma, weight = self._floored(sigma, scale)
+        y = mf_conv2d(
+            x, weight, self.bias, sigma, scale, self.stride[0], self.padding_mode, self.groups, "dense", "reference",
+        )
+        return y.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else y
 
     def _conv(self, x, sigma, scale):
         weight = self.weight
@@ -335,6 +427,16 @@ class MFConv2d(nn.Module):
             "a coarser grid; padding_mode='circular' computes wide stencils by FFT without this padding",
         )
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this before compiling; the layer's forward reads the grid scale
+        # from thread-local state and sizes its stencil in Python, which TorchScript cannot express.
+        raise TypeError(
+            "MFConv2d cannot be compiled by torch.jit.script: its stencil is sized at each call from the grid "
+            "scale and sigma in Python. Use torch.compile or torch.export on the eager model, or "
+            "msconv.nn.bake(model, grid_scale=s) for plain nn.Conv2d layers at one grid scale, which "
+            "torch.jit.script, torch.jit.trace and ONNX export accept"
+        )
+
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
         if self.stride != (1, 1):
@@ -350,8 +452,8 @@ class MFConv2d(nn.Module):
         s += f", sigma={float(self.sigma) if self.learn_sigma else self._sigma:.4g}"
         if self.learn_sigma:
             s += ", learn_sigma=True"
-        if self.sigma_floor is not None:
-            s += f", sigma_floor={self.sigma_floor:g}"
+        if self.sigma_floor != DEFAULT_SIGMA_FLOOR:
+            s += ", sigma_floor=None" if self.sigma_floor is None else f", sigma_floor={self.sigma_floor:g}"
         if self.method != "auto":
             s += f", method={self.method!r}"
         return s

@@ -114,7 +114,17 @@ def _taps(order: int, sigma, scale: float, stride: int, dtype: torch.dtype, devi
         if len(_TAPS_CACHE) > 256:
             _TAPS_CACHE.clear()
         taps, kmin = reference.mf_taps(order, sig, scale, stride)
-        hit = _TAPS_CACHE[key] = (taps.flip(-1).to(device=device, dtype=dtype), kmin)
+        filt = taps.flip(-1).to(dtype)
+        # Once per cache entry, on the host (a meta device has no values to check): past some
+        # order the Gaussian-derivative taps leave the dtype's range (MFConv2d refuses such
+        # orders up front; the functional form finds out here).
+        if not bool(torch.isfinite(filt).all()):
+            raise ValueError(
+                f"{_OP}: order={order} is too high for sigma={sig:g} on grid_scale({scale:g}) in {dtype}: the "
+                "Gaussian-derivative taps overflow and the output would be NaN; use a lower order (MFConv2d's "
+                "error names the largest usable one), a larger sigma, or float64 inputs"
+            )
+        hit = _TAPS_CACHE[key] = (filt.to(device), kmin)
     return hit
 
 
@@ -164,6 +174,29 @@ def _method_costs(
     return costs
 
 
+# The size the cost model assumes for a dimension that is symbolic under
+# torch.compile(dynamic=True). The method is a speed choice only (every path computes the same
+# operator), and at stride 1 the separable/dense ratio does not depend on N, H, W at all; the fft
+# and strided costs do only through log2(H·W) and the edge columns, so a nominal value costs
+# little, while comparing symbolic costs would guard on (or fail to decide) sizes.
+_NOMINAL_SIZE = 64
+
+
+def _concrete(v):
+    """``v`` if it is a plain int, else (a SymInt of a dynamic-shape graph) :data:`_NOMINAL_SIZE`."""
+    return v if type(v) is int else _NOMINAL_SIZE
+
+
+def _cheapest(costs: dict) -> str:
+    """The key of the smallest cost, first on ties (``min(costs, key=costs.get)``, which dynamo
+    cannot trace with ``fullgraph=True``)."""
+    best = None
+    for name, cost in costs.items():
+        if best is None or cost < costs[best]:
+            best = name
+    return best
+
+
 def _check_args(x, weight, bias, sigma, scale, stride, padding_mode, groups, method):
     check_image(x, "x", _OP)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
@@ -188,6 +221,11 @@ def _check_args(x, weight, bias, sigma, scale, stride, padding_mode, groups, met
         )
     if bias is not None and (bias.shape != (c_out,) or bias.dtype != x.dtype or bias.device != x.device):
         raise ValueError(f"{_OP}: bias must be [C_out]={c_out} in x's dtype and device, got {bias.shape=}, {bias.dtype}")
+    if isinstance(sigma, torch.Tensor) and sigma.device.type == "meta":
+        raise ValueError(
+            f"{_OP}: sigma is a tensor on the meta device, whose value (the stencil width) cannot be read; "
+            "pass sigma as a float for shape-only (meta) runs"
+        )
     sig = float(sigma.detach()) if isinstance(sigma, torch.Tensor) and sigma.numel() == 1 else sigma
     sig = sig if isinstance(sig, (int, float)) and not isinstance(sig, bool) else float("nan")
     if not (sig > 0 and math.isfinite(sig)):
@@ -253,9 +291,11 @@ def _fft_jets(x, filt, kmin, order, stride):
     fy, fx = wrapped_dft(h, False), wrapped_dft(w, True)  # [p+1, H], [p+1, W//2+1]
     u = torch.fft.rfft2(x)  # [N, C, H, W//2+1]
     mult = torch.stack([fy[b][:, None] * fx[a][None, :] for a, b in reference.mf_multi_indices(order)])
-    jets = torch.fft.irfft2(u[:, :, None] * mult, s=(h, w))  # [N, C, M, H, W]
-    jets = jets[..., ::stride, ::stride]
-    return jets.reshape(n, -1, jets.shape[-2], jets.shape[-1])
+    # 4-D from here on: inductor cannot order the strides of a 5-D FFT output with symbolic sizes
+    # (torch.compile(dynamic=True) failed with "cannot determine truth value of Relational").
+    spec = (u[:, :, None] * mult).reshape(n, -1, h, u.shape[-1])  # [N, C·M, H, W//2+1]
+    jets = torch.fft.irfft2(spec, s=(h, w))  # [N, C·M, H, W]
+    return jets[..., ::stride, ::stride]
 
 
 def mf_conv2d(
@@ -313,8 +353,9 @@ def mf_conv2d(
     if method == "auto":
         jb = b if _jets_op() is not None and filt.shape[1] <= _JETS_LIMITS[1] and order <= _JETS_LIMITS[0] else "reference"
         fused = _use_fused(x, order, filt.shape[1], stride, b)
-        costs = _method_costs(n, c_in, c_out, groups, order, filt.shape[1], h, w, stride, padding_mode, jb, fused)
-        method = min(costs, key=costs.get)
+        sizes = [_concrete(v) for v in (n, c_in, c_out, h, w)]
+        costs = _method_costs(*sizes[:3], groups, order, filt.shape[1], *sizes[3:], stride, padding_mode, jb, fused)
+        method = _cheapest(costs)
     if method == "dense":
         return _dense(x, weight, bias, filt, kmin, order, stride, padding_mode, groups).to(out_dtype)
     k = filt.shape[1]
