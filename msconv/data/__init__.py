@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from msconv.data.stream import LazyImages, header_shape
+
 __all__ = [
     "ImageSet", "ImageReadError", "BUNDLED_PHOTOS", "bundled_images", "bundled_split", "load_image",
     "load_folder", "load_dataset", "CropSampler", "IMAGE_EXTENSIONS", "MAX_MEGAPIXELS",
@@ -41,7 +43,8 @@ class ImageReadError(ValueError):
 
 @dataclass
 class ImageSet:
-    """Named images, each float32 (C, H, W) in [0, 1], all with the same C."""
+    """Named images, each float32 (C, H, W) in [0, 1], all with the same C: a list in memory, or a
+    :class:`~msconv.data.stream.LazyImages` that decodes them from disk on demand."""
 
     images: list
     names: list
@@ -50,11 +53,24 @@ class ImageSet:
         return len(self.images)
 
     @property
+    def lazy(self) -> bool:
+        return isinstance(self.images, LazyImages)
+
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """(C, H, W) of every image, without decoding lazy ones."""
+        return list(self.images.shapes) if self.lazy else [tuple(im.shape) for im in self.images]
+
+    @property
     def channels(self) -> int:
-        return self.images[0].shape[0]
+        return self.shapes()[0][0]
 
     def min_side(self) -> int:
-        return min(min(im.shape[1:]) for im in self.images)
+        return min(min(s[1:]) for s in self.shapes())
+
+    def subset(self, indices) -> "ImageSet":
+        idx = list(indices)
+        images = self.images.subset(idx) if self.lazy else [self.images[i] for i in idx]
+        return ImageSet(images, [self.names[i] for i in idx])
 
     def fingerprint(self) -> str:
         """A short summary that differs when the images do: their count, names, shapes and pixel sums
@@ -62,7 +78,10 @@ class ImageSet:
         import hashlib
 
         h = hashlib.sha1()
-        for im, name in zip(self.images, self.names):
+        if self.lazy:  # decoding every file to compare would cost an epoch: sizes on disk stand in for pixels
+            for path, name, shape in zip(self.images.paths, self.names, self.images.shapes):
+                h.update(f"{name}|{shape}|{os.path.getsize(path)};".encode())
+        for im, name in ([] if self.lazy else zip(self.images, self.names)):
             h.update(f"{name}|{tuple(im.shape)}|{float(im.double().sum()):.9g};".encode())
         return f"{len(self)} images, sha1 {h.hexdigest()[:12]}"
 
@@ -157,9 +176,11 @@ def load_image(path: str, gray: bool = True, max_megapixels: float = MAX_MEGAPIX
 
 
 def load_folder(path: str, gray: bool = True, on_bad_file: str = "error", recursive: bool = True,
-                max_megapixels: float = MAX_MEGAPIXELS) -> ImageSet:
+                max_megapixels: float = MAX_MEGAPIXELS, memory_mb: float | None = None) -> ImageSet:
     """Every PNG/JPEG/BMP/TIFF under ``path`` (sorted by relative path), read into memory
-    (``max_megapixels``: see :func:`load_image`).
+    (``max_megapixels``: see :func:`load_image`). With ``memory_mb``, a folder whose decoded images
+    (float32) would take more than that many MB is not read up front: its images are decoded on
+    demand into a cache of ``memory_mb`` (:class:`~msconv.data.stream.LazyImages`).
 
     ``on_bad_file``: ``"error"`` (default) raises :class:`ImageReadError` naming the file;
     ``"skip"`` warns and leaves it out.
@@ -175,6 +196,10 @@ def load_folder(path: str, gray: bool = True, on_bad_file: str = "error", recurs
         if not recursive:
             break
     files.sort(key=lambda f: os.path.relpath(f, path))
+    if memory_mb is not None:
+        lazy = _lazy_if_too_big(path, files, gray, on_bad_file, max_megapixels, memory_mb)
+        if lazy is not None:
+            return lazy
     images, kept = [], []
     for f in files:
         if not os.path.isfile(f):
@@ -192,6 +217,36 @@ def load_folder(path: str, gray: bool = True, on_bad_file: str = "error", recurs
     if not images:
         raise FileNotFoundError(f"data: no readable images ({', '.join(IMAGE_EXTENSIONS)}) in {path!r}")
     return ImageSet(images, kept)
+
+
+def _lazy_if_too_big(root, files, gray, on_bad_file, max_megapixels, memory_mb) -> ImageSet | None:
+    """A lazily decoded ImageSet of ``files`` when decoding them all would exceed ``memory_mb``, else None.
+    Unreadable headers are refused or skipped as :func:`load_folder` does for unreadable files."""
+    paths, shapes, names = [], [], []
+    for f in files:
+        if not os.path.isfile(f):
+            warnings.warn(f"skipping {f!r}: not a regular file (a pipe, socket, device or broken link), so not an "
+                          "image", stacklevel=3)
+            continue
+        try:
+            shape = header_shape(f, gray)
+        except Exception as e:  # noqa: BLE001 - any header error means the file is unusable
+            if on_bad_file == "error":
+                raise ImageReadError(f"cannot read image file {f!r}: {type(e).__name__}: {e}. Remove or replace the "
+                                     "file, or pass on_bad_file='skip' (CLI: --skip-bad-files)") from e
+            warnings.warn(f"skipping unreadable image file {f!r} ({e})", stacklevel=3)
+            continue
+        if shape[1] * shape[2] > max_megapixels * 1e6:
+            load_image(f, gray, max_megapixels)  # raises the size error, naming the file and the remedy
+        paths.append(f)
+        shapes.append(shape)
+        names.append(os.path.relpath(f, root))
+    if not paths:
+        raise FileNotFoundError(f"data: no readable images ({', '.join(IMAGE_EXTENSIONS)}) in {root!r}")
+    total = sum(c * h * w * 4 for c, h, w in shapes)
+    if total <= memory_mb * 1e6:
+        return None
+    return ImageSet(LazyImages(paths, gray, max_megapixels, int(memory_mb * 1e6), shapes), names)
 
 
 def bundled_images(gray: bool = True, names=None) -> ImageSet:
@@ -227,9 +282,8 @@ def split_by_image(ds: ImageSet, val_fraction: float = 0.2, seed: int = 0) -> tu
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
     order = [order[p] for p in perm]
     n_val = min(len(ds) - 1, max(1, round(val_fraction * len(ds))))
-    pick = lambda idx: ImageSet([ds.images[i] for i in idx], [ds.names[i] for i in idx])  # noqa: E731
     by_name = lambda idx: sorted(idx, key=lambda i: ds.names[i])  # noqa: E731
-    return pick(by_name(order[n_val:])), pick(by_name(order[:n_val]))
+    return ds.subset(by_name(order[n_val:])), ds.subset(by_name(order[:n_val]))
 
 
 def bundled_split(gray: bool = True, val_fraction: float = 0.2, seed: int = 0) -> tuple[ImageSet, ImageSet]:
@@ -239,16 +293,21 @@ def bundled_split(gray: bool = True, val_fraction: float = 0.2, seed: int = 0) -
 
 def load_dataset(data: str = "bundled", val_data: str | None = None, gray: bool = True,
                  val_fraction: float = 0.2, split_seed: int = 0, on_bad_file: str = "error",
-                 max_megapixels: float = MAX_MEGAPIXELS):
+                 max_megapixels: float = MAX_MEGAPIXELS, memory_mb: float | None = None):
     """(train, val) ImageSets. ``data``: ``"bundled"`` or a folder. Without ``val_data`` the
     images of ``data`` are split by image (:func:`split_by_image`); with it, all of ``data``
     trains and ``val_data`` (a folder) validates."""
-    full = bundled_images(gray) if data == "bundled" else load_folder(data, gray, on_bad_file, max_megapixels=max_megapixels)
+    full = bundled_images(gray) if data == "bundled" else load_folder(data, gray, on_bad_file,
+                                                                      max_megapixels=max_megapixels, memory_mb=memory_mb)
     if val_data is None:
         return split_by_image(full, val_fraction, split_seed)
     val = (bundled_images(gray) if val_data == "bundled"
-           else load_folder(val_data, gray, on_bad_file, max_megapixels=max_megapixels))
+           else load_folder(val_data, gray, on_bad_file, max_megapixels=max_megapixels, memory_mb=memory_mb))
     return full, val
+
+
+# Images a lazily loaded set decodes ahead of the sampler (in background threads).
+PREFETCH_IMAGES = 8
 
 
 class CropSampler:
@@ -271,16 +330,18 @@ class CropSampler:
                 f"CropSampler: ds must be a non-empty ImageSet (from load_folder, bundled_images, ...), got "
                 f"{type(ds).__name__}{' with no images' if isinstance(ds, ImageSet) else ''}"
             )
-        bad = [n for im, n in zip(ds.images, ds.names) if not (isinstance(im, torch.Tensor) and im.dim() == 3)]
+        bad = [] if ds.lazy else [n for im, n in zip(ds.images, ds.names)
+                                  if not (isinstance(im, torch.Tensor) and im.dim() == 3)]
         if bad:
             raise ValueError(f"CropSampler: every image must be a (C, H, W) tensor; {bad[0]!r} is not")
-        channels = {im.shape[0] for im in ds.images}
+        shapes = ds.shapes()
+        channels = {s[0] for s in shapes}
         if len(channels) > 1:
             raise ValueError(
                 f"CropSampler: the images have different channel counts {sorted(channels)}, so their crops cannot "
                 "form one batch; load them all gray or all RGB (gray=True/False)"
             )
-        small = [(n, tuple(im.shape[1:])) for im, n in zip(ds.images, ds.names) if min(im.shape[1:]) < crop]
+        small = [(n, tuple(s[1:])) for s, n in zip(shapes, ds.names) if min(s[1:]) < crop]
         if small:
             n, s = small[0]
             raise ValueError(
@@ -300,6 +361,8 @@ class CropSampler:
             self.epoch += 1
         i = self.order[self.pos]
         self.pos += 1
+        if self.ds.lazy:  # decode the images of the next steps while this one trains
+            self.ds.images.prefetch(self.order[self.pos:self.pos + PREFETCH_IMAGES])
         return i
 
     def next_batch(self, n: int, crop: int | None = None) -> torch.Tensor:

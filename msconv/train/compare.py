@@ -260,7 +260,7 @@ def load_data(cfg: TrainConfig):
     from msconv.data import load_dataset
 
     return load_dataset(cfg.data, cfg.val_data, cfg.gray, cfg.val_fraction, cfg.split_seed,
-                        "skip" if cfg.skip_bad_files else "error", cfg.max_megapixels)
+                        "skip" if cfg.skip_bad_files else "error", cfg.max_megapixels, cfg.data_memory_mb)
 
 
 def plan_summary(cfg: TrainConfig, modes, data) -> str:

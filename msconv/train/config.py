@@ -138,6 +138,9 @@ class TrainConfig:
     test_data: str = _f(None, "test folder evaluated once at the end on full images (e.g. ../shared/data/BSD68)")
     val_crop: int = _f(256, "validation images are centre-cropped to at most this side (0: full images)")
     skip_bad_files: bool = _f(False, "skip unreadable image files with a warning instead of stopping")
+    data_memory_mb: float = _f(4096.0, "a data folder whose decoded images (float32) take more than this many MB is "
+                                       "not read up front: its images are decoded from disk when drawn (prefetched in "
+                                       "threads) into a cache of this size")
     max_megapixels: float = _f(MAX_MEGAPIXELS, "images declaring more pixels than this (millions) are refused as "
                                "damaged; raise it for genuine images that large (PIL's own limit by default)")
     # --- optimisation
@@ -236,7 +239,7 @@ class TrainConfig:
             minimum = 0 if name == "levels" else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
                 raise ConfigError(f"--{_opt(name)} must be an int >= {minimum}, got {v!r}")
-        for name in ("budget", "fmg_iteration_ratio", "fmg_batch_ratio", "max_megapixels"):
+        for name in ("budget", "fmg_iteration_ratio", "fmg_batch_ratio", "max_megapixels", "data_memory_mb"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v <= 0:
                 raise ConfigError(f"--{_opt(name)} must be > 0, got {v!r}")

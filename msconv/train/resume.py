@@ -9,7 +9,7 @@ __all__ = ["RUN_ONLY", "RESUME_MAY_CHANGE", "check_same_run", "checkpoint_config
 
 # Options that say how one invocation runs, not what the run computes.
 RUN_ONLY = {"out", "resume", "overwrite", "progress", "tensorboard", "threads", "max_steps", "ckpt_every", "inject_nan_at", "device",
-            "max_megapixels"}
+            "max_megapixels", "data_memory_mb"}
 # Options a resumed run may change (the remedies a non-finite stop advises); the rest must agree.
 RESUME_MAY_CHANGE = ("lr", "on_nonfinite", "max_skips", "divergence_factor")
 _DEFAULTS = {f.name: f.default for f in TrainConfig.fields()}

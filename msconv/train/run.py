@@ -244,7 +244,7 @@ def build_run(cfg: TrainConfig, data: tuple[ImageSet, ImageSet] | None = None) -
     cfg = cfg.validated()
     on_bad = "skip" if cfg.skip_bad_files else "error"
     train_set, val_set = data or load_dataset(cfg.data, cfg.val_data, cfg.gray, cfg.val_fraction, cfg.split_seed,
-                                              on_bad, cfg.max_megapixels)
+                                              on_bad, cfg.max_megapixels, cfg.data_memory_mb)
     task = build_task(cfg.task, **task_options(cfg))
     c = train_set.channels
     torch.manual_seed(cfg.seed)
