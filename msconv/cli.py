@@ -3,6 +3,7 @@
 - ``msconv train``   — train one model single-scale, with MGE or Full-Multiscale.
 - ``msconv compare`` — the same job under several modes; summary.json / .md and plots.
 - ``msconv apply``   — restore photos with a trained run.
+- ``msconv export``  — a trained run's model as ONNX / TorchScript / pt2, runnable without msconv.
 - ``msconv bench``   — kernel microbenchmarks (bench/bench_<name>.py).
 - ``msconv info``    — versions, compiled kernels, Triton, and the backend each op uses.
 """
@@ -236,6 +237,17 @@ def _cmd_apply(args) -> int:
     return _run_guarded(go)
 
 
+def _cmd_export(args) -> int:
+    def go():
+        from msconv.restore import export_run
+
+        path = export_run(args.run, args.format, args.out, args.grid_scale)
+        print(f"wrote {path} ({args.format}; mesh-free layers baked at grid scale {args.grid_scale:g}; runs without msconv)")
+        return 0
+
+    return _run_guarded(go)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="msconv", description="Multiscale training of CNNs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -285,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--seed", type=int, default=0, help="--degrade: seed of the degradation")
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
     pa.set_defaults(func=_cmd_apply)
+    pe = sub.add_parser(
+        "export", help="write a trained run's model as ONNX, TorchScript or a torch.export program (no msconv needed)",
+        description="Export the model of RUN (a run folder, or the model.pt in one). Mesh-free layers are lowered to "
+        "the exact nn.Conv2d they compute on the grid of --grid-scale, so the file runs without msconv: ONNX (any "
+        "input size; onnxruntime), TorchScript (torch.jit.load) or pt2 (torch.export.load).")
+    pe.add_argument("run", help="run folder (with config.json and model.pt) or the model.pt in one")
+    pe.add_argument("--format", required=True, choices=("onnx", "torchscript", "pt2"))
+    pe.add_argument("--out", default=None, help="output file (default RUN/model.onnx, model.ts.pt or model.pt2)")
+    pe.add_argument("--grid-scale", type=float, default=1.0, help="grid spacing the mesh-free layers are baked at "
+                    "(1 = the training resolution)")
+    pe.set_defaults(func=_cmd_export)
     pi = sub.add_parser("info", help="versions, compiled kernels, Triton, and the backend each op uses")
     pi.add_argument("--json", action="store_true", help="print as JSON")
     pi.set_defaults(func=_cmd_info)

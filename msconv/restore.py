@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from msconv.grid import grid_scale as grid_scale_context
 
-__all__ = ["LoadedRun", "load_run", "restore_tiled", "RunFolderError"]
+__all__ = ["LoadedRun", "load_run", "restore_tiled", "export_run", "RunFolderError", "EXPORT_FORMATS"]
 
 # Tile origins and halos are multiples of this, so the pooling cells of a UNet (up to 4 poolings) fall on
 # the same pixels in a tile as in the whole image.
@@ -44,6 +44,7 @@ class LoadedRun:
     upscale: int
     device: torch.device
     halo: int
+    model_input_channels: int = 1
 
     def model_input(self, observed: torch.Tensor) -> torch.Tensor:
         """The model's input for degraded images as a camera gives them, (N, channels, h, w): the image
@@ -149,4 +150,35 @@ def load_run(path: str, device: str | torch.device = "cpu") -> LoadedRun:
     model.to(device).eval()
     task = build_task(cfg.task, **task_options(cfg))
     halo = math.ceil(receptive_field(model, arch["in_channels"]) / 2)
-    return LoadedRun(model, task, cfg, channels, arch["upscale"], device, halo)
+    return LoadedRun(model, task, cfg, channels, arch["upscale"], device, halo, arch["in_channels"])
+
+
+EXPORT_FORMATS = ("onnx", "torchscript", "pt2")
+
+
+def export_run(path: str, fmt: str, out: str | None = None, grid_scale: float = 1.0, side: int = 64) -> str:
+    """Write the model of run folder ``path`` as a file that runs without msconv: ``onnx`` (any input
+    height and width), ``torchscript`` (``torch.jit.load``) or ``pt2`` (``torch.export``; loads with
+    ``torch.export.load``). Mesh-free layers are first lowered to the exact ``nn.Conv2d`` of grid
+    ``grid_scale`` (:func:`msconv.nn.bake`). Returns the file written (default ``path/model.<ext>``)."""
+    from msconv.nn import bake
+
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export: --format must be one of {EXPORT_FORMATS}, got {fmt!r}")
+    run = load_run(path)
+    model = bake(run.model, grid_scale).eval()
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    out = out or os.path.join(folder, "model." + {"onnx": "onnx", "torchscript": "ts.pt", "pt2": "pt2"}[fmt])
+    example = torch.rand(2, run.model_input_channels, side, side + 8)
+    if fmt == "onnx":
+        axes = {0: "batch", 2: "height", 3: "width"}
+        torch.onnx.export(model, (example,), out, dynamo=False, input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": axes, "output": axes})
+    elif fmt == "torchscript":
+        torch.jit.save(torch.jit.trace(model, example), out)
+    else:
+        Dim = torch.export.Dim
+        shapes = {0: Dim("batch", min=1, max=4096), 2: Dim("height", min=16, max=16384), 3: Dim("width", min=16, max=16384)}
+        program = torch.export.export(model, (example,), dynamic_shapes=(shapes,))
+        torch.export.save(program, out)
+    return out

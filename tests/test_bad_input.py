@@ -151,7 +151,7 @@ def test_mfconv_keeps_channels_last(kwargs):
 
 
 def test_unresolved_sigma_warns_once_naming_sigma_and_grid(fresh_unresolved_warnings):
-    layer = msconv.MFConv2d(2, 2, 3)  # σ = 0.5: resolved up to s = 1
+    layer = msconv.MFConv2d(2, 2, 3, sigma_floor=None)  # σ = 0.5 without a floor: resolved up to s = 1
     x = torch.randn(1, 2, 16, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

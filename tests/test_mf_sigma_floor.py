@@ -11,7 +11,7 @@ from msconv.nn import MFConv2d, UnresolvedSigmaWarning
 
 def _pair(sigma, **kw):
     torch.manual_seed(0)
-    plain = MFConv2d(3, 4, 3, sigma=sigma, **kw).double()
+    plain = MFConv2d(3, 4, 3, sigma=sigma, sigma_floor=None, **kw).double()
     floored = MFConv2d(3, 4, 3, sigma=sigma, sigma_floor=0.5, **kw).double()
     floored.load_state_dict(plain.state_dict())
     return plain, floored
@@ -70,9 +70,13 @@ def test_bad_sigma_floor(bad):
 
 
 def test_build_model_passes_sigma_floor():
-    model = build_model("dncnn", 1, 1, "mf", depth=3, width=4, mf_sigma_floor=0.5)
-    layers = [m for m in model.modules() if isinstance(m, MFConv2d)]
-    assert layers and all(m.sigma_floor == 0.5 for m in layers)
-    assert "sigma_floor=0.5" in repr(layers[0])
-    assert all(m.sigma_floor is None for m in build_model("dncnn", 1, 1, "mf", depth=3, width=4).modules()
-               if isinstance(m, MFConv2d))
+    def floors(**kw):
+        return {m.sigma_floor for m in build_model("dncnn", 1, 1, "mf", depth=3, width=4, **kw).modules()
+                if isinstance(m, MFConv2d)}
+
+    assert floors(mf_sigma_floor=1.0) == {1.0}
+    assert "sigma_floor=1" in repr(next(m for m in build_model("dncnn", 1, 1, "mf", depth=3, width=4,
+                                                              mf_sigma_floor=1.0).modules() if isinstance(m, MFConv2d)))
+    # The default is MFConv2d's (the CLI's 0.5), also when another mesh-free option is given; 0 is off.
+    assert floors() == floors(mf_order=3) == {0.5}
+    assert floors(mf_sigma_floor=0) == {None}

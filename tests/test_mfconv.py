@@ -222,7 +222,7 @@ def test_gradcheck(method):
 
 
 def test_scale_from_context():
-    layer = msconv.MFConv2d(3, 4, 5, stride=2).double()
+    layer = msconv.MFConv2d(3, 4, 5, stride=2, sigma_floor=None).double()  # the paper's fixed σ on every grid
     x = torch.randn(1, 3, 12, 12, dtype=torch.float64)
     for s in (2.0, 0.25):
         with msconv.grid_scale(s):

@@ -90,7 +90,8 @@ class TrainConfig:
     blocks: int = _f(None, "resnet: residual blocks (default 4)")
     mf_sigma: float = _f(None, "conv mf: σ of a 3x3 layer in reference pixels (default 0.5; with --mf-sigma-floor 0, "
                                "size it for the coarsest grid, >= 2**levels/2, or coarse grids cannot resolve the kernel)")
-    mf_order: int = _f(2, "conv mf: derivative order p of the Gaussian-derivative basis")
+    mf_order: int = _f(2, "conv mf: derivative order p of the Gaussian-derivative basis (higher orders' taps overflow "
+                          "float32: at most 40 at --mf-sigma 0.5; the error names the largest usable one)")
     mf_sigma_floor: float = _f(0.5, "conv mf: on a grid of spacing s too coarse for σ (σ < f·s) use σ_s = f·s, i.e. the "
                                     "finest resolved grid's stencil in the coarse grid's own pixels, so coarse training "
                                     "transfers (measured: Full-Multiscale 27.8 dB with 0.5, 5 dB without); 0 = off "
