@@ -3,8 +3,8 @@
 `msconv train --no-gray` and the default --data-memory-mb, which decodes them on demand.
 
 Held in memory as float32 the folder would take N x 144 MB (1000 photos: 144 GB). The script runs
-the training in a child process and reports its peak resident set size (ru_maxrss) and the
-seconds per step, into bench/results/streaming/streaming_memory.csv.
+the training in a child process and appends its peak resident set size (ru_maxrss) and the
+seconds per step to bench/results/streaming/streaming_memory.csv (--out).
 
     python bench/streaming_memory.py --photos /tmp/msconv_12mp --count 1000 --iterations 100
 """
@@ -70,7 +70,11 @@ def main(argv=None) -> int:
            "peak_rss_mb": round(peak_mb), "process_wall_s": round(wall, 1),
            "train_s_per_step": round(result.get("wall_clock_s", float("nan")) / max(1, args.iterations), 3),
            "val_psnr": result.get("psnr"), "photos_made_s": round(made_s, 1)}
-    path = write_csv([row], os.path.join(args.out, "streaming_memory.csv"))
+    path = os.path.join(args.out, "streaming_memory.csv")
+    import csv
+
+    rows = list(csv.DictReader(open(path))) if os.path.exists(path) else []  # one row per setting measured
+    path = write_csv(rows + [row], path)
     print(row)
     print(f"wrote {path}")
     return rc

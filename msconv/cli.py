@@ -90,7 +90,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
             continue
         kw = {"type": {"int": int, "float": float}.get(f.type, str), "default": argparse.SUPPRESS, "help": helptext}
-        if f.metadata.get("choices"):
+        if f.metadata.get("choices") and not f.metadata.get("open_choices"):  # open ones are checked by TrainConfig
             kw["choices"] = f.metadata["choices"]
         if f.type == "list":
             kw["metavar"] = "N,N,..."

@@ -248,6 +248,21 @@ def mf_factory(sigma: float | None = None, order: int = 2, sigma_floor: float | 
     return conv
 
 
+def _user_model(factory, name: str, in_channels: int, out_channels: int, conv: str, sigma_floor) -> nn.Module:
+    """``factory(in_channels, out_channels)``'s module; with ``conv='mf'`` its Conv2d layers become MFConv2d."""
+    if not callable(factory):
+        raise ValueError(f"--model {name!r} is not callable; give a function or class taking (in_channels, out_channels)")
+    model = factory(in_channels, out_channels)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model {name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    if conv == "mf":
+        from msconv.nn import convert
+
+        floor = {} if sigma_floor is None else {"sigma_floor": sigma_floor or None}
+        model, _ = convert(model, warn_above=None, **floor)
+    return model
+
+
 def build_model(name: str, in_channels: int, out_channels: int, conv: str = "standard", upscale: int = 1,
                 mf_sigma: float | None = None, mf_order: int = 2, mf_sigma_floor: float | None = None,
                 **kwargs) -> nn.Module:
@@ -257,10 +272,14 @@ def build_model(name: str, in_channels: int, out_channels: int, conv: str = "sta
     (``conv='mf'`` only; see :func:`mf_factory`; a floor of None is MFConv2d's default, 0 is off)."""
     import inspect
 
-    if name not in MODELS:
-        raise ValueError(f"model: unknown model {name!r}; choose one of {sorted(MODELS)}")
+    from msconv._imports import is_import_path, resolve
+
     if conv not in CONV_KINDS:
         raise ValueError(f"model: conv must be one of {CONV_KINDS}, got {conv!r}")
+    if is_import_path(name):
+        return _user_model(resolve(name, "--model"), name, in_channels, out_channels, conv, mf_sigma_floor)
+    if name not in MODELS:
+        raise ValueError(f"model: unknown model {name!r}; choose one of {sorted(MODELS)} or give package.module:factory")
     cls = MODELS[name]
     params = inspect.signature(cls.__init__).parameters
     kw = {k: v for k, v in kwargs.items() if k in params and v is not None}

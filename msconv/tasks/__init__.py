@@ -387,13 +387,26 @@ class SuperResolution(Task):
 TASKS = {"denoise": Denoise, "deblur": Deblur, "inpaint": Inpaint, "sr": SuperResolution}
 
 
+def task_class(name: str) -> type:
+    """The Task class ``name`` stands for: a built-in name, or ``package.module:Class`` (a Task subclass)."""
+    from msconv._imports import is_import_path, resolve
+
+    if is_import_path(name):
+        cls = resolve(name, "--task")
+        if not (isinstance(cls, type) and issubclass(cls, Task)):
+            raise ValueError(f"--task {name!r} is not a subclass of msconv.tasks.Task; subclass it and implement "
+                             "corrupt(y, generator) -> (x, y)")
+        return cls
+    if name not in TASKS:
+        raise ValueError(f"task: unknown task {name!r}; choose one of {sorted(TASKS)} or give package.module:TaskClass")
+    return TASKS[name]
+
+
 def build_task(name: str, **kwargs) -> Task:
     """``build_task("denoise", noise_sigma=25)``; names: denoise, deblur, inpaint, sr.
     Keyword arguments the task does not take are ignored so one config serves all tasks."""
     import inspect
 
-    if name not in TASKS:
-        raise ValueError(f"task: unknown task {name!r}; choose one of {sorted(TASKS)}")
-    cls = TASKS[name]
+    cls = task_class(name)
     params = inspect.signature(cls.__init__).parameters
     return cls(**{k: v for k, v in kwargs.items() if k in params and v is not None})

@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from msconv._imports import is_import_path
 from msconv.data import MAX_MEGAPIXELS
 from msconv.models import CONV_KINDS, MODELS
 from msconv.multilevel.allocation import ALLOCATIONS
@@ -65,7 +66,8 @@ def _alts(choices) -> str:
 @dataclass
 class TrainConfig:
     # --- task
-    task: str = _f("denoise", _alts(TASKS), choices=tuple(TASKS))
+    task: str = _f("denoise", _alts(TASKS) + " | package.module:TaskClass (your msconv.tasks.Task subclass)",
+                   choices=tuple(TASKS), open_choices=True)
     noise_sigma: float = _f(None, "noise std on the 0-255 scale (default: 25 for denoise, 2.55 for deblur)")
     noise_restriction: str = _f("preserve", "denoise: how the noise reaches coarse grids: preserve (the same draw rescaled "
                                 "to the fine grid's std, so every grid poses the same problem) | average (restricted with "
@@ -82,7 +84,8 @@ class TrainConfig:
     sr_scale: int = _f(2, f"sr: upscaling factor {_alts(SR_SCALES)}", choices=SR_SCALES)
     sr_kernel: str = _f("bicubic", f"sr: downsampling kernel {_alts(SR_KERNELS)}", choices=SR_KERNELS)
     # --- model
-    model: str = _f("dncnn", _alts(MODELS), choices=tuple(MODELS))
+    model: str = _f("dncnn", _alts(MODELS) + " | package.module:factory (your factory(in_channels, out_channels) -> "
+                    "nn.Module; with --conv mf its Conv2d layers become MFConv2d)", choices=tuple(MODELS), open_choices=True)
     conv: str = _f("standard", "standard (nn.Conv2d) | mf (msconv.MFConv2d)", choices=CONV_KINDS)
     depth: int = _f(None, "dncnn: layers (default 8, sized so that `msconv compare` with the defaults takes about 5 "
                           "minutes on 2 CPU cores; the classic DnCNN-S is --depth 17 --width 64); unet: poolings (default 2)")
@@ -232,8 +235,15 @@ class TrainConfig:
         for f in self.fields():
             choices = f.metadata.get("choices")
             v = getattr(self, f.name)
-            if choices and v not in choices:
-                raise ConfigError(f"--{_opt(f.name)}: {v!r} is not one of {list(choices)}")
+            if choices and v not in choices and not (f.metadata.get("open_choices") and is_import_path(v)):
+                raise ConfigError(f"--{_opt(f.name)}: {v!r} is not one of {list(choices)}"
+                                  + (" or package.module:name" if f.metadata.get("open_choices") else ""))
+        for name, check in (("model", _user_model_check), ("task", _user_task_check)):
+            if is_import_path(getattr(self, name)):
+                try:
+                    check(getattr(self, name))
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
         pos = ["levels", "batch_size", "crop", "val_points", "ckpt_every", "max_skips", "fmg_validate_every", "fmg_patience"]
         for name in pos:
             v = getattr(self, name)
@@ -321,6 +331,19 @@ class TrainConfig:
         if not isinstance(self.mf_order, int) or isinstance(self.mf_order, bool) or self.mf_order < 0:
             raise ConfigError(f"--mf-order must be an int >= 0, got {self.mf_order!r}")
         return self
+
+
+def _user_model_check(path: str) -> None:
+    from msconv._imports import resolve
+
+    if not callable(resolve(path, "--model")):
+        raise ValueError(f"--model {path!r} is not callable; give a function or class taking (in_channels, out_channels)")
+
+
+def _user_task_check(path: str) -> None:
+    from msconv.tasks import task_class
+
+    task_class(path)
 
 
 def _opt(name: str) -> str:

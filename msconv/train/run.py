@@ -19,7 +19,7 @@ from msconv.models import MODELS, build_model
 from msconv.multilevel.baselines import (BASELINES, plan_progressive_patches, plan_progressive_resizing, plan_small_patches,
                                          receptive_field)
 from msconv.multilevel.schedule import Stage, plan
-from msconv.tasks import TASKS, Task, build_task
+from msconv.tasks import Task, build_task, task_class
 from msconv.train.config import CLI_MODEL_SIZES, LR_BATCH_POWERS, TrainConfig
 from msconv.train.lr import LearningRate
 
@@ -45,7 +45,7 @@ def _accepted(cls, options: dict) -> dict:
 
 def task_options(cfg: TrainConfig) -> dict:
     """Keyword arguments of ``cfg.task``'s class, from the options that apply to it."""
-    return _accepted(TASKS[cfg.task], {
+    return _accepted(task_class(cfg.task), {
         "noise_sigma": cfg.resolved_noise_sigma, "noise_restriction": cfg.noise_restriction,
         "blur_sigma": cfg.blur_sigma, "mask_fraction": cfg.mask_fraction, "mask_kind": cfg.mask_kind,
         "scale": cfg.sr_scale, "kernel": cfg.sr_kernel, "pre_upsample": cfg.model != "espcn",
@@ -60,15 +60,14 @@ def model_options(cfg: TrainConfig) -> dict:
     for k, v in CLI_MODEL_SIZES.get(cfg.model, {}).items():
         if sizes[k] is None:
             sizes[k] = v
-    return _accepted(MODELS[cfg.model], sizes)
+    return {} if cfg.model not in MODELS else _accepted(MODELS[cfg.model], sizes)
 
 
 def architecture(cfg: TrainConfig, channels: int) -> dict:
     """The keyword arguments of :func:`msconv.models.build_model` for ``cfg`` on images of ``channels``
     channels, every size resolved: recorded in a run's config.json so the model can be rebuilt from the
     run folder alone, whatever the CLI's defaults become."""
-    task = TASKS[cfg.task]
-    t = task(**_accepted(task, task_options(cfg)))
+    t = build_task(cfg.task, **task_options(cfg))
     return {"name": cfg.model, "in_channels": t.in_channels(channels), "out_channels": t.out_channels(channels),
             "conv": cfg.conv, "upscale": cfg.sr_scale if (cfg.task == "sr" and cfg.model == "espcn") else 1,
             "mf_sigma": cfg.mf_sigma, "mf_order": cfg.mf_order, "mf_sigma_floor": cfg.mf_sigma_floor,  # 0: off
