@@ -45,3 +45,20 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, monkeypatch):
 
     with pytest.raises(SystemExit, match="--data-root"):
         paper_denoise.main(["--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_volume_fmg_quick_runs_end_to_end(tmp_path):
+    """bench/volume_fmg.py --quick on the MNI T1 volume (about a minute on one core)."""
+    import subprocess
+
+    vol = os.path.join(BENCH, "..", "..", "shared", "data", "volumes", "mni_icbm152_t1.nii.gz")
+    if not os.path.exists(vol):
+        pytest.skip("../shared/data/volumes is not here")
+    pytest.importorskip("nibabel")
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "volume_fmg.py"), "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "summary_quick.csv")))
+    assert [r["mode"] for r in rows] == ["single", "small", "fmg"]
+    assert all(float(r["val_psnr"]) > float(r["input_psnr"]) - 0.5 for r in rows)

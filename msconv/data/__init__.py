@@ -91,7 +91,9 @@ def _to_tensor(a: np.ndarray, gray: bool, what: str) -> torch.Tensor:
     if a.dtype == bool:
         a = a.astype(np.float32)
     elif np.issubdtype(a.dtype, np.integer):
-        a = a.astype(np.float32) / float(np.iinfo(a.dtype).max)
+        top = float(np.iinfo(a.dtype).max)
+        a = a.astype(np.float32)
+        a /= top  # in place: one float32 copy of a large image, not two
     else:
         a = a.astype(np.float32)
         if not np.isfinite(a).all():

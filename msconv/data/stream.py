@@ -81,9 +81,17 @@ class LazyImages(Sequence):
         return self._decode(i)
 
     def prefetch(self, indices) -> None:
-        """Start decoding ``indices`` (those not cached or on the way) in background threads."""
+        """Start decoding ``indices`` (those not cached or on the way) in background threads, as many
+        of them, in order, as fit in half the cache: more would evict each other before they are used."""
+        budget, take = self.cache_bytes // 2, []
+        for i in indices:
+            c, h, w = self.shapes[i]
+            budget -= c * h * w * 4
+            if budget < 0 and take:
+                break
+            take.append(i)
         with self._lock:
-            todo = [i for i in indices if i not in self._cache and i not in self._pending]
+            todo = [i for i in take if i not in self._cache and i not in self._pending]
             if not todo:
                 return
             if self._pool is None:
