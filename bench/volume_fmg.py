@@ -15,7 +15,8 @@ linear decay) and validation:
   (coarser stages see 2x / 4x more of the brain), batch 4, iterations x2 per coarser stage; the
   noise is drawn on each grid at the same sigma (the same problem at every resolution).
 
-Writes bench/results/volume/{curves.csv, summary.csv} and prints the table.
+Writes bench/results/volume/{curves.csv, summary.csv, stage_timing.csv} (each stage's seconds per
+work unit: a coarse step should cost what a fine one does per work unit) and prints the table.
 
     python bench/volume_fmg.py [--budget 1200] [--quick]
 """
@@ -79,7 +80,9 @@ def crops(vol: torch.Tensor, n: int, side: int, g: torch.Generator) -> torch.Ten
 
 
 def restrict3d(x: torch.Tensor, levels: int) -> torch.Tensor:
-    return F.avg_pool3d(x, 2 ** levels) if levels else x
+    from msconv.ops import restrict3d as restrict
+
+    return restrict(x, "average", levels)
 
 
 def plan(mode: str, budget: float, batch: int = 4) -> list[dict]:
@@ -119,6 +122,7 @@ def run_mode(mode: str, train: torch.Tensor, pairs: list, budget: float, points:
     work = wall = 0.0
     step, next_mark = 0, 1
     for s in stages:
+        s["seconds"] = 0.0
         for _ in range(s["steps"]):
             lr = 2e-3 * ((step + 1) / warm if step < warm else max(0.0, 1 - (step - warm) / max(1, total - warm)))
             for group in opt.param_groups:
@@ -130,7 +134,9 @@ def run_mode(mode: str, train: torch.Tensor, pairs: list, budget: float, points:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            wall += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            wall += dt
+            s["seconds"] += dt
             work += s["wu_per_step"]
             step += 1
             while next_mark <= points and work >= marks[next_mark] - 1e-9:
@@ -140,7 +146,10 @@ def run_mode(mode: str, train: torch.Tensor, pairs: list, budget: float, points:
     if rows[-1]["step"] != step:
         rows.append(dict(mode=mode, step=step, work_units=round(work, 3), wall_clock_s=round(wall, 3),
                          stage_level=0, val_psnr=validate(model, pairs)))
-    return rows
+    timing = [dict(mode=mode, level=s["level"], side_on_grid=s["side"] // 2 ** s["level"], steps=s["steps"],
+                   batch=s["batch"], work_units=round(s["steps"] * s["wu_per_step"], 3), seconds=round(s["seconds"], 3),
+                   ms_per_work_unit=round(1e3 * s["seconds"] / (s["steps"] * s["wu_per_step"]), 2)) for s in stages]
+    return rows, timing
 
 
 def first_reaching(rows: list[dict], target: float):
@@ -171,15 +180,18 @@ def main(argv=None) -> int:
         y = crops(val, 1, 48, g)
         pairs.append((y + SIGMA * torch.randn(y.shape, generator=g), y))
     input_psnr = sum(10 * math.log10(1 / float(F.mse_loss(x.clamp(0, 1), y))) for x, y in pairs) / len(pairs)
-    curves = []
+    curves, timing = [], []
     for mode in args.modes.split(","):
-        curves += run_mode(mode, train, pairs, args.budget, args.points, args.seed)
+        rows, t = run_mode(mode, train, pairs, args.budget, args.points, args.seed)
+        curves += rows
+        timing += t
         print(f"{mode}: {curves[-1]['val_psnr']:.2f} dB at {curves[-1]['work_units']:.0f} WU, {curves[-1]['wall_clock_s']:.0f} s")
     os.makedirs(args.out, exist_ok=True)
     tag = "_quick" if args.quick else ""
     write_csv(curves, os.path.join(args.out, f"curves{tag}.csv"))
+    write_csv(timing, os.path.join(args.out, f"stage_timing{tag}.csv"))
     finals = {m: [r for r in curves if r["mode"] == m][-1] for m in args.modes.split(",")}
-    baselines = [m for m in finals if m != "fmg"]
+    baselines = [m for m in finals if m != "fmg"] or list(finals)
     best = max(baselines, key=lambda m: finals[m]["val_psnr"])
     summary = []
     for m, f in finals.items():
