@@ -1,0 +1,101 @@
+"""MFConv3d against its definition, against MFConv2d (a volume constant along depth), on anisotropic
+voxels and coarse grids (σ floor), with gradients; and the same operator on every grid."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import msconv
+from msconv import reference
+from msconv.nn.mfconv3d import MFConv3d, mf_multi_indices_3d, mf_stencil_3d
+from msconv.ops import restrict3d
+
+
+def test_a_drop_in_for_conv3d_with_same_padding():
+    conv = MFConv3d(2, 4, 3)
+    x = torch.rand(2, 2, 8, 9, 10)
+    y = conv(x)
+    assert y.shape == (2, 4, 8, 9, 10) and torch.isfinite(y).all()
+    assert len(mf_multi_indices_3d(2)) == 10 and len(set(mf_multi_indices_3d(3))) == 20
+    # nn.Conv3d's output scale for white noise at s = 1 (1/3 for its default init), within sampling error
+    big = MFConv3d(16, 32, 3, bias=False)
+    v = big(torch.randn(1, 16, 12, 12, 12))[..., 3:-3, 3:-3, 3:-3].var().item()
+    assert 0.15 < v < 0.7
+
+
+def test_the_stencil_is_the_sum_of_separable_jets():
+    order, sigma = 2, 0.6
+    theta = torch.randn(1, 1, len(mf_multi_indices_3d(order)), dtype=torch.float64)
+    st = mf_stencil_3d(theta, (sigma,) * 3, (1.0,) * 3)[0, 0]
+    taps = reference.mf_taps(order, sigma, 1.0)[0].flip(-1)
+    expect = sum(theta[0, 0, m] * taps[c][:, None, None] * taps[b][None, :, None] * taps[a][None, None, :]
+                 for m, (a, b, c) in enumerate(mf_multi_indices_3d(order)))
+    torch.testing.assert_close(st, expect)
+
+
+def test_a_volume_constant_along_depth_gives_the_2d_layer():
+    torch.manual_seed(0)
+    conv3 = MFConv3d(2, 3, 3, sigma_floor=None).double()
+    conv2 = msconv.MFConv2d(2, 3, 3, sigma_floor=None).double()
+    with torch.no_grad():
+        conv3.weight.zero_()
+        conv3.bias.copy_(conv2.bias)
+        idx3 = {abc: m for m, abc in enumerate(mf_multi_indices_3d(2))}
+        for m2, (a, b) in enumerate(reference.mf_multi_indices(2)):
+            conv3.weight[:, :, idx3[(a, b, 0)]] = conv2.weight[:, :, m2]
+    x2 = torch.rand(1, 2, 11, 12, dtype=torch.float64)
+    x3 = x2[:, :, None].expand(1, 2, 16, 11, 12).contiguous()
+    # Interior slices (no zero padding in depth within the kernel's reach): the depth taps sum to the
+    # Gaussian's mass inside its 4-sigma cut.
+    torch.testing.assert_close(conv3(x3)[:, :, 8], conv2(x2), rtol=1e-4, atol=1e-4)
+
+
+def test_anisotropic_voxels_and_the_sigma_floor():
+    st = MFConv3d(1, 2, 3, spacing=(3.0, 1.0, 1.0), sigma_floor=None).stencil()
+    assert st.shape[2] < st.shape[3] == st.shape[4]  # thick slices: fewer taps across them
+    conv = MFConv3d(1, 2, 3, spacing=(3.0, 1.0, 1.0))  # with the floor: sigma 1.5 across the 3-voxel slices
+    with msconv.grid_scale(4.0):
+        y = conv(torch.rand(1, 1, 6, 6, 6))
+        st4 = conv.stencil()
+    assert torch.isfinite(y).all() and st4.abs().sum() > 0
+    off = MFConv3d(1, 2, 3, sigma_floor=None)
+    off.load_state_dict({k: v for k, v in conv.state_dict().items()})
+    def spread(st):  # the share of the stencil's mass off its centre tap
+        c = tuple(k // 2 for k in st.shape[2:])
+        return float(1 - st[:, :, c[0], c[1], c[2]].abs().sum() / st.abs().sum())
+
+    with msconv.grid_scale(8.0):  # without the floor the derivative taps vanish: a 1x1x1 mix is left
+        assert spread(off.stencil()) < 1e-6 < 0.1 < spread(conv.stencil())
+
+
+def test_the_same_operator_on_a_coarser_grid():
+    """For a smooth volume, the layer on the restricted volume at s = 2 is the restricted output at s = 1
+    up to a discretisation error that shrinks as the volume gets smoother."""
+    torch.manual_seed(0)
+    conv = MFConv3d(1, 1, 3, order=2, sigma=1.0).double()
+    n = 32
+    g = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    errors = []
+    for k in (3.0, 1.5):
+        u = (torch.sin(2 * math.pi * k * g)[:, None, None] * torch.cos(2 * math.pi * k * g)[None, :, None]
+             * torch.sin(2 * math.pi * k * g + 1)[None, None, :])[None, None]
+        fine = restrict3d(conv(u))
+        with msconv.grid_scale(2.0):
+            coarse = conv(restrict3d(u))
+        inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
+        errors.append(float((fine - coarse)[inner].norm() / fine[inner].norm()))
+    assert errors[1] < errors[0] / 2 and errors[1] < 0.05, errors
+
+
+def test_gradients_and_bad_arguments():
+    conv = MFConv3d(1, 1, 3, order=1).double()
+    x = torch.rand(1, 1, 5, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, w: F.conv3d(t, mf_stencil_3d(w, (0.5,) * 3, (1.0,) * 3), padding=3),
+                                    (x, conv.weight.detach().clone().requires_grad_(True)))
+    for kw, match in (({"stride": 2}, "stride=1"), ({"order": 9}, "order"), ({"spacing": (1, 0, 1)}, "spacing"),
+                      ({"groups": 3}, "divisible")):
+        with pytest.raises(ValueError, match=match):
+            MFConv3d(2, 4, 3, **kw)
+    with pytest.raises(ValueError, match="D, H, W"):
+        conv(torch.rand(1, 1, 5, 5))
