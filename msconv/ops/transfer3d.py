@@ -1,6 +1,6 @@
 """Transfer operators for volumes (N, C, D, H, W): ``restrict3d``, ``prolong3d``, ``pyramid3d``.
 
-One generic N-d rule, applied axis by axis, so the same code serves isotropic coarsening
+One rule for every axis, so the same code serves isotropic coarsening
 (``factors=(2, 2, 2)``, 8 fine voxels per coarse voxel) and anisotropic coarsening (e.g.
 ``(1, 2, 2)``: in-plane only, for thick-slice scans whose slice axis must stay as it is):
 
@@ -11,12 +11,13 @@ One generic N-d rule, applied axis by axis, so the same code serves isotropic co
   align_corners=False)``) and ``nearest`` (each coarse cell repeated); ``size`` gives the exact fine
   size when it was odd.
 
-Plain PyTorch under autograd (differentiable to any order, ``torch.compile``-able); these are
-also the float64 references of the volumetric operators.
+Built on torch's own 3-D pooling and interpolation (autograd to any order, ``torch.compile``-able,
+every device torch supports); the identities they must satisfy are tested in float64.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from msconv.ops._common import FLOAT_DTYPES
 
@@ -47,13 +48,19 @@ def _levels(levels, op: str) -> int:
     return levels
 
 
-def _restrict_axis(x: torch.Tensor, axis: int, kind: str) -> torch.Tensor:
-    n = x.shape[axis]
+def _restrict_once(x: torch.Tensor, kind: str, f: tuple[int, int, int]) -> torch.Tensor:
     if kind == "nearest":
-        return x.index_select(axis, torch.arange(0, n, 2, device=x.device))
-    if n % 2:
-        x = torch.cat([x, x.narrow(axis, n - 1, 1)], dim=axis)  # repeat the last cell: ceil(n / 2) outputs
-    return x.unflatten(axis, (x.shape[axis] // 2, 2)).mean(axis + 1)
+        return x[:, :, :: f[0], :: f[1], :: f[2]]
+    # Odd coarsened lengths: repeat the last cell (output ceil(n / 2)), then torch's own 3-D pooling.
+    pad = [0, 0, 0, 0, 0, 0]
+    for a in range(3):
+        if f[a] == 2 and x.shape[2 + a] % 2:
+            pad[2 * (2 - a) + 1] = 1
+    if any(pad):
+        x = F.pad(x, pad, mode="replicate")
+    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":  # no CPU avg_pool3d for them
+        return F.avg_pool3d(x.float(), f).to(x.dtype)
+    return F.avg_pool3d(x, f)
 
 
 def restrict3d(x: torch.Tensor, kind: str = "average", levels: int = 1, factors=(2, 2, 2)) -> torch.Tensor:
@@ -69,9 +76,7 @@ def restrict3d(x: torch.Tensor, kind: str = "average", levels: int = 1, factors=
         if any(x.shape[2 + a] < 2 for a in range(3) if f[a] == 2):
             raise ValueError(f"restrict3d: x.shape={tuple(x.shape)} cannot be coarsened {levels} time(s) along the "
                              f"axes of factors={f} (each needs >= 2 cells); use fewer levels")
-        for a in range(3):
-            if f[a] == 2:
-                x = _restrict_axis(x, 2 + a, kind)
+        x = _restrict_once(x, kind, f)
     return x
 
 
@@ -81,22 +86,6 @@ def pyramid3d(x: torch.Tensor, levels: int, kind: str = "average", factors=(2, 2
     for _ in range(_levels(levels, "pyramid3d")):
         out.append(restrict3d(out[-1], kind, 1, factors))
     return out
-
-
-def _prolong_axis(x: torch.Tensor, axis: int, kind: str, n_out: int) -> torch.Tensor:
-    n = x.shape[axis]
-    if kind == "nearest":
-        return x.repeat_interleave(2, dim=axis).narrow(axis, 0, n_out)
-    # Cell-centred linear: fine cell i sits at coarse coordinate (i + 0.5) / 2 - 0.5, clamped at the edges.
-    pos = (torch.arange(2 * n, device=x.device, dtype=torch.float64) + 0.5) / 2 - 0.5
-    pos = pos.clamp(0, n - 1)
-    lo = pos.floor().long()
-    hi = (lo + 1).clamp(max=n - 1)
-    w = (pos - lo).to(x.dtype)
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    y = torch.lerp(x.index_select(axis, lo), x.index_select(axis, hi), w.view(shape))
-    return y.narrow(axis, 0, n_out)
 
 
 def prolong3d(x: torch.Tensor, kind: str = "linear", levels: int = 1, size=None, factors=(2, 2, 2)) -> torch.Tensor:
@@ -119,9 +108,12 @@ def prolong3d(x: torch.Tensor, kind: str = "linear", levels: int = 1, size=None,
     if expect != coarse:
         raise ValueError(f"prolong3d: size={tuple(size)} does not fit x.shape={tuple(x.shape)} with levels={levels} "
                          f"and factors={f}: it restricts to {expect}; pass the fine grid's size or size=None")
+    mode = {"linear": "trilinear", "nearest": "nearest"}[kind]
     for k in range(levels - 1, -1, -1):
-        for a in range(3):
-            if f[a] == 2:
-                x = _prolong_axis(x, 2 + a, kind, -(-size[a] // (1 << k)))
+        # A factor of 1 is the identity for both modes (align_corners=False maps cell centres onto themselves).
+        x = F.interpolate(x, scale_factor=tuple(float(v) for v in f), mode=mode,
+                          **({"align_corners": False} if mode == "trilinear" else {}))
+        x = x[:, :, : -(-size[0] // (1 << k)) if f[0] == 2 else None, : -(-size[1] // (1 << k)) if f[1] == 2 else None,
+              : -(-size[2] // (1 << k)) if f[2] == 2 else None]
     return x
 
