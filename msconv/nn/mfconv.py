@@ -31,7 +31,11 @@ _WARNED_UNRESOLVED: set = set()
 
 def _init_bound(order: int, sigma: float, fan_in: int) -> torch.Tensor:
     """Per-basis-function uniform bound of the default θ init, float64 ``[M]`` (see reset_parameters)."""
-    taps, _ = reference.mf_taps(order, sigma, 1.0)
+    # A wide σ has ~8σ taps at s = 1; for σ > 64 the s = 1 energy Σ tap² ≈ ∫ g_a² is taken from cells of
+    # σ/64 (each tap there is its width times g_a, so Σ tap² / width is the same Riemann sum).
+    scale = max(1.0, sigma / 64)
+    taps, _ = reference.mf_taps(order, sigma, scale)
+    taps = taps / math.sqrt(scale)
     energy = torch.stack([(taps[a] ** 2).sum() * (taps[b] ** 2).sum() for a, b in reference.mf_multi_indices(order)])
     return (1.0 / (fan_in * len(energy) * energy)).sqrt()
 
@@ -69,7 +73,11 @@ def _usable_orders(order: int, sigma: float, dtype: torch.dtype) -> int:
     The largest tap of order a grows like σ^-a·sqrt(a!) (the Gaussian's a-th derivative), so
     past some order the taps, and the jets, overflow and the layer returns NaN.
     """
-    taps, _ = reference.mf_taps(order, sigma, 1.0)
+    # A wide σ would need ~8σ taps at s = 1 (1e7 → 80 M); cells of σ/64 resolve every derivative the
+    # order check can reach (oscillations of width ~σ/√order), and a cell's tap is its width times g_a there.
+    scale = max(1.0, sigma / 64)
+    taps, _ = reference.mf_taps(order, sigma, scale)
+    taps = taps / scale
     limit = torch.finfo(dtype).max / _TAP_HEADROOM
     fits = torch.isfinite(taps).all(-1) & (taps.abs().amax(-1) <= limit)  # [order + 1]
     return int(fits.int().cumprod(0).sum())
