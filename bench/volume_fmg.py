@@ -85,14 +85,14 @@ def restrict3d(x: torch.Tensor, levels: int) -> torch.Tensor:
     return restrict(x, "average", levels)
 
 
-def plan(mode: str, budget: float, batch: int = 4) -> list[dict]:
+def plan(mode: str, budget: float, batch: int = 4, ratio: float = 2.0) -> list[dict]:
     """Stages: grid level, fine-voxel crop side, steps, batch; scaled so the work adds up to the budget."""
     if mode == "single":
         stages = [dict(level=0, side=REF, weight=1)]
     elif mode == "small":
         stages = [dict(level=0, side=16, weight=1)]
     else:  # fmg: coarse to fine, 16^3 grid voxels per sample, iterations x2 per coarser stage
-        stages = [dict(level=l, side=16 * 2 ** l, weight=2 ** l) for l in (2, 1, 0)]
+        stages = [dict(level=l, side=16 * 2 ** l, weight=ratio ** l) for l in (2, 1, 0)]
     cost = [batch * (s["side"] // 2 ** s["level"]) ** 3 / REF ** 3 for s in stages]  # WU per step
     unit = budget / sum(s["weight"] * c for s, c in zip(stages, cost))
     for s, c in zip(stages, cost):
@@ -108,11 +108,12 @@ def validate(model: nn.Module, pairs: list) -> float:
     return sum(10 * math.log10(1 / m) for m in mse) / len(mse)
 
 
-def run_mode(mode: str, train: torch.Tensor, pairs: list, budget: float, points: int, seed: int) -> list[dict]:
+def run_mode(mode: str, train: torch.Tensor, pairs: list, budget: float, points: int, seed: int,
+             ratio: float = 2.0) -> list[dict]:
     torch.manual_seed(seed)
     model = DnCNN3d()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    stages = plan(mode, budget)
+    stages = plan(mode, budget, ratio=ratio)
     total = sum(s["steps"] for s in stages)
     warm = max(1, int(0.05 * total))
     marks = [0.0] + [budget * 64.0 ** (-(points - j) / (points - 1)) for j in range(1, points + 1)]
@@ -166,6 +167,7 @@ def main(argv=None) -> int:
     p.add_argument("--points", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", default="single,small,fmg")
+    p.add_argument("--fmg-ratio", type=float, default=2.0, help="fmg: iterations ratio of each coarser stage")
     p.add_argument("--quick", action="store_true", help="budget 40, 3 points (checks that it runs)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "volume"))
     args = p.parse_args(argv)
@@ -182,7 +184,7 @@ def main(argv=None) -> int:
     input_psnr = sum(10 * math.log10(1 / float(F.mse_loss(x.clamp(0, 1), y))) for x, y in pairs) / len(pairs)
     curves, timing = [], []
     for mode in args.modes.split(","):
-        rows, t = run_mode(mode, train, pairs, args.budget, args.points, args.seed)
+        rows, t = run_mode(mode, train, pairs, args.budget, args.points, args.seed, args.fmg_ratio)
         curves += rows
         timing += t
         print(f"{mode}: {curves[-1]['val_psnr']:.2f} dB at {curves[-1]['work_units']:.0f} WU, {curves[-1]['wall_clock_s']:.0f} s")
@@ -201,7 +203,8 @@ def main(argv=None) -> int:
                             work_to_best_baseline_quality=hit["work_units"] if hit else None,
                             x_less_work=round(finals[best]["work_units"] / hit["work_units"], 2) if hit and hit["work_units"] else None,
                             x_less_time=round(finals[best]["wall_clock_s"] / hit["wall_clock_s"], 2) if hit and hit["wall_clock_s"] else None,
-                            best_baseline=best, input_psnr=round(input_psnr, 3), budget=args.budget, seed=args.seed))
+                            best_baseline=best, input_psnr=round(input_psnr, 3), budget=args.budget, seed=args.seed,
+                            fmg_ratio=args.fmg_ratio))
     path = write_csv(summary, os.path.join(args.out, f"summary{tag}.csv"))
     for r in summary:
         print(r)
