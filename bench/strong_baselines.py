@@ -84,13 +84,15 @@ SWEEP = {
     # iterations x2 per coarser stage is the current default schedule ("fmg").
     "fmg_plain_c16_b1_r4": [*FMG_MGE_STAGES, "--fmg-plain-stages", "--fmg-crop", "16", "--fmg-batch-ratio", "1",
                             "--fmg-iteration-ratio", "4"],
+    # Equal steps per stage (what paid on volumes, bench/results/volume): the default with ratio 1.
+    "fmg_r1": ["--mode", "fmg", "--fmg-iteration-ratio", "1"],
 }
 SUITES = {
     "sweep": ({**DEFAULTS, **SWEEP}, {"defaults": list(DEFAULTS), "all": list(DEFAULTS) + list(SWEEP)}),
     "unseen": ({**DEFAULTS, "progressive_s0.25": SWEEP["progressive_s0.25"], "fmg_mge_stages": FMG_MGE_STAGES,
-                "fmg_c32": SWEEP["fmg_c32"]},
+                "fmg_c32": SWEEP["fmg_c32"], "fmg_r1": SWEEP["fmg_r1"]},
                {"defaults": list(DEFAULTS),
-                "tuned": list(DEFAULTS) + ["progressive_s0.25", "fmg_mge_stages", "fmg_c32"]}),
+                "tuned": list(DEFAULTS) + ["progressive_s0.25", "fmg_mge_stages", "fmg_c32", "fmg_r1"]}),
 }
 # A longer budget (--budget 4800): does the best baseline catch up as training converges?
 SUITES["long"] = ({n: DEFAULTS[n] for n in ("small", "fmg")}, {"defaults": ["small", "fmg"]})
