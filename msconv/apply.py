@@ -152,7 +152,10 @@ def _crop_to_multiple(image: torch.Tensor, m: int) -> torch.Tensor:
 def _degrade_per_channel(run: LoadedRun, clean: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """The task's degradation of a clean (C, H, W) image, as (1 or C, C_in, h, w): each channel alone for a
     grayscale model."""
-    x = clean.unsqueeze(1) if run.channels == 1 else clean.unsqueeze(0)
+    if run.channels == 1:
+        x = clean.unsqueeze(1)
+    else:  # a colour model sees a gray photo as three equal channels
+        x = clean.expand(run.channels, *clean.shape[1:]).unsqueeze(0)
     observed, _ = run.task.corrupt(x, g)
     return observed
 
@@ -166,8 +169,11 @@ def _restore_degraded(run: LoadedRun, observed: torch.Tensor, channels: int) -> 
 
 
 def _as_image(run: LoadedRun, t: torch.Tensor, channels: int) -> torch.Tensor:
-    """(C, H, W) from a batch made by :func:`_degrade_per_channel` (one image per channel for a grayscale model)."""
-    return t.reshape(channels, *t.shape[2:]) if run.channels == 1 else t[0]
+    """(C, H, W) from a batch made by :func:`_degrade_per_channel` (one image per channel for a grayscale model;
+    a gray photo given to a colour model comes back as the mean of its channels)."""
+    if run.channels == 1:
+        return t.reshape(channels, *t.shape[2:])
+    return t[0] if channels == run.channels else t[0].mean(0, keepdim=True)
 
 
 def mean_scores(rows: list[dict]) -> dict:

@@ -138,3 +138,18 @@ def test_apply_with_a_super_resolution_run_upscales(photo_dir, tmp_path):
     _photo(str(src / "small.png"), (30, 41), np.uint8)
     assert main(["apply", str(tmp_path / "sr"), "--input", str(src), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
     assert Image.open(tmp_path / "o" / "small.png").size == (82, 60)
+
+
+def test_a_colour_run_restores_colour_and_gray_photos_and_degrades_both(photo_dir, tmp_path):
+    _train(photo_dir, tmp_path / "rgb", "--no-gray")
+    src = tmp_path / "in"
+    src.mkdir()
+    _photo(str(src / "gray.png"), (40, 48), np.uint8)
+    _photo(str(src / "rgb.png"), (40, 48, 3), np.uint8)
+    for extra in ([], ["--degrade"]):
+        out = tmp_path / ("o" + "".join(extra))
+        assert main(["apply", str(tmp_path / "rgb"), "--input", str(src), "--out", str(out), "--no-progress", *extra]) == 0
+        rows = {r["image"]: r for r in csv.DictReader(open(out / "restore.csv"))}
+        assert rows["gray.png"]["channels"] == "1" and rows["rgb.png"]["channels"] == "3"
+        if extra:
+            assert all(np.isfinite(float(r["psnr"])) for r in rows.values())
