@@ -99,3 +99,32 @@ def test_gradients_and_bad_arguments():
             MFConv3d(2, 4, 3, **kw)
     with pytest.raises(ValueError, match="D, H, W"):
         conv(torch.rand(1, 1, 5, 5))
+
+
+def test_convert_fits_conv3d_layers_and_leaves_the_rest():
+    torch.manual_seed(0)
+    blur = torch.nn.Conv3d(1, 1, 3, padding=1, bias=False)
+    g = torch.tensor([0.25, 0.5, 0.25])
+    with torch.no_grad():
+        blur.weight.copy_((g[:, None, None] * g[None, :, None] * g[None, None, :])[None, None])
+    blur.weight.requires_grad_(False)
+    net = torch.nn.Sequential(blur, torch.nn.Conv3d(1, 2, 1), torch.nn.Conv3d(2, 2, 3, stride=2, padding=1))
+    mf, report = msconv.convert(net, warn_above=None)
+    assert [r["converted"] for r in report] == [True, False, False]
+    assert isinstance(mf[0], MFConv3d) and not mf[0].weight.requires_grad  # frozen stays frozen
+    assert report[0]["rel_error"] < 0.2 and "channel mix" in report[1]["reason"] and "stride" in report[2]["reason"]
+    x = torch.rand(1, 1, 12, 12, 12)
+    with torch.no_grad():
+        err = (mf[0](x) - blur(x))[..., 2:-2, 2:-2, 2:-2].norm() / blur(x)[..., 2:-2, 2:-2, 2:-2].norm()
+    assert err < 0.1  # a 2nd-order Gaussian basis represents a binomial blur closely, not exactly
+
+
+def test_bake_lowers_mfconv3d_to_an_exact_conv3d():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(MFConv3d(1, 3, 3, spacing=(2.0, 1.0, 1.0)), torch.nn.ReLU(), MFConv3d(3, 1, 3))
+    x = torch.rand(1, 1, 10, 12, 12)
+    for scale in (1.0, 2.0):
+        baked = msconv.bake(net, grid_scale=scale)
+        assert not any(isinstance(m, MFConv3d) for m in baked.modules())
+        with torch.no_grad(), msconv.grid_scale(scale):
+            torch.testing.assert_close(baked(x), net(x), atol=1e-5, rtol=1e-5)

@@ -76,15 +76,34 @@ def bake(model: nn.Module, grid_scale: float = 1.0) -> nn.Module:
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"bake: model must be a torch.nn.Module, got {type(model).__name__}")
+    from msconv.nn.mfconv3d import MFConv3d
+
     model = copy.deepcopy(model)
-    if isinstance(model, MFConv2d):
-        return bake_layer(model, float(grid_scale))
-    baked: dict[int, nn.Conv2d] = {}
+    if isinstance(model, (MFConv2d, MFConv3d)):
+        return _bake_any(model, float(grid_scale))
+    baked: dict[int, nn.Module] = {}
     for name, mod in list(model.named_modules(remove_duplicate=False)):
-        if not isinstance(mod, MFConv2d):
+        if not isinstance(mod, (MFConv2d, MFConv3d)):
             continue
         if id(mod) not in baked:
-            baked[id(mod)] = bake_layer(mod, float(grid_scale))
+            baked[id(mod)] = _bake_any(mod, float(grid_scale))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, baked[id(mod)])
     return model
+
+
+def _bake_any(layer: nn.Module, grid_scale: float) -> nn.Module:
+    """bake_layer for an MFConv2d; for an MFConv3d the nn.Conv3d with its sampled stencil at ``grid_scale``."""
+    from msconv.grid import grid_scale as scale_context
+    from msconv.nn.mfconv3d import MFConv3d
+
+    if not isinstance(layer, MFConv3d):
+        return bake_layer(layer, grid_scale)
+    with torch.no_grad(), scale_context(grid_scale):
+        stencil = layer.stencil()
+    conv = nn.Conv3d(layer.in_channels, layer.out_channels, tuple(stencil.shape[2:]),
+                     padding=tuple(k // 2 for k in stencil.shape[2:]), groups=layer.groups, bias=layer.bias is not None,
+                     device=stencil.device, dtype=layer.weight.dtype)
+    take_over(conv, layer, stencil.to(layer.weight.dtype))
+    return conv
+

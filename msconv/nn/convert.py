@@ -97,11 +97,50 @@ def fit_mf_weight(weight: torch.Tensor, first_offset: int, order: int, sigma: fl
     return theta.T.reshape(*weight.shape[:2], -1), float(err)
 
 
+def _why_not_3d(conv: nn.Conv3d) -> str | None:
+    k = conv.kernel_size
+    if type(conv) is not nn.Conv3d:
+        return f"{type(conv).__name__} subclasses nn.Conv3d and may change its forward; left as is"
+    if k == (1, 1, 1):
+        return "a 1×1×1 conv is a pure channel mix with no spatial extent: nothing mesh-free to fit; left as is"
+    if len(set(k)) != 1 or k[0] % 2 == 0:
+        return f"kernel_size={k}: MFConv3d fits odd cubic kernels"
+    if conv.stride != (1, 1, 1) or conv.dilation != (1, 1, 1) or conv.padding_mode != "zeros":
+        return (f"stride={conv.stride}, dilation={conv.dilation}, padding_mode={conv.padding_mode!r}: MFConv3d runs "
+                "at stride 1 with zero padding")
+    if conv.padding not in ("same", (k[0] // 2,) * 3):
+        return f"padding={conv.padding} changes the output size; MFConv3d keeps the 'same' grid"
+    return None
+
+
+def fit_mf3d_weight(weight: torch.Tensor, order: int, sigma: float):
+    """Least-squares θ ``[C_out, C_in/g, M]`` whose s = 1 MFConv3d stencil best matches a centred k×k×k conv
+    weight ``[C_out, C_in/g, k, k, k]``; returns (θ float64, relative error on the union of both windows)."""
+    from msconv.nn.mfconv3d import mf_multi_indices_3d, mf_stencil_3d
+
+    m = len(mf_multi_indices_3d(order))
+    basis = mf_stencil_3d(torch.eye(m, dtype=torch.float64)[None], (sigma,) * 3, (1.0,) * 3)[0]  # [M, K, K, K]
+    k, kk = weight.shape[-1], basis.shape[-1]
+    n = max(k, kk)
+    A = torch.zeros(m, n, n, n, dtype=torch.float64)
+    o = (n - kk) // 2
+    A[:, o:o + kk, o:o + kk, o:o + kk] = basis
+    target = torch.zeros(*weight.shape[:2], n, n, n, dtype=torch.float64)
+    o = (n - k) // 2
+    target[..., o:o + k, o:o + k, o:o + k] = weight.detach().to("cpu", torch.float64)
+    A = A.reshape(m, -1).T
+    rhs = target.reshape(-1, n ** 3).T
+    theta = torch.linalg.lstsq(A, rhs).solution
+    err = torch.linalg.norm(A @ theta - rhs) / torch.linalg.norm(rhs).clamp_min(1e-300)
+    return theta.T.reshape(*weight.shape[:2], -1), float(err)
+
+
 def convert(
     model: nn.Module, order: int = 2, sigma: float | None = None, inplace: bool = False,
     warn_above: float | None = FIT_WARN_THRESHOLD, sigma_floor: float | None = DEFAULT_SIGMA_FLOOR,
 ):
-    """Replace every nn.Conv2d in ``model`` by an MFConv2d fitted by least squares (at s = 1).
+    """Replace every nn.Conv2d in ``model`` by an MFConv2d fitted by least squares (at s = 1), and every
+    nn.Conv3d (odd cubic kernel, stride 1, 'same' zero padding) by an MFConv3d fitted the same way.
 
     Each layer keeps its channels, stride, groups, bias and padding_mode; θ minimises the
     Frobenius distance between the sampled s = 1 stencil and the conv's weights. ``sigma``
@@ -154,14 +193,14 @@ def convert(
     # Every place each conv is registered (named_modules lists a shared module only once).
     places: dict[int, list[str]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, (nn.Conv2d, nn.Conv3d)):
             places.setdefault(id(mod), []).append(name)
     report, swaps = [], []
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Conv2d):
+        if not isinstance(mod, (nn.Conv2d, nn.Conv3d)):
             continue
         shared = [p for p in places[id(mod)] if p != name]
-        why = _why_not(mod)
+        why = _why_not(mod) if isinstance(mod, nn.Conv2d) else _why_not_3d(mod)
         if why is not None:
             report.append({"name": name, "converted": False, "rel_error": None, "reason": why, "shared_with": shared})
             continue
@@ -172,12 +211,20 @@ def convert(
                 f"convert: layer {name or '<model>'!r} has non-finite weights (NaN or inf); a least-squares fit "
                 "of them would be NaN. Load trained weights or re-initialise the layer first"
             )
-        theta, err = fit_mf_weight(mod.weight, _window_offsets(mod), order, sig, mod.stride[0])
-        new = MFConv2d(
-            mod.in_channels, mod.out_channels, k, mod.stride[0], groups=mod.groups, bias=mod.bias is not None,
-            padding_mode=mod.padding_mode, device=mod.weight.device, dtype=mod.weight.dtype, order=order, sigma=sig,
-            sigma_floor=sigma_floor,
-        )
+        if isinstance(mod, nn.Conv3d):
+            from msconv.nn.mfconv3d import MFConv3d
+
+            theta, err = fit_mf3d_weight(mod.weight, order, sig)
+            new = MFConv3d(mod.in_channels, mod.out_channels, k, groups=mod.groups, bias=mod.bias is not None,
+                           order=order, sigma=sig, sigma_floor=sigma_floor, device=mod.weight.device,
+                           dtype=mod.weight.dtype)
+        else:
+            theta, err = fit_mf_weight(mod.weight, _window_offsets(mod), order, sig, mod.stride[0])
+            new = MFConv2d(
+                mod.in_channels, mod.out_channels, k, mod.stride[0], groups=mod.groups, bias=mod.bias is not None,
+                padding_mode=mod.padding_mode, device=mod.weight.device, dtype=mod.weight.dtype, order=order,
+                sigma=sig, sigma_floor=sigma_floor,
+            )
         take_over(new, mod, theta)
         swaps += [(place, new) for place in places[id(mod)]]
         report.append({"name": name, "converted": True, "rel_error": err, "reason": "", "shared_with": shared})
