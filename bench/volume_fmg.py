@@ -100,6 +100,14 @@ def plan(mode: str, budget: float, batch: int = 4, ratio: float = 2.0) -> list[d
     return stages
 
 
+def add_noise(y: torch.Tensor, g: torch.Generator, kind: str) -> torch.Tensor:
+    """Gaussian: y + σn. Rician (magnitude MRI): |y + σ(n1 + i n2)|, the modulus of complex Gaussian noise."""
+    n1 = SIGMA * torch.randn(y.shape, generator=g)
+    if kind == "gaussian":
+        return y + n1
+    return torch.sqrt((y + n1) ** 2 + (SIGMA * torch.randn(y.shape, generator=g)) ** 2)
+
+
 def validate(model: nn.Module, pairs: list) -> float:
     model.eval()
     with torch.no_grad():
@@ -109,7 +117,7 @@ def validate(model: nn.Module, pairs: list) -> float:
 
 
 def run_mode(mode: str, train: torch.Tensor, pairs: list, budget: float, points: int, seed: int,
-             ratio: float = 2.0) -> list[dict]:
+             ratio: float = 2.0, noise: str = "gaussian") -> list[dict]:
     torch.manual_seed(seed)
     model = DnCNN3d()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -130,7 +138,7 @@ def run_mode(mode: str, train: torch.Tensor, pairs: list, budget: float, points:
                 group["lr"] = lr
             t0 = time.perf_counter()
             y = restrict3d(crops(train, s["batch"], s["side"], g), s["level"])
-            x = y + SIGMA * torch.randn(y.shape, generator=gn)
+            x = add_noise(y, gn, noise)
             loss = F.mse_loss(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -168,6 +176,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", default="single,small,fmg")
     p.add_argument("--fmg-ratio", type=float, default=2.0, help="fmg: iterations ratio of each coarser stage")
+    p.add_argument("--noise", choices=("gaussian", "rician"), default="gaussian",
+                   help="rician: the magnitude of complex Gaussian noise, as in magnitude MRI")
     p.add_argument("--quick", action="store_true", help="budget 40, 3 points (checks that it runs)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "volume"))
     args = p.parse_args(argv)
@@ -180,11 +190,11 @@ def main(argv=None) -> int:
     pairs = []
     for _ in range(4):  # four fixed 48^3 validation blocks of the held-out hemisphere, noised once
         y = crops(val, 1, 48, g)
-        pairs.append((y + SIGMA * torch.randn(y.shape, generator=g), y))
+        pairs.append((add_noise(y, g, args.noise), y))
     input_psnr = sum(10 * math.log10(1 / float(F.mse_loss(x.clamp(0, 1), y))) for x, y in pairs) / len(pairs)
     curves, timing = [], []
     for mode in args.modes.split(","):
-        rows, t = run_mode(mode, train, pairs, args.budget, args.points, args.seed, args.fmg_ratio)
+        rows, t = run_mode(mode, train, pairs, args.budget, args.points, args.seed, args.fmg_ratio, args.noise)
         curves += rows
         timing += t
         print(f"{mode}: {curves[-1]['val_psnr']:.2f} dB at {curves[-1]['work_units']:.0f} WU, {curves[-1]['wall_clock_s']:.0f} s")
@@ -204,7 +214,7 @@ def main(argv=None) -> int:
                             x_less_work=round(finals[best]["work_units"] / hit["work_units"], 2) if hit and hit["work_units"] else None,
                             x_less_time=round(finals[best]["wall_clock_s"] / hit["wall_clock_s"], 2) if hit and hit["wall_clock_s"] else None,
                             best_baseline=best, input_psnr=round(input_psnr, 3), budget=args.budget, seed=args.seed,
-                            fmg_ratio=args.fmg_ratio))
+                            fmg_ratio=args.fmg_ratio, noise=args.noise))
     path = write_csv(summary, os.path.join(args.out, f"summary{tag}.csv"))
     for r in summary:
         print(r)
