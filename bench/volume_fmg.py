@@ -37,6 +37,8 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from _common import write_csv  # noqa: E402
 
+from msconv.ops import restrict3d as restrict  # noqa: E402
+
 REF = 32  # the reference crop side: one 32^3 sample = 1 work unit
 SIGMA = 25.0 / 255.0
 
@@ -80,8 +82,6 @@ def crops(vol: torch.Tensor, n: int, side: int, g: torch.Generator) -> torch.Ten
 
 
 def restrict3d(x: torch.Tensor, levels: int) -> torch.Tensor:
-    from msconv.ops import restrict3d as restrict
-
     return restrict(x, "average", levels)
 
 

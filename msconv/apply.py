@@ -123,7 +123,7 @@ def apply_run(run: LoadedRun, inputs: str, out: str, *, reference: str | None = 
             observed = _degrade_per_channel(run, clean, g)
             seen = _as_image(run, run.task.input_for_metrics(observed), clean.shape[0]).clamp(0, 1)
             write_photo(seen, stem + "_input", bits)
-            restored = _restore_degraded(run, observed, clean.shape[0])
+            restored = _restore_degraded(run, observed, clean.shape[0], tile, grid_scale)
         else:
             restored = run.restore(image.unsqueeze(0), tile=tile, grid_scale=grid_scale)[0]
             if reference is not None:
@@ -160,11 +160,11 @@ def _degrade_per_channel(run: LoadedRun, clean: torch.Tensor, g: torch.Generator
     return observed
 
 
-def _restore_degraded(run: LoadedRun, observed: torch.Tensor, channels: int) -> torch.Tensor:
+def _restore_degraded(run: LoadedRun, observed: torch.Tensor, channels: int, tile: int, grid_scale: float) -> torch.Tensor:
     """Restore what :func:`_degrade_per_channel` made (it is the model's input already)."""
     from msconv.restore import restore_tiled
 
-    out = restore_tiled(run.model, observed.to(run.device), 512, run.halo, run.upscale).clamp(0, 1)
+    out = restore_tiled(run.model, observed.to(run.device), tile, run.halo, run.upscale, grid_scale).clamp(0, 1)
     return _as_image(run, out, channels)
 
 

@@ -248,6 +248,12 @@ def _cmd_export(args) -> int:
     return _run_guarded(go)
 
 
+def _add_run_arguments(p: argparse.ArgumentParser, grid_scale_help: str) -> None:
+    """The trained run a command uses, and the grid its mesh-free layers run on."""
+    p.add_argument("run", help="run folder (with config.json and model.pt) or the model.pt in one")
+    p.add_argument("--grid-scale", type=float, default=1.0, help=grid_scale_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="msconv", description="Multiscale training of CNNs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -284,15 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Large images are processed in overlapping tiles (--tile), so memory stays bounded. With --reference the "
         "results are scored against clean originals; with --degrade the inputs are clean photos that the run's task "
         "degrades first (seeded), and both the degraded input (OUT/<name>_input.png) and the result are scored.")
-    pa.add_argument("run", help="run folder (with config.json and model.pt) or the model.pt in one")
+    _add_run_arguments(pa, "mesh-free models: the grid spacing to run at (1 = the training resolution; 2 = images "
+                       "at half that resolution)")
     pa.add_argument("--input", required=True, help="an image file or a folder of images")
     pa.add_argument("--out", required=True, help="output folder")
     pa.add_argument("--reference", default=None, help="folder of clean originals with the inputs' names: report PSNR/SSIM")
     pa.add_argument("--degrade", action="store_true", help="the inputs are clean: degrade them with the run's task, "
                     "restore, and report PSNR/SSIM of input and result")
     pa.add_argument("--tile", type=int, default=512, help="tile side in pixels (default 512)")
-    pa.add_argument("--grid-scale", type=float, default=1.0, help="mesh-free models: the grid spacing to run at "
-                    "(1 = the training resolution; 2 = images at half that resolution)")
     pa.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     pa.add_argument("--seed", type=int, default=0, help="--degrade: seed of the degradation")
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -302,11 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export the model of RUN (a run folder, or the model.pt in one). Mesh-free layers are lowered to "
         "the exact nn.Conv2d they compute on the grid of --grid-scale, so the file runs without msconv: ONNX (any "
         "input size; onnxruntime), TorchScript (torch.jit.load) or pt2 (torch.export.load).")
-    pe.add_argument("run", help="run folder (with config.json and model.pt) or the model.pt in one")
+    _add_run_arguments(pe, "grid spacing the mesh-free layers are baked at (1 = the training resolution)")
     pe.add_argument("--format", required=True, choices=("onnx", "torchscript", "pt2"))
     pe.add_argument("--out", default=None, help="output file (default RUN/model.onnx, model.ts.pt or model.pt2)")
-    pe.add_argument("--grid-scale", type=float, default=1.0, help="grid spacing the mesh-free layers are baked at "
-                    "(1 = the training resolution)")
     pe.set_defaults(func=_cmd_export)
     pi = sub.add_parser("info", help="versions, compiled kernels, Triton, and the backend each op uses")
     pi.add_argument("--json", action="store_true", help="print as JSON")

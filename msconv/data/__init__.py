@@ -198,17 +198,13 @@ def load_folder(path: str, gray: bool = True, on_bad_file: str = "error", recurs
         if not recursive:
             break
     files.sort(key=lambda f: os.path.relpath(f, path))
+    files = _regular_files(files)
     if memory_mb is not None:
         lazy = _lazy_if_too_big(path, files, gray, on_bad_file, max_megapixels, memory_mb)
         if lazy is not None:
             return lazy
     images, kept = [], []
     for f in files:
-        if not os.path.isfile(f):
-            # A FIFO, socket or device named like an image would block or stream for ever when opened.
-            warnings.warn(f"skipping {f!r}: not a regular file (a pipe, socket, device or broken link), so not an "
-                          "image", stacklevel=2)
-            continue
         try:
             images.append(load_image(f, gray, max_megapixels))
             kept.append(os.path.relpath(f, path))
@@ -221,15 +217,24 @@ def load_folder(path: str, gray: bool = True, on_bad_file: str = "error", recurs
     return ImageSet(images, kept)
 
 
+def _regular_files(files: list[str]) -> list[str]:
+    """``files`` without what is not a regular file, each named in a warning: a FIFO, socket or device
+    named like an image would block or stream for ever when opened."""
+    kept = []
+    for f in files:
+        if os.path.isfile(f):
+            kept.append(f)
+        else:
+            warnings.warn(f"skipping {f!r}: not a regular file (a pipe, socket, device or broken link), so not an "
+                          "image", stacklevel=3)
+    return kept
+
+
 def _lazy_if_too_big(root, files, gray, on_bad_file, max_megapixels, memory_mb) -> ImageSet | None:
     """A lazily decoded ImageSet of ``files`` when decoding them all would exceed ``memory_mb``, else None.
     Unreadable headers are refused or skipped as :func:`load_folder` does for unreadable files."""
     paths, shapes, names = [], [], []
     for f in files:
-        if not os.path.isfile(f):
-            warnings.warn(f"skipping {f!r}: not a regular file (a pipe, socket, device or broken link), so not an "
-                          "image", stacklevel=3)
-            continue
         try:
             shape = header_shape(f, gray)
         except Exception as e:  # noqa: BLE001 - any header error means the file is unusable
