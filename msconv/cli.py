@@ -289,15 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
         "PNG, or TIFF in colour) and OUT/restore.csv. A grayscale model restores each colour channel on its own. "
         "Large images are processed in overlapping tiles (--tile), so memory stays bounded. With --reference the "
         "results are scored against clean originals; with --degrade the inputs are clean photos that the run's task "
-        "degrades first (seeded), and both the degraded input (OUT/<name>_input.png) and the result are scored.")
+        "degrades first (seeded), and both the degraded input (OUT/<name>_input.png) and the result are scored. "
+        "A volume run restores volumes (NIfTI, .npy, TIFF stacks) by a sliding window, writing NIfTI (with the "
+        "input's header) or .npy.")
     _add_run_arguments(pa, "mesh-free models: the grid spacing to run at (1 = the training resolution; 2 = images "
                        "at half that resolution)")
-    pa.add_argument("--input", required=True, help="an image file or a folder of images")
+    pa.add_argument("--input", required=True, help="an image file or a folder of images (volume runs: volumes)")
     pa.add_argument("--out", required=True, help="output folder")
     pa.add_argument("--reference", default=None, help="folder of clean originals with the inputs' names: report PSNR/SSIM")
     pa.add_argument("--degrade", action="store_true", help="the inputs are clean: degrade them with the run's task, "
                     "restore, and report PSNR/SSIM of input and result")
-    pa.add_argument("--tile", type=int, default=512, help="tile side in pixels (default 512)")
+    pa.add_argument("--tile", type=int, default=None, help="tile side in pixels (default 512; volume runs: 96 voxels)")
     pa.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     pa.add_argument("--seed", type=int, default=0, help="--degrade: seed of the degradation")
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")

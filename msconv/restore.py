@@ -10,6 +10,7 @@ pixels it keeps, so tiling does not change the result of a purely convolutional 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -35,7 +36,8 @@ class RunFolderError(ValueError):
 class LoadedRun:
     """A trained model ready to restore images: ``model`` (eval mode, on ``device``), its ``task``, the
     run's options (``config``, a :class:`msconv.train.TrainConfig`), the channels the model sees per image
-    (``channels``: 1 for a grayscale run) and its output/input size ratio (``upscale``)."""
+    (``channels``: 1 for a grayscale run), its output/input size ratio (``upscale``) and ``dims`` (2 for an
+    image model, 3 for a volume model)."""
 
     model: torch.nn.Module
     task: object
@@ -45,6 +47,7 @@ class LoadedRun:
     device: torch.device
     halo: int
     model_input_channels: int = 1
+    dims: int = 2
 
     def model_input(self, observed: torch.Tensor) -> torch.Tensor:
         """The model's input for degraded images as a camera gives them, (N, channels, h, w): the image
@@ -57,14 +60,19 @@ class LoadedRun:
                              "torch.cat([image * mask, mask], 1) to run.model yourself")
         if task.name == "sr" and task.pre_upsample:
             return F.interpolate(observed, scale_factor=task.scale, mode="bicubic", align_corners=False)
+        if task.name == "slice_sr":  # a thick-slice scan: resampled to thin slices along D, as in training
+            d, h, w = observed.shape[2:]
+            return F.interpolate(observed, size=(d * task.scale, h, w), mode="trilinear", align_corners=False)
         return observed
 
     def restore(self, observed: torch.Tensor, tile: int = 512, grid_scale: float = 1.0) -> torch.Tensor:
-        """Restored images (N, C, H', W') from degraded ones (N, C, h, w) in [0, 1], clipped to [0, 1].
+        """Restored images (N, C, H', W') from degraded ones (N, C, h, w) in [0, 1], clipped to [0, 1]
+        (a volume model: (N, C, D, H, W) volumes, ``tile`` voxels a side).
         ``C`` may differ from the model's channels: a grayscale model restores each colour channel
         on its own; a colour model gets a gray image as three equal channels (and returns their mean)."""
-        if observed.dim() != 4:
-            raise ValueError(f"restore: observed must be (N, C, H, W), got shape {tuple(observed.shape)}")
+        if observed.dim() != self.dims + 2:
+            want = "(N, C, H, W)" if self.dims == 2 else "(N, C, D, H, W) volumes"
+            raise ValueError(f"restore: observed must be {want} for this run's model, got shape {tuple(observed.shape)}")
         n, c = observed.shape[:2]
         x = observed.to(self.device, torch.float32)
         if c != self.channels:
@@ -82,27 +90,27 @@ class LoadedRun:
 
 def restore_tiled(model: torch.nn.Module, x: torch.Tensor, tile: int, halo: int, upscale: int = 1,
                   grid_scale: float = 1.0) -> torch.Tensor:
-    """``model(x)`` computed tile by tile: each ``tile × tile`` block of the input is run with ``halo``
-    more pixels of context on every side (cut off the image's edges), and only its own block of the
-    output is kept. x: (N, C, H, W); the output is (N, C_out, upscale·H, upscale·W)."""
+    """``model(x)`` computed tile by tile: each ``tile × tile`` block of the input (``tile``³ of a volume)
+    is run with ``halo`` more pixels of context on every side (cut off at the edges), and only its own
+    block of the output is kept (a sliding window: memory is bounded by the tile, not the input).
+    x: (N, C, H, W) or (N, C, D, H, W); the output is (N, C_out, upscale·H, upscale·W) (every axis ×upscale)."""
     if not (isinstance(tile, int) and tile >= TILE_ALIGN):
         raise ValueError(f"restore: tile must be an int >= {TILE_ALIGN} pixels, got {tile!r}")
     tile = tile // TILE_ALIGN * TILE_ALIGN
     halo = -(-halo // TILE_ALIGN) * TILE_ALIGN
-    h, w = x.shape[2:]
+    size = x.shape[2:]
     out = None
     with torch.no_grad(), grid_scale_context(grid_scale):
-        for top in range(0, h, tile):
-            for left in range(0, w, tile):
-                t0, l0 = max(0, top - halo), max(0, left - halo)
-                t1, l1 = min(h, top + tile + halo), min(w, left + tile + halo)
-                y = model(x[:, :, t0:t1, l0:l1])
-                if out is None:
-                    out = y.new_empty(x.shape[0], y.shape[1], h * upscale, w * upscale)
-                bh, bw = min(tile, h - top), min(tile, w - left)
-                r, c = (top - t0) * upscale, (left - l0) * upscale
-                out[:, :, top * upscale:(top + bh) * upscale, left * upscale:(left + bw) * upscale] = \
-                    y[:, :, r:r + bh * upscale, c:c + bw * upscale]
+        for start in itertools.product(*(range(0, n, tile) for n in size)):
+            lo = [max(0, s - halo) for s in start]
+            hi = [min(n, s + tile + halo) for s, n in zip(start, size)]
+            y = model(x[(slice(None), slice(None)) + tuple(slice(a, b) for a, b in zip(lo, hi))])
+            if out is None:
+                out = y.new_empty(x.shape[0], y.shape[1], *(n * upscale for n in size))
+            keep = [min(tile, n - s) for s, n in zip(start, size)]
+            dst = tuple(slice(s * upscale, (s + k) * upscale) for s, k in zip(start, keep))
+            src = tuple(slice((s - a) * upscale, (s - a + k) * upscale) for s, a, k in zip(start, lo, keep))
+            out[(slice(None), slice(None)) + dst] = y[(slice(None), slice(None)) + src]
     return out
 
 
@@ -149,8 +157,9 @@ def load_run(path: str, device: str | torch.device = "cpu") -> LoadedRun:
     device = torch.device(device)
     model.to(device).eval()
     task = build_task(cfg.task, **task_options(cfg))
-    halo = math.ceil(receptive_field(model, arch["in_channels"]) / 2)
-    return LoadedRun(model, task, cfg, channels, arch["upscale"], device, halo, arch["in_channels"])
+    dims = arch.get("dims", 2)
+    halo = math.ceil(receptive_field(model, arch["in_channels"], dims=dims) / 2)
+    return LoadedRun(model, task, cfg, channels, arch["upscale"], device, halo, arch["in_channels"], dims)
 
 
 EXPORT_FORMATS = ("onnx", "torchscript", "pt2")
@@ -169,16 +178,18 @@ def export_run(path: str, fmt: str, out: str | None = None, grid_scale: float = 
     model = bake(run.model, grid_scale).eval()
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     out = out or os.path.join(folder, "model." + {"onnx": "onnx", "torchscript": "ts.pt", "pt2": "pt2"}[fmt])
-    example = torch.rand(2, run.model_input_channels, side, side + 8)
+    spatial = (side, side + 8) if run.dims == 2 else (side // 2, side // 2 + 8, side // 2 + 4)
+    example = torch.rand(2, run.model_input_channels, *spatial)
+    names = ("height", "width") if run.dims == 2 else ("depth", "height", "width")
     if fmt == "onnx":
-        axes = {0: "batch", 2: "height", 3: "width"}
+        axes = {0: "batch", **{2 + i: n for i, n in enumerate(names)}}
         torch.onnx.export(model, (example,), out, dynamo=False, input_names=["input"], output_names=["output"],
                           dynamic_axes={"input": axes, "output": axes})
     elif fmt == "torchscript":
         torch.jit.save(torch.jit.trace(model, example), out)
     else:
         Dim = torch.export.Dim
-        shapes = {0: Dim("batch", min=1, max=4096), 2: Dim("height", min=16, max=16384), 3: Dim("width", min=16, max=16384)}
+        shapes = {0: Dim("batch", min=1, max=4096), **{2 + i: Dim(n, min=16, max=16384) for i, n in enumerate(names)}}
         program = torch.export.export(model, (example,), dynamic_shapes=(shapes,))
         torch.export.save(program, out)
     return out

@@ -104,7 +104,7 @@ def test_images_too_small_to_score_are_found_at_start_up_by_file_and_option(phot
     out = tmp_path / "r"
     assert main(["train", *tiny_args(photo_dir, out), option, small, "--task", task]) == 2
     err = capsys.readouterr().err
-    assert f"{option}: image 's0.png'" in err and "needs at least 7x7" in err
+    assert f"{option}: image 's0.png'" in err and "needs at least 7 on every side" in err
     assert not (out / "checkpoint.pt").exists()
 
 

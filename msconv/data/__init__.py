@@ -44,7 +44,8 @@ class ImageReadError(ValueError):
 @dataclass
 class ImageSet:
     """Named images, each float32 (C, H, W) in [0, 1], all with the same C: a list in memory, or a
-    :class:`~msconv.data.stream.LazyImages` that decodes them from disk on demand."""
+    :class:`~msconv.data.stream.LazyImages` that decodes them from disk on demand. Volumes are
+    held the same way, each (C, D, H, W) (see :mod:`msconv.data.volumes`)."""
 
     images: list
     names: list
@@ -56,13 +57,18 @@ class ImageSet:
     def lazy(self) -> bool:
         return isinstance(self.images, LazyImages)
 
-    def shapes(self) -> list[tuple[int, int, int]]:
-        """(C, H, W) of every image, without decoding lazy ones."""
+    def shapes(self) -> list[tuple[int, ...]]:
+        """(C, H, W) (volumes: (C, D, H, W)) of every image, without decoding lazy ones."""
         return list(self.images.shapes) if self.lazy else [tuple(im.shape) for im in self.images]
 
     @property
     def channels(self) -> int:
         return self.shapes()[0][0]
+
+    @property
+    def dims(self) -> int:
+        """Spatial dimensions: 2 for images, 3 for volumes."""
+        return len(self.shapes()[0]) - 1
 
     def min_side(self) -> int:
         return min(min(s[1:]) for s in self.shapes())
@@ -203,17 +209,24 @@ def load_folder(path: str, gray: bool = True, on_bad_file: str = "error", recurs
         lazy = _lazy_if_too_big(path, files, gray, on_bad_file, max_megapixels, memory_mb)
         if lazy is not None:
             return lazy
+    return read_files(files, path, lambda f: load_image(f, gray, max_megapixels), ImageReadError, on_bad_file,
+                      "image", IMAGE_EXTENSIONS)
+
+
+def read_files(files: list[str], root: str, read, error: type, on_bad_file: str, what: str, extensions) -> ImageSet:
+    """An ImageSet of ``read(f)`` for every file, named by its path relative to ``root``. A file whose read
+    raises ``error`` stops the load (``on_bad_file="error"``) or is skipped with a warning naming it."""
     images, kept = [], []
     for f in files:
         try:
-            images.append(load_image(f, gray, max_megapixels))
-            kept.append(os.path.relpath(f, path))
-        except ImageReadError as e:
+            images.append(read(f))
+            kept.append(os.path.relpath(f, root))
+        except error as e:
             if on_bad_file == "error":
                 raise
-            warnings.warn(f"skipping unreadable image file {f!r} ({e.__cause__ or e})", stacklevel=2)
+            warnings.warn(f"skipping unreadable {what} file {f!r} ({e.__cause__ or e})", stacklevel=3)
     if not images:
-        raise FileNotFoundError(f"data: no readable images ({', '.join(IMAGE_EXTENSIONS)}) in {path!r}")
+        raise FileNotFoundError(f"data: no readable {what}s ({', '.join(extensions)}) in {root!r}")
     return ImageSet(images, kept)
 
 
@@ -303,7 +316,16 @@ def load_dataset(data: str = "bundled", val_data: str | None = None, gray: bool 
                  max_megapixels: float = MAX_MEGAPIXELS, memory_mb: float | None = None):
     """(train, val) ImageSets. ``data``: ``"bundled"`` or a folder. Without ``val_data`` the
     images of ``data`` are split by image (:func:`split_by_image`); with it, all of ``data``
-    trains and ``val_data`` (a folder) validates."""
+    trains and ``val_data`` (a folder) validates. A folder of volumes, or one volume file, gives
+    (1, D, H, W) volumes (:mod:`msconv.data.volumes`; one volume is split by region)."""
+    from msconv.data.volumes import is_volume_data, load_volume_folder, split_by_region
+
+    if is_volume_data(data):
+        full = load_volume_folder(data, on_bad_file)
+        if val_data is None:
+            # One scan is split by region; several by scan, as images are.
+            return split_by_region(full, val_fraction) if len(full) == 1 else split_by_image(full, val_fraction, split_seed)
+        return full, load_volume_folder(val_data, on_bad_file)
     full = bundled_images(gray) if data == "bundled" else load_folder(data, gray, on_bad_file,
                                                                       max_megapixels=max_megapixels, memory_mb=memory_mb)
     if val_data is None:
@@ -338,9 +360,10 @@ class CropSampler:
                 f"{type(ds).__name__}{' with no images' if isinstance(ds, ImageSet) else ''}"
             )
         bad = [] if ds.lazy else [n for im, n in zip(ds.images, ds.names)
-                                  if not (isinstance(im, torch.Tensor) and im.dim() == 3)]
+                                  if not (isinstance(im, torch.Tensor) and im.dim() == ds.images[0].dim() in (3, 4))]
         if bad:
-            raise ValueError(f"CropSampler: every image must be a (C, H, W) tensor; {bad[0]!r} is not")
+            raise ValueError(f"CropSampler: every image must be a (C, H, W) tensor (volumes: all (C, D, H, W)); "
+                             f"{bad[0]!r} is not")
         shapes = ds.shapes()
         channels = {s[0] for s in shapes}
         if len(channels) > 1:
@@ -373,7 +396,8 @@ class CropSampler:
         return i
 
     def next_batch(self, n: int, crop: int | None = None) -> torch.Tensor:
-        """(n, C, c, c) float32 clean crops, c = ``crop`` (at most the sampler's crop) or the sampler's."""
+        """(n, C, c, c) float32 clean crops ((n, C, c, c, c) from volumes), c = ``crop`` (at most the
+        sampler's crop) or the sampler's."""
         if isinstance(n, bool) or not hasattr(n, "__index__") or n < 1:
             raise ValueError(f"CropSampler.next_batch: n must be a positive int (the batch size), got n={n!r}")
         if crop is not None and (isinstance(crop, bool) or not hasattr(crop, "__index__") or not 1 <= crop <= self.crop):
@@ -384,15 +408,20 @@ class CropSampler:
         out = []
         for _ in range(n):
             im = self.ds.images[self._next_index()]
-            h, w = im.shape[1:]
+            # Volumes: the depth offset is drawn last, so images draw exactly what they always did.
+            h, w = im.shape[-2:]
             top = int(torch.randint(0, h - c + 1, (1,), generator=g))
             left = int(torch.randint(0, w - c + 1, (1,), generator=g))
-            p = im[:, top:top + c, left:left + c]
+            p = im[..., top:top + c, left:left + c]
+            if im.dim() == 4:
+                front = int(torch.randint(0, im.shape[1] - c + 1, (1,), generator=g))
+                p = p[:, front:front + c]
             if self.augment:
+                # Flips and in-plane rotations only: a volume's slice axis may have another spacing.
                 flip, rot = torch.randint(0, 2, (1,), generator=g), torch.randint(0, 4, (1,), generator=g)
                 if int(flip):
                     p = p.flip(-1)
-                p = torch.rot90(p, int(rot), dims=(1, 2))
+                p = torch.rot90(p, int(rot), dims=(-2, -1))
             out.append(p)
         return torch.stack(out).contiguous()
 

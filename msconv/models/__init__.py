@@ -37,24 +37,34 @@ def mf_available() -> bool:
     return True
 
 
-def make_conv(conv, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True) -> nn.Module:
-    """A 'same'-padded k×k convolution of the requested kind: ``standard``, ``mf``, or a factory
-    ``conv(in_channels, out_channels, kernel_size, bias)`` (what :func:`build_model` passes when
-    the mesh-free layers get a non-default σ)."""
+def make_conv(conv, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True,
+              dims: int = 2) -> nn.Module:
+    """A 'same'-padded k×k (``dims=3``: k×k×k) convolution of the requested kind: ``standard``
+    (nn.Conv2d / nn.Conv3d), ``mf`` (MFConv2d / MFConv3d), or a factory ``conv(in_channels,
+    out_channels, kernel_size, bias)`` (what :func:`build_model` passes when the mesh-free layers get
+    a non-default σ; it is called with ``dims=3`` for volumes)."""
     if callable(conv):
-        return conv(in_channels, out_channels, kernel_size, bias)
+        return conv(in_channels, out_channels, kernel_size, bias) if dims == 2 else conv(
+            in_channels, out_channels, kernel_size, bias, dims=dims)
     if conv == "standard":
-        return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        cls = nn.Conv2d if dims == 2 else nn.Conv3d
+        return cls(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
     if conv == "mf":
         try:
-            from msconv.nn import MFConv2d
+            from msconv.nn import MFConv2d, MFConv3d
         except ImportError as e:
             raise ImportError(
                 "conv='mf' needs msconv.nn.MFConv2d, which is not available in this install "
                 f"({e}); use conv='standard' (CLI: --conv standard) or update msconv"
             ) from e
-        return MFConv2d(in_channels, out_channels, kernel_size, padding="same", bias=bias)
+        return (MFConv2d if dims == 2 else MFConv3d)(in_channels, out_channels, kernel_size, padding="same", bias=bias)
     raise ValueError(f"conv must be one of {CONV_KINDS}, got {conv!r}")
+
+
+def _check_dims(dims, who: str) -> int:
+    if dims not in (2, 3) or isinstance(dims, bool):
+        raise ValueError(f"{who}: dims must be 2 (images) or 3 (volumes), got dims={dims!r}")
+    return dims
 
 
 def _zero_init(m: nn.Module) -> nn.Module:
@@ -81,8 +91,8 @@ def he_init(conv: nn.Module, gain: float = math.sqrt(2.0)) -> nn.Module:
     weight = getattr(conv, "weight", None)
     if weight is None:
         return conv
-    if isinstance(conv, nn.Conv2d):
-        fan_in = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    if isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+        fan_in = weight[0].numel()
         with torch.no_grad():
             weight.normal_(0.0, gain / math.sqrt(fan_in))
     else:  # MFConv2d and other layers with nn.Conv2d's default output variance
@@ -106,20 +116,22 @@ class DnCNN(nn.Module):
     """DnCNN (Zhang et al. 2017): conv-ReLU, (depth − 2) × conv-[BN]-ReLU, conv; residual
     learning (the network predicts the corruption, the output is ``x − net(x)``).
 
-    Shapes: (N, in_channels, H, W) → (N, out_channels, H, W). Classic: depth=17, width=64.
+    Shapes: (N, in_channels, H, W) → (N, out_channels, H, W); with ``dims=3`` (3×3×3 convolutions)
+    (N, in_channels, D, H, W) → (N, out_channels, D, H, W). Classic: depth=17, width=64.
     """
 
-    def __init__(self, in_channels=1, out_channels=1, depth=17, width=64, conv="standard", batchnorm=False):
+    def __init__(self, in_channels=1, out_channels=1, depth=17, width=64, conv="standard", batchnorm=False, dims=2):
         super().__init__()
         if depth < 2:
             raise ValueError(f"DnCNN: depth must be >= 2, got {depth}")
-        layers = [he_init(make_conv(conv, in_channels, width)), nn.ReLU(inplace=True)]
+        d = _check_dims(dims, "DnCNN")
+        layers = [he_init(make_conv(conv, in_channels, width, dims=d)), nn.ReLU(inplace=True)]
         for _ in range(depth - 2):
-            layers += [he_init(make_conv(conv, width, width, bias=not batchnorm))]
+            layers += [he_init(make_conv(conv, width, width, bias=not batchnorm, dims=d))]
             if batchnorm:
-                layers += [nn.BatchNorm2d(width)]
+                layers += [nn.BatchNorm2d(width) if d == 2 else nn.BatchNorm3d(width)]
             layers += [nn.ReLU(inplace=True)]
-        layers += [_zero_init(make_conv(conv, width, out_channels))]
+        layers += [_zero_init(make_conv(conv, width, out_channels, dims=d))]
         self.body = nn.Sequential(*layers)
         self.out_channels = out_channels
 
@@ -128,9 +140,9 @@ class DnCNN(nn.Module):
 
 
 class _DoubleConv(nn.Sequential):
-    def __init__(self, conv, cin, cout):
-        super().__init__(he_init(make_conv(conv, cin, cout)), nn.ReLU(inplace=True), he_init(make_conv(conv, cout, cout)),
-                         nn.ReLU(inplace=True))
+    def __init__(self, conv, cin, cout, dims=2):
+        super().__init__(he_init(make_conv(conv, cin, cout, dims=dims)), nn.ReLU(inplace=True),
+                         he_init(make_conv(conv, cout, cout, dims=dims)), nn.ReLU(inplace=True))
 
 
 class UNet(nn.Module):
@@ -138,54 +150,58 @@ class UNet(nn.Module):
     bilinear upsampling, channel widths ``width·2^k``, skip connections, global residual.
 
     Shapes: (N, in_channels, H, W) → (N, out_channels, H, W) for any H, W (padded with edge
-    replication to a multiple of 2^depth inside, cropped back).
+    replication to a multiple of 2^depth inside, cropped back). ``dims=3``: the 3-D UNet (3×3×3
+    convolutions, 2×2×2 average pooling, trilinear upsampling), (N, C, D, H, W) → (N, C_out, D, H, W).
     """
 
-    def __init__(self, in_channels=1, out_channels=1, width=16, depth=2, conv="standard"):
+    def __init__(self, in_channels=1, out_channels=1, width=16, depth=2, conv="standard", dims=2):
         super().__init__()
-        self.depth, self.out_channels = depth, out_channels
+        self.depth, self.out_channels, self.dims = depth, out_channels, _check_dims(dims, "UNet")
         chans = [width * 2 ** k for k in range(depth + 1)]
-        self.enc = nn.ModuleList([_DoubleConv(conv, in_channels, chans[0])] +
-                                 [_DoubleConv(conv, chans[k - 1], chans[k]) for k in range(1, depth + 1)])
-        self.dec = nn.ModuleList([_DoubleConv(conv, chans[k + 1] + chans[k], chans[k]) for k in range(depth)])
-        self.head = _zero_init(nn.Conv2d(chans[0], out_channels, 1))
+        self.enc = nn.ModuleList([_DoubleConv(conv, in_channels, chans[0], dims)] +
+                                 [_DoubleConv(conv, chans[k - 1], chans[k], dims) for k in range(1, depth + 1)])
+        self.dec = nn.ModuleList([_DoubleConv(conv, chans[k + 1] + chans[k], chans[k], dims) for k in range(depth)])
+        self.head = _zero_init((nn.Conv2d if dims == 2 else nn.Conv3d)(chans[0], out_channels, 1))
 
     def forward(self, x):
-        h, w = x.shape[2:]
+        size = x.shape[2:]
         m = 2 ** self.depth
-        ph, pw = (-h) % m, (-w) % m
-        z = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+        pad = [p for n in reversed(size) for p in (0, (-n) % m)]
+        z = F.pad(x, pad, mode="replicate") if any(pad) else x
+        pool = F.avg_pool2d if self.dims == 2 else F.avg_pool3d
         skips = []
         for k, block in enumerate(self.enc):
-            z = block(z if k == 0 else F.avg_pool2d(z, 2))
+            z = block(z if k == 0 else pool(z, 2))
             skips.append(z)
         z = skips.pop()
         for k in reversed(range(self.depth)):
-            z = F.interpolate(z, scale_factor=2, mode="bilinear", align_corners=False)
+            z = F.interpolate(z, scale_factor=2, mode="bilinear" if self.dims == 2 else "trilinear", align_corners=False)
             z = self.dec[k](torch.cat([z, skips.pop()], dim=1))
-        return _residual_base(x, self.out_channels) + self.head(z)[:, :, :h, :w]
+        out = self.head(z)[(slice(None), slice(None)) + tuple(slice(0, n) for n in size)]
+        return _residual_base(x, self.out_channels) + out
 
 
 class ResNet(nn.Module):
     """A plain residual network as in the paper: head conv, ``blocks`` × (conv-ReLU-conv + skip),
     tail conv, global residual; no downsampling, so it is resolution-agnostic.
 
-    Shapes: (N, in_channels, H, W) → (N, out_channels, H, W).
+    Shapes: (N, in_channels, H, W) → (N, out_channels, H, W); ``dims=3``: (N, C, D, H, W) likewise.
     """
 
-    def __init__(self, in_channels=1, out_channels=1, width=32, blocks=4, conv="standard"):
+    def __init__(self, in_channels=1, out_channels=1, width=32, blocks=4, conv="standard", dims=2):
         super().__init__()
         self.out_channels = out_channels
+        d = _check_dims(dims, "ResNet")
         # The head feeds a ReLU (every block and the tail see relu(z)); each block starts as the
         # identity (its last conv zero, as Fixup/SkipInit and torchvision's zero_init_residual), so
         # the variance of z does not grow with the number of blocks at initialisation.
-        self.head = he_init(make_conv(conv, in_channels, width))
+        self.head = he_init(make_conv(conv, in_channels, width, dims=d))
         self.blocks = nn.ModuleList(
-            nn.Sequential(he_init(make_conv(conv, width, width)), nn.ReLU(inplace=True),
-                          _zero_init(make_conv(conv, width, width)))
+            nn.Sequential(he_init(make_conv(conv, width, width, dims=d)), nn.ReLU(inplace=True),
+                          _zero_init(make_conv(conv, width, width, dims=d)))
             for _ in range(blocks)
         )
-        self.tail = _zero_init(make_conv(conv, width, out_channels))
+        self.tail = _zero_init(make_conv(conv, width, out_channels, dims=d))
 
     def forward(self, x):
         z = self.head(x)
@@ -235,15 +251,16 @@ def mf_factory(sigma: float | None = None, order: int = 2, sigma_floor: float | 
     ``sigma_floor`` (see :class:`msconv.MFConv2d`; 0.5: grids too coarse for σ apply, in their own
     pixels, the stencil of the finest grid that resolves it; None: MFConv2d's default; 0: off).
     """
-    from msconv.nn import MFConv2d
+    from msconv.nn import MFConv2d, MFConv3d
 
     if sigma is not None and not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"mf_sigma must be a number > 0 in reference pixels (e.g. 0.5 for s = 1, 2 for s = 4), got {sigma!r}")
 
-    def conv(in_channels, out_channels, kernel_size, bias):
+    def conv(in_channels, out_channels, kernel_size, bias, dims=2):
         s = None if sigma is None else sigma * kernel_size / 3
         floor = {} if sigma_floor is None else {"sigma_floor": sigma_floor or None}  # 0: off
-        return MFConv2d(in_channels, out_channels, kernel_size, padding="same", bias=bias, order=order, sigma=s, **floor)
+        cls = MFConv2d if dims == 2 else MFConv3d
+        return cls(in_channels, out_channels, kernel_size, padding="same", bias=bias, order=order, sigma=s, **floor)
 
     return conv
 
@@ -265,11 +282,12 @@ def _user_model(factory, name: str, in_channels: int, out_channels: int, conv: s
 
 def build_model(name: str, in_channels: int, out_channels: int, conv: str = "standard", upscale: int = 1,
                 mf_sigma: float | None = None, mf_order: int = 2, mf_sigma_floor: float | None = None,
-                **kwargs) -> nn.Module:
+                dims: int = 2, **kwargs) -> nn.Module:
     """Build a zoo model by name. ``kwargs`` the model does not take (e.g. ``depth`` for
     ESPCN) are ignored so one config serves every model; ``upscale`` only applies to ESPCN.
     ``mf_sigma``/``mf_order``/``mf_sigma_floor`` set the mesh-free layers' σ, order and σ floor
-    (``conv='mf'`` only; see :func:`mf_factory`; a floor of None is MFConv2d's default, 0 is off)."""
+    (``conv='mf'`` only; see :func:`mf_factory`; a floor of None is MFConv2d's default, 0 is off).
+    ``dims=3`` builds the volumetric version (3-D convolutions; dncnn, unet, resnet)."""
     import inspect
 
     from msconv._imports import is_import_path, resolve
@@ -283,6 +301,11 @@ def build_model(name: str, in_channels: int, out_channels: int, conv: str = "sta
     cls = MODELS[name]
     params = inspect.signature(cls.__init__).parameters
     kw = {k: v for k, v in kwargs.items() if k in params and v is not None}
+    if dims != 2:
+        if "dims" not in params:
+            raise ValueError(f"model: {name!r} is 2-D only; for volumes use one of "
+                             f"{sorted(n for n, c in MODELS.items() if 'dims' in inspect.signature(c.__init__).parameters)}")
+        kw["dims"] = _check_dims(dims, "model")
     if "upscale" in params:
         kw["upscale"] = upscale
     elif upscale != 1:

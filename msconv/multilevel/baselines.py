@@ -55,9 +55,9 @@ def _check_budget(budget) -> float:
     return float(budget)
 
 
-def _stage(side: int, crop: int, batch: int, iterations: int, resize: int | None = None) -> Stage:
+def _stage(side: int, crop: int, batch: int, iterations: int, resize: int | None = None, dims: int = 2) -> Stage:
     seen = resize if resize is not None else side
-    return Stage(0, 0, [batch], iterations, crop=side, resize=resize, area=(seen / crop) ** 2)
+    return Stage(0, 0, [batch], iterations, crop=side, resize=resize, area=(seen / crop) ** dims, dims=dims)
 
 
 def _indexed(stages: list[Stage]) -> list[Stage]:
@@ -66,17 +66,17 @@ def _indexed(stages: list[Stage]) -> list[Stage]:
     return stages
 
 
-def plan_small_patches(crop: int, patch: int, batch: int, budget: float) -> list[Stage]:
+def plan_small_patches(crop: int, patch: int, batch: int, budget: float, dims: int = 2) -> list[Stage]:
     """One stage of ``patch × patch`` crops, ``batch`` per step, as many steps as ``budget`` buys
-    (``budget / (batch * (patch / crop)**2)``, at least one)."""
+    (``budget / (batch * (patch / crop)**2)``, at least one; volumes, ``dims=3``: ``**3``)."""
     _check_side("crop", crop)
     _check_side("patch", patch)
     _check_side("batch", batch)
     budget = _check_budget(budget)
     if patch > crop:
         raise ValueError(f"small patches: patch={patch} is larger than the reference crop={crop}; use patch <= crop")
-    work = batch * (patch / crop) ** 2
-    return _indexed([_stage(patch, crop, batch, max(1, round(budget / work)))])
+    work = batch * (patch / crop) ** dims
+    return _indexed([_stage(patch, crop, batch, max(1, round(budget / work)), dims=dims)])
 
 
 def progressive_resizing_side(progress: float, crop: int, initial_scale: float = 0.5, delay: float = 0.5,
@@ -94,10 +94,10 @@ def progressive_resizing_side(progress: float, crop: int, initial_scale: float =
 
 
 def plan_progressive_resizing(crop: int, batch: int, budget: float, initial_scale: float = 0.5, delay: float = 0.5,
-                              finetune: float = 0.2, increment: int = 4) -> list[Stage]:
+                              finetune: float = 0.2, increment: int = 4, dims: int = 2) -> list[Stage]:
     """Composer's progressive-resizing schedule (defaults: Composer's) as stages of constant side,
     with the total step count chosen so the plan spends ``budget`` work units (a step at side
-    ``s`` costs ``batch * (s / crop)**2``)."""
+    ``s`` costs ``batch * (s / crop)**dims``)."""
     _check_side("crop", crop)
     _check_side("batch", batch)
     _check_side("increment", increment)
@@ -112,7 +112,7 @@ def plan_progressive_resizing(crop: int, batch: int, budget: float, initial_scal
         return [progressive_resizing_side(t / total, crop, initial_scale, delay, finetune, increment) for t in range(total)]
 
     def work(total: int) -> float:
-        return sum(batch * (s / crop) ** 2 for s in sides(total))
+        return sum(batch * (s / crop) ** dims for s in sides(total))
 
     # Work grows with the step count by about one step's work per step: start from the mean
     # cost per step of a finely resolved schedule, then take the nearest count.
@@ -126,15 +126,15 @@ def plan_progressive_resizing(crop: int, batch: int, budget: float, initial_scal
         if stages and stages[-1].resize == resize:
             stages[-1].iterations += 1
         else:
-            stages.append(_stage(crop, crop, batch, 1, resize))
+            stages.append(_stage(crop, crop, batch, 1, resize, dims))
     return _indexed(stages)
 
 
-def plan_progressive_patches(crop: int, batch: int, budget: float, multiple: int = 8) -> list[Stage]:
+def plan_progressive_patches(crop: int, batch: int, budget: float, multiple: int = 8, dims: int = 2) -> list[Stage]:
     """Restormer's progressive patch sizes scaled to a final ``crop`` and ``batch``: phase i uses
     patches of side ``crop * RESTORMER_PATCHES[i] / 384`` (rounded to ``multiple``) with the batch
-    that holds ``batch`` final crops' pixels, and spends ``RESTORMER_ITERATIONS[i] / 300k`` of
-    ``budget``."""
+    that holds ``batch`` final crops' pixels (voxels, ``dims=3``), and spends
+    ``RESTORMER_ITERATIONS[i] / 300k`` of ``budget``."""
     _check_side("crop", crop)
     _check_side("batch", batch)
     budget = _check_budget(budget)
@@ -142,33 +142,49 @@ def plan_progressive_patches(crop: int, batch: int, budget: float, multiple: int
     stages = []
     for p, its in zip(RESTORMER_PATCHES, RESTORMER_ITERATIONS):
         side = min(crop, _round_to(crop * p / RESTORMER_PATCHES[-1], multiple))
-        n = max(1, round(batch * (crop / side) ** 2))
-        per_step = n * (side / crop) ** 2
+        n = max(1, round(batch * (crop / side) ** dims))
+        per_step = n * (side / crop) ** dims
         steps = max(1, round(budget * its / total_its / per_step))
         if stages and stages[-1].crop == side:
             stages[-1].iterations += steps
         else:
-            stages.append(_stage(side, crop, n, steps))
+            stages.append(_stage(side, crop, n, steps, dims=dims))
     return _indexed(stages)
 
 
-def receptive_field(model: nn.Module, in_channels: int, probe: int = 96) -> int:
+def receptive_field(model: nn.Module, in_channels: int, probe: int | None = None, dims: int = 2) -> int:
     """The side of the input region that reaches one output pixel, measured: the extent of the
     gradient of a centre output pixel with respect to a random ``probe × probe`` input (capped at
     ``probe``), on a copy of the model with random weights (a zero-initialised head, as residual
-    denoisers have, would hide every path but the skip connection). ``model`` is not touched."""
+    denoisers have, would hide every path but the skip connection). ``model`` is not touched.
+    ``dims=3``: a volume model, probed with a ``probe``³ input (the widest axis's extent). Default probe: 96
+    pixels, 64 voxels (a 96³ probe would cost seconds of CPU; the 3-D zoo's fields stay below 64)."""
+    probe = (96 if dims == 2 else 64) if probe is None else probe
+    extent = _gradient_extent(model, in_channels, probe, dims, positive=False)
+    if extent == 1 and any(p.numel() > 1 for p in model.parameters()):
+        # Every ReLU on the paths to the centre pixel was off for this draw (likely in narrow models): all
+        # weights positive on a positive input keep every unit on, so the extent is the paths' own.
+        extent = _gradient_extent(model, in_channels, probe, dims, positive=True)
+    return extent
+
+
+def _gradient_extent(model: nn.Module, in_channels: int, probe: int, dims: int, positive: bool) -> int:
     probe_model = copy.deepcopy(model).eval()
     g = torch.Generator().manual_seed(0)
     p = next(probe_model.parameters(), None)
     device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
     with torch.no_grad():
         for q in probe_model.parameters():
-            q.copy_(torch.randn(q.shape, generator=g).to(q.device, q.dtype))
-    x = torch.rand(1, in_channels, probe, probe, generator=g).to(device, dtype).requires_grad_(True)
+            w = torch.randn(q.shape, generator=g)
+            q.copy_((w.abs() if positive else w).to(q.device, q.dtype))
+    x = torch.rand(1, in_channels, *(probe,) * dims, generator=g).to(device, dtype).requires_grad_(True)
     out = probe_model(x)
-    out[..., out.shape[-2] // 2, out.shape[-1] // 2].sum().backward()
-    rows = x.grad.abs().sum(dim=(0, 1, 3)).nonzero().flatten()
-    cols = x.grad.abs().sum(dim=(0, 1, 2)).nonzero().flatten()
-    if rows.numel() == 0:
-        return 1
-    return int(max(rows.max() - rows.min(), cols.max() - cols.min())) + 1
+    out[(...,) + tuple(n // 2 for n in out.shape[2:])].sum().backward()
+    mag = x.grad.abs().sum(dim=(0, 1))
+    extents = []
+    for axis in range(dims):
+        hit = mag.sum(dim=tuple(a for a in range(dims) if a != axis)).nonzero().flatten()
+        if hit.numel() == 0:
+            return 1
+        extents.append(int(hit.max() - hit.min()))
+    return max(extents) + 1

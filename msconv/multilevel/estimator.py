@@ -19,6 +19,7 @@ raises).
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, Sequence
 
@@ -27,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from msconv.multilevel.allocation import Allocation, make_allocation
-from msconv.multilevel.cost import LevelCost, StepCost, count_flops, work_units
+from msconv.multilevel.cost import LevelCost, StepCost, count_flops
 from msconv.grid import grid_scale
 from msconv.ops.transfer import pyramid
 from msconv.reference import RESTRICT_KINDS, max_levels
@@ -59,17 +60,18 @@ def per_sample_loss(loss_fn: Callable, pred: torch.Tensor, target) -> torch.Tens
         return torch.stack([loss_fn(pred[i : i + 1], target[i : i + 1]).reshape(()) for i in range(pred.shape[0])])
 
 
-def level_work(levels: int, base_level: int = 0) -> list[float]:
+def level_work(levels: int, base_level: int = 0, dims: int = 2) -> list[float]:
     """Work units of one sample of each level of an estimator over ``base_level .. base_level +
     levels``: its fine evaluation on grid base+l plus, below the coarsest, its coarse one on
-    base+l+1, relative to the level-0 grid (a grid l levels down has 4**-l of the pixels)."""
-    b = base_level
-    return [4.0 ** -(b + l) + (4.0 ** -(b + l + 1) if l < levels else 0.0) for l in range(levels + 1)]
+    base+l+1, relative to the level-0 grid (a grid l levels down has 2**(-l·dims) of the pixels:
+    4**-l for images, 8**-l of the voxels for volumes, ``dims=3``)."""
+    b, c = base_level, float(2 ** dims)
+    return [c ** -(b + l) + (c ** -(b + l + 1) if l < levels else 0.0) for l in range(levels + 1)]
 
 
-def step_work(batch_sizes: Sequence[int], base_level: int = 0) -> float:
+def step_work(batch_sizes: Sequence[int], base_level: int = 0, dims: int = 2) -> float:
     """Nominal work units of one estimator step with ``batch_sizes`` (finest first)."""
-    return sum(n * c for n, c in zip(batch_sizes, level_work(len(batch_sizes) - 1, base_level)))
+    return sum(n * c for n, c in zip(batch_sizes, level_work(len(batch_sizes) - 1, base_level, dims)))
 
 
 def _sq_norm(grads) -> float:
@@ -78,7 +80,8 @@ def _sq_norm(grads) -> float:
 
 
 def _is_image(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point()
+    """A floating batch of images (N, C, H, W) or volumes (N, C, D, H, W)."""
+    return isinstance(t, torch.Tensor) and t.dim() in (4, 5) and t.is_floating_point()
 
 
 def _check_int(value, name: str, minimum: int) -> int:
@@ -124,7 +127,7 @@ def check_batches(batches, levels: int, base_level: int, data_level: int) -> lis
         x, y = pair
         if not _is_image(x):
             raise ValueError(
-                f"MGE.loss: batches[{l}][0] must be a floating (N, C, H, W) tensor, got "
+                f"MGE.loss: batches[{l}][0] must be a floating (N, C, H, W) (volumes: (N, C, D, H, W)) tensor, got "
                 f"{getattr(x, 'shape', type(x).__name__)} {getattr(x, 'dtype', '')}"
             )
         if x.shape[0] == 0:
@@ -133,11 +136,11 @@ def check_batches(batches, levels: int, base_level: int, data_level: int) -> lis
             raise ValueError(f"MGE.loss: batches[{l}] has x.shape={tuple(x.shape)} but y.shape={tuple(y.shape)}; "
                              "x and y must hold the same samples")
         depth = base_level + l + (1 if l < levels else 0) - data_level
-        allowed = max_levels(x.shape[2], x.shape[3])
+        allowed = min(max_levels(n, n) for n in x.shape[2:])
         if depth > allowed:
             raise ValueError(
                 f"MGE.loss: batches[{l}][0].shape={tuple(x.shape)} can be restricted only {allowed} time(s) (each level "
-                f"halves H and W and needs H, W >= 2), but level {l} of levels={levels} with "
+                f"halves every side and needs sides >= 2), but level {l} of levels={levels} with "
                 f"base_level={base_level} needs {depth}; use fewer levels or larger images"
             )
         out.append((x, y))
@@ -228,8 +231,12 @@ class MGE:
         data_level: int = 0,
         unit_pixels: int | None = None,
         grid_spacing: float = 1.0,
+        dims: int = 2,
     ) -> None:
         self.levels = _check_int(levels, "levels", 0)
+        if dims not in (2, 3) or isinstance(dims, bool):
+            raise ValueError(f"MGE: dims must be 2 (images) or 3 (volumes), got dims={dims!r}")
+        self.dims = dims
         self.base_level = _check_int(base_level, "base_level", 0)
         self.data_level = _check_int(data_level, "data_level", 0)
         self.unit_pixels = None if unit_pixels is None else _check_int(unit_pixels, "unit_pixels", 1)
@@ -262,12 +269,12 @@ class MGE:
 
     def level_work(self) -> list[float]:
         """Work units of one sample of each estimator level (fine + coarse evaluation)."""
-        return level_work(self.levels, self.base_level)
+        return level_work(self.levels, self.base_level, self.dims)
 
     def step_work(self, batch_sizes: Sequence[int] | None = None) -> float:
         """Nominal work units of a step with these batch sizes (default: the current allocation;
         exact for sizes divisible by 2**levels)."""
-        return step_work(self.batch_sizes if batch_sizes is None else batch_sizes, self.base_level)
+        return step_work(self.batch_sizes if batch_sizes is None else batch_sizes, self.base_level, self.dims)
 
     # ------------------------------------------------------------------ the estimator
 
@@ -347,9 +354,9 @@ class MGE:
             lc.flops_forward, lc.seconds_forward = counted
             for l, _, x, _ in group:
                 lc.samples += x.shape[0]
-                lc.pixels += x.shape[0] * x.shape[2] * x.shape[3]
-                unit = (self.unit_pixels, 1) if self.unit_pixels else fine_hw[l]
-                lc.work_units += work_units(x.shape[0], x.shape[2], x.shape[3], *unit)
+                lc.pixels += x.shape[0] * x[0, 0].numel()
+                unit = self.unit_pixels or math.prod(fine_hw[l])
+                lc.work_units += x.shape[0] * x[0, 0].numel() / unit
             if lc.samples:
                 self._level_flops_per_sample[j] = lc.flops_forward / lc.samples
             cost.levels.append(lc)

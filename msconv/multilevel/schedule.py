@@ -47,7 +47,8 @@ class Stage:
     Sample size: ``crop`` is the side, on the finest grid, of the crops the stage draws (None: the
     run's crop); ``resize`` the side they are resized to before the task corrupts them
     (progressive resizing; None: not resized). ``area`` is the work of one level-0 sample in work
-    units (its pixels over the reference crop's); it scales :attr:`work_per_step`.
+    units (its pixels over the reference crop's); it scales :attr:`work_per_step`. ``dims``: 2 for
+    images, 3 for volumes (a coarser grid then holds 1/8 of the voxels).
     """
 
     base_level: int
@@ -59,6 +60,7 @@ class Stage:
     crop: int | None = None
     resize: int | None = None
     area: float = 1.0
+    dims: int = 2
     estimator: MGE | None = field(default=None, repr=False)
     steps_run: int = 0
     advanced_early: bool = False
@@ -78,7 +80,7 @@ class Stage:
     @property
     def work_per_step(self) -> float:
         """Nominal work units of one step of this stage."""
-        return step_work(self.batch_sizes, self.base_level) * self.area
+        return step_work(self.batch_sizes, self.base_level, self.dims) * self.area
 
     def as_dict(self) -> dict:
         """The plan of this stage as plain values (what run files record)."""
@@ -94,7 +96,7 @@ class Stage:
 def plan(mode: str, levels: int, batch_sizes: Sequence[int], *, budget: float | None = None,
          iterations: int | None = None, iteration_ratio: float = 2.0, batch_ratio: float = 2.0,
          lr_batch_power: float = 0.0, crop: int | None = None, fine_crop: int | None = None,
-         plain_stages: bool = False) -> list[Stage]:
+         plain_stages: bool = False, dims: int = 2) -> list[Stage]:
     """The stages of ``mode`` (``"single"``, ``"mge"`` or ``"fmg"``), scaled so the run spends
     ``budget`` work units or runs ``iterations`` steps in all (exactly one of them).
 
@@ -110,6 +112,8 @@ def plan(mode: str, levels: int, batch_sizes: Sequence[int], *, budget: float | 
     ``min(crop, fine_crop * 2**k)`` on the finest grid, i.e. ``fine_crop``-pixel patches on every
     grid until the reference crop's whole field of view fits: small patches on the fine grid,
     the full field of view on the coarse ones. Default: every stage draws the reference crop.
+
+    ``dims``: 2 for images, 3 for volumes (work counts voxels: a crop of side p costs (p/crop)**3).
     """
     if mode not in MODES:
         raise ValueError(f"plan: mode={mode!r} is not one of {MODES}")
@@ -130,8 +134,8 @@ def plan(mode: str, levels: int, batch_sizes: Sequence[int], *, budget: float | 
     if fine_crop is not None and (crop is None or not 0 < fine_crop <= crop):
         raise ValueError(f"plan: fine_crop={fine_crop!r} needs the reference crop= and 0 < fine_crop <= crop, got crop={crop!r}")
     sides = [None if fine_crop is None else min(crop, fine_crop * 2 ** b) for b, *_ in shapes]
-    areas = [1.0 if side is None else (side / crop) ** 2 for side in sides]
-    works = [step_work(bs, b) * a for (b, _, bs, _), a in zip(shapes, areas)]
+    areas = [1.0 if side is None else (side / crop) ** dims for side in sides]
+    works = [step_work(bs, b, dims) * a for (b, _, bs, _), a in zip(shapes, areas)]
     if iterations is not None:
         if iterations < len(shapes):
             raise ValueError(f"plan: iterations={iterations} is fewer than the {len(shapes)} stages of mode={mode!r} "
@@ -145,7 +149,7 @@ def plan(mode: str, levels: int, batch_sizes: Sequence[int], *, budget: float | 
         scale = budget / sum(r * w for (*_, r), w in zip(shapes, works))
         its = [max(1, round(r * scale)) for *_, r in shapes]
     fine = shapes[-1][2][0]
-    return [Stage(b, l, bs, it, index=i, lr_scale=(bs[0] / fine) ** lr_batch_power, crop=side, area=a)
+    return [Stage(b, l, bs, it, index=i, lr_scale=(bs[0] / fine) ** lr_batch_power, crop=side, area=a, dims=dims)
             for i, ((b, l, bs, _), it, side, a) in enumerate(zip(shapes, its, sides, areas))]
 
 
@@ -298,7 +302,7 @@ class Schedule:
             try:
                 st.estimator = MGE(st.levels, st.batch_sizes, restriction, allocation, base_level=st.base_level,
                                    data_level=st.base_level if batches_on_stage_grid else 0,
-                                   grid_spacing=st.spacing, **kwargs)
+                                   grid_spacing=st.spacing, **{"dims": st.dims, **kwargs})
             except ValueError as e:
                 raise ValueError(f"{owner}: stage {i} (finest level {st.base_level}): {e}") from None
             st.batch_sizes = list(st.estimator.batch_sizes)

@@ -130,6 +130,19 @@ def _check_levels(x: torch.Tensor, levels: int, op: str) -> None:
         )
 
 
+def _is_volume(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() == 5
+
+
+def _volume_kind(kind: str, op: str, allowed: tuple) -> str:
+    """The 3-D name of a 2-D ``kind`` (``bilinear`` prolongation is ``linear`` in 3-D)."""
+    k = {"bilinear": "linear"}.get(kind, kind) if op == "prolong" else kind
+    if k not in allowed:
+        raise ValueError(f"{op}: kind={kind!r} has no 3-D version for the volume (N, C, D, H, W) given; use one of "
+                         f"{allowed} (see msconv.ops.{op}3d)")
+    return k
+
+
 def restrict(x: torch.Tensor, kind: str = "average", levels: int = 1, *, backend: str | None = None) -> torch.Tensor:
     """Restrict (N, C, H, W) -> (N, C, ceil(H/2^levels), ceil(W/2^levels)), factor 2 per level.
 
@@ -138,7 +151,14 @@ def restrict(x: torch.Tensor, kind: str = "average", levels: int = 1, *, backend
 
     >>> msconv.restrict(torch.ones(1, 3, 5, 8)).shape
     torch.Size([1, 3, 3, 4])
+
+    A volume (N, C, D, H, W) is restricted along D, H and W (``average`` or ``nearest``) by
+    :func:`msconv.ops.restrict3d`.
     """
+    if _is_volume(x):
+        from msconv.ops.transfer3d import RESTRICT3D_KINDS, restrict3d
+
+        return restrict3d(x, _volume_kind(kind, "restrict", RESTRICT3D_KINDS), levels)
     check_image(x, "x", "restrict")
     check_choice(kind, "kind", "restrict", RESTRICT_KINDS)
     check_int(levels, "levels", "restrict")
@@ -190,7 +210,14 @@ def prolong(
 
     >>> msconv.prolong(torch.ones(1, 3, 3, 4), size=(5, 8)).shape
     torch.Size([1, 3, 5, 8])
+
+    A volume (N, C, d, h, w) is prolonged along every axis by :func:`msconv.ops.prolong3d`
+    (``bilinear`` is its ``linear``; ``size`` then is (D, H, W)).
     """
+    if _is_volume(x):
+        from msconv.ops.transfer3d import PROLONG3D_KINDS, prolong3d
+
+        return prolong3d(x, _volume_kind(kind, "prolong", PROLONG3D_KINDS), levels, size)
     check_image(x, "x", "prolong")
     check_choice(kind, "kind", "prolong", PROLONG_KINDS)
     check_int(levels, "levels", "prolong")
@@ -211,8 +238,13 @@ def prolong(
 def pyramid(x: torch.Tensor, levels: int, kind: str = "average", *, backend: str | None = None) -> list[torch.Tensor]:
     """``[x, R x, R² x, …, R^levels x]`` from one fused kernel call that reads ``x`` once.
 
-    Level l has shape (N, C, ceil(H/2^l), ceil(W/2^l)); equals chained :func:`restrict`.
+    Level l has shape (N, C, ceil(H/2^l), ceil(W/2^l)); equals chained :func:`restrict`. A volume
+    (N, C, D, H, W) gives :func:`msconv.ops.pyramid3d`'s levels.
     """
+    if _is_volume(x):
+        from msconv.ops.transfer3d import RESTRICT3D_KINDS, pyramid3d
+
+        return pyramid3d(x, levels, _volume_kind(kind, "pyramid", RESTRICT3D_KINDS))
     check_image(x, "x", "pyramid")
     check_choice(kind, "kind", "pyramid", RESTRICT_KINDS)
     check_int(levels, "levels", "pyramid")

@@ -27,15 +27,26 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "Task", "Denoise", "Deblur", "Inpaint", "SuperResolution", "TASKS", "build_task",
+    "Task", "Denoise", "Deblur", "Inpaint", "SuperResolution", "Rician", "SliceSR", "TASKS", "VOLUME_TASKS", "build_task",
     "gaussian_taps", "gaussian_blur", "random_masks", "COARSE_TASKS",
 ]
 
 
-def _check_image(y: torch.Tensor, who: str) -> None:
-    if not isinstance(y, torch.Tensor) or y.dim() != 4 or not y.is_floating_point():
+def _check_image(y: torch.Tensor, who: str, volumes: bool = True) -> None:
+    """``y`` is a float (N, C, H, W) batch, or with ``volumes`` a (N, C, D, H, W) one; else a ValueError."""
+    if isinstance(y, torch.Tensor) and y.dim() == 5 and y.is_floating_point() and not volumes:
+        raise ValueError(f"{who}: this task is defined for images (N, C, H, W), got volumes of shape {tuple(y.shape)}; "
+                         f"for volumes use one of {', '.join(VOLUME_TASKS)}")
+    if not isinstance(y, torch.Tensor) or y.dim() not in (4, 5) or not y.is_floating_point():
         got = f"shape={tuple(y.shape)} dtype={y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"{who}: clean images must be a float tensor (N, C, H, W) in [0, 1], got {got}")
+        raise ValueError(f"{who}: clean images must be a float tensor (N, C, H, W) in [0, 1] (volumes: (N, C, D, H, W)), "
+                         f"got {got}")
+
+
+def _cell_std(level: int, y: torch.Tensor) -> float:
+    """2**(level·d/2): how much a 2**level-per-axis cell average of white noise shrinks its std on a grid of
+    d = ``y.dim() - 2`` spatial dimensions (2**level for images, 2**(1.5·level) for volumes)."""
+    return 2.0 ** (level * (y.dim() - 2) / 2)
 
 
 def _check_generator(g, who: str) -> torch.Generator:
@@ -111,7 +122,7 @@ class Denoise(Task):
       every grid, and coarse training does not transfer.
     * ``"preserve"`` (default): level l's input is ``R^l y + 2^l · R^l(x − y)``, the *same* noise draw
       restricted and rescaled to per-pixel std σ (an average of 4^l i.i.d. N(0, σ²) times 2^l is
-      again N(0, σ²)). Every grid then poses the same denoising problem at its resolution, so
+      again N(0, σ²); on volumes, 8^l voxels times 2^(1.5 l)). Every grid then poses the same denoising problem at its resolution, so
       what a network learns on a coarse grid is what it needs on the fine one, and the MGE
       difference terms stay coupled (same draw on both grids). The finest grid is unchanged,
       so MGE stays unbiased for the fine-grid gradient.
@@ -132,7 +143,7 @@ class Denoise(Task):
         xs, ys = super().pyramid_pair(x, y, depth, kind)
         if self.noise_restriction == "preserve":
             # R^l is linear: R^l(x − y) is the restricted noise; rescale it back to std σ.
-            xs = [xs[0]] + [yl + 2.0 ** l * (xl - yl) for l, (xl, yl) in enumerate(zip(xs[1:], ys[1:]), 1)]
+            xs = [xs[0]] + [yl + _cell_std(l, y) * (xl - yl) for l, (xl, yl) in enumerate(zip(xs[1:], ys[1:]), 1)]
         return xs, ys
 
     def corrupt(self, y, generator):
@@ -153,7 +164,7 @@ class Denoise(Task):
         from msconv.ops.transfer import restrict
 
         yc = restrict(y, kind, levels=level)
-        std = self.noise_sigma / 255.0 / (1.0 if self.noise_restriction == "preserve" else 2.0 ** level)
+        std = self.noise_sigma / 255.0 / (1.0 if self.noise_restriction == "preserve" else _cell_std(level, y))
         return yc + std * _randn(yc.shape, g, yc), yc
 
 
@@ -223,7 +234,7 @@ class Deblur(Task):
         self.coarse = _check_coarse(coarse, "deblur")
 
     def corrupt(self, y, generator):
-        _check_image(y, "deblur")
+        _check_image(y, "deblur", volumes=False)
         g = _check_generator(generator, "deblur")
         b = gaussian_blur(y, self.blur_sigma, 1.0)
         return b + (self.noise_sigma / 255.0) * _randn(y.shape, g, y), y
@@ -316,7 +327,7 @@ class Inpaint(Task):
         return c + 1
 
     def corrupt(self, y, generator):
-        _check_image(y, "inpaint")
+        _check_image(y, "inpaint", volumes=False)
         g = _check_generator(generator, "inpaint")
         m = random_masks(y.shape[0], y.shape[2], y.shape[3], g, self.mask_fraction, self.mask_kind)
         m = m.to(y.device, y.dtype)
@@ -368,7 +379,7 @@ class SuperResolution(Task):
         return F.interpolate(y, scale_factor=1 / self.scale, mode="bicubic", align_corners=False, antialias=True)
 
     def corrupt(self, y, generator):
-        _check_image(y, "sr")
+        _check_image(y, "sr", volumes=False)
         h, w = y.shape[2:]
         if h % self.scale or w % self.scale:
             raise ValueError(f"sr: image size {(h, w)} must be a multiple of scale={self.scale}; crop it first")
@@ -384,7 +395,106 @@ class SuperResolution(Task):
         return x
 
 
-TASKS = {"denoise": Denoise, "deblur": Deblur, "inpaint": Inpaint, "sr": SuperResolution}
+class Rician(Task):
+    """Rician noise, the noise of magnitude MRI: ``x = |y + σ(n₁ + i n₂)|``, the modulus of the clean
+    image plus complex white Gaussian noise (n₁, n₂ i.i.d. N(0, 1)), ``noise_sigma`` on the 0–255
+    scale. Where the signal is low the noise is not zero-mean (it lifts dark background), which is
+    what a Gaussian denoiser gets wrong on MR magnitude images. For images and volumes.
+
+    Coarse grids (``noise_restriction``): ``"preserve"`` (default) draws the complex noise on each
+    grid at the same σ, so every grid poses the same problem (what Full-Multiscale's stages and the
+    baselines train on); ``"average"`` corrupts at the finest grid and restricts. The coupled pairs
+    of :class:`msconv.MGE` are the restricted ones in both cases: the magnitude does not split into
+    clean image plus noise, so the draw cannot be rescaled as :class:`Denoise` does.
+    """
+
+    name = "rician"
+
+    def __init__(self, noise_sigma: float = 25.0, noise_restriction: str = "preserve"):
+        if not (isinstance(noise_sigma, (int, float)) and noise_sigma >= 0 and math.isfinite(noise_sigma)):
+            raise ValueError(f"rician: noise_sigma must be >= 0 on the 0-255 scale (e.g. 25), got {noise_sigma!r}")
+        if noise_restriction not in Denoise.NOISE_RESTRICTIONS:
+            raise ValueError(f"rician: noise_restriction must be one of {Denoise.NOISE_RESTRICTIONS}, got "
+                             f"{noise_restriction!r}")
+        self.noise_sigma, self.noise_restriction = float(noise_sigma), noise_restriction
+
+    def corrupt(self, y, generator):
+        _check_image(y, "rician")
+        g = _check_generator(generator, "rician")
+        s = self.noise_sigma / 255.0
+        real, imag = y + s * _randn(y.shape, g, y), s * _randn(y.shape, g, y)
+        return torch.sqrt(real * real + imag * imag), y
+
+    def corrupt_on_grid(self, y, generator, level, kind="average"):
+        if level == 0 or self.noise_restriction != "preserve":
+            return super().corrupt_on_grid(y, generator, level, kind)
+        from msconv.ops.transfer import restrict
+
+        _check_image(y, "rician")
+        return self.corrupt(restrict(y, kind, levels=level), generator)
+
+
+class SliceSR(Task):
+    """Slice super-resolution of volumes (N, C, D, H, W): thick slices to thin ones along D, the first
+    spatial axis. The input averages every ``scale`` consecutive slices (a thick-slice acquisition)
+    and is resampled back to D slices by linear interpolation along D, so any volume-to-volume
+    network applies; ``noise_sigma`` (0–255 scale, default 0) adds white noise to the thick slices.
+    D must be a multiple of ``scale``.
+
+    ``coarse="same"`` (default): a coarser grid poses the same problem in its own slices (its clean
+    volume restricted, then averaged over ``scale`` of *its* slices); ``"restricted"``: corrupt at the
+    finest grid, then restrict input and target.
+    """
+
+    name = "slice_sr"
+
+    def __init__(self, scale: int = 2, noise_sigma: float = 0.0, coarse: str = "same"):
+        if isinstance(scale, bool) or not isinstance(scale, int) or scale < 2:
+            raise ValueError(f"slice_sr: scale (slices per thick slice) must be an int >= 2, got {scale!r}")
+        if not (isinstance(noise_sigma, (int, float)) and noise_sigma >= 0 and math.isfinite(noise_sigma)):
+            raise ValueError(f"slice_sr: noise_sigma must be >= 0 on the 0-255 scale, got {noise_sigma!r}")
+        self.scale, self.noise_sigma = int(scale), float(noise_sigma)
+        self.size_multiple = self.scale
+        self.coarse = _check_coarse(coarse, "slice_sr")
+
+    def corrupt(self, y, generator):
+        if isinstance(y, torch.Tensor) and y.dim() == 4:
+            raise ValueError(f"slice_sr: the task needs volumes (N, C, D, H, W), got images of shape {tuple(y.shape)}; "
+                             "give --data a folder of volumes (NIfTI, .npy, TIFF stacks) or use --task sr for images")
+        _check_image(y, "slice_sr")
+        return self._degrade(y, _check_generator(generator, "slice_sr")), y
+
+    def _degrade(self, y: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        n, c, d, h, w = y.shape
+        if d % self.scale:
+            raise ValueError(f"slice_sr: the volume has {d} slices along D, not a multiple of scale={self.scale}; crop it")
+        thick = y.reshape(n, c, d // self.scale, self.scale, h, w).mean(3)
+        if self.noise_sigma and g is not None:
+            thick = thick + (self.noise_sigma / 255.0) * _randn(thick.shape, g, thick)
+        return F.interpolate(thick, size=(d, h, w), mode="trilinear", align_corners=False)
+
+    def pyramid_pair(self, x, y, depth, kind="average"):
+        """With ``coarse="same"`` and no noise, level l's input is the thick-slice degradation of ``R^l y`` in
+        that grid's own slices; with noise, the restricted pair (the noise draw is not recoverable from x)."""
+        if self.coarse == "restricted" or self.noise_sigma:
+            return super().pyramid_pair(x, y, depth, kind)
+        from msconv.ops.transfer import pyramid
+
+        ys = pyramid(y, depth, kind)
+        return [x] + [self._degrade(yl, None) for yl in ys[1:]], ys
+
+    def corrupt_on_grid(self, y, generator, level, kind="average"):
+        if self.coarse == "restricted" or level == 0:
+            return super().corrupt_on_grid(y, generator, level, kind)
+        from msconv.ops.transfer import restrict
+
+        return self.corrupt(restrict(y, kind, levels=level), generator)
+
+
+TASKS = {"denoise": Denoise, "deblur": Deblur, "inpaint": Inpaint, "sr": SuperResolution, "rician": Rician,
+         "slice_sr": SliceSR}
+# The tasks defined for volumes (N, C, D, H, W).
+VOLUME_TASKS = ("denoise", "rician", "slice_sr")
 
 
 def task_class(name: str) -> type:
@@ -403,7 +513,7 @@ def task_class(name: str) -> type:
 
 
 def build_task(name: str, **kwargs) -> Task:
-    """``build_task("denoise", noise_sigma=25)``; names: denoise, deblur, inpaint, sr.
+    """``build_task("denoise", noise_sigma=25)``; names: denoise, deblur, inpaint, sr, rician, slice_sr.
     Keyword arguments the task does not take are ignored so one config serves all tasks."""
     import inspect
 

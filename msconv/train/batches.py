@@ -31,7 +31,7 @@ class BatchDrawer:
         for n in sizes:
             clean = self.sampler.next_batch(n, crop)
             if resize is not None:
-                clean = F.interpolate(clean, size=(resize, resize), mode="nearest")
+                clean = F.interpolate(clean, size=(resize,) * (clean.dim() - 2), mode="nearest")
             # Corruption runs on the CPU generator (reproducible on any device), then moves.
             x, y = self.task.corrupt_on_grid(clean, self.generator, level, self.restriction)
             out.append(tuple(t.to(ex.device, non_blocking=True, memory_format=ex.memory_format) for t in (x, y)))

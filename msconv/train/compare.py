@@ -174,11 +174,14 @@ def summary_markdown(summary: dict) -> str:
     best = summary.get("best_baseline") or "single"
     c = summary["config"]
     res = [r for r in runs if r.get("ratio_resolution")]
+    from msconv.data.volumes import is_volume_data
+
+    power, full = ("³", "full volumes") if is_volume_data(c["data"]) else ("²", "full images")
     lines = [
         f"# msconv compare: {c['task']} with {c['model']} ({c['conv']} conv), budget {c['budget']:g} work units",
         "",
-        f"Training on {c['data']!r} (crops {c['crop']}²), validation on {c.get('val_data') or 'a split of it'!r}, "
-        f"test on {c.get('test_data') or '—'!r} (full images), seed {c['seed']}. Every mode is measured against the "
+        f"Training on {c['data']!r} (crops {c['crop']}{power}), validation on {c.get('val_data') or 'a split of it'!r}, "
+        f"test on {c.get('test_data') or '—'!r} ({full}), seed {c['seed']}. Every mode is measured against the "
         f"**best baseline, {best}** (the baseline mode with the highest final validation PSNR; baselines: "
         f"{', '.join(BASELINE_MODES)}). Ratios are its figure over the mode's (so > 1 means the mode needs less); "
         f"'to quality' = spent until validation PSNR was within {c['quality_tolerance_db']} dB of {best}'s final PSNR.",
@@ -276,15 +279,17 @@ def plan_summary(cfg: TrainConfig, modes, data) -> str:
     import warnings
 
     lines = []
+    dims = data[0].dims
+    power = "²" if dims == 2 else "³"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # each run says its warnings when it starts
         for mode in modes:
             run = build_run(cfg.replace(mode=mode), data)
-            stages = ", ".join(f"{(s.resize or s.crop or cfg.crop) // 2 ** s.base_level}²@1/{2 ** s.base_level}:"
+            stages = ", ".join(f"{(s.resize or s.crop or cfg.crop) // 2 ** s.base_level}{power}@1/{2 ** s.base_level}:"
                                f"{s.iterations}×{s.batch_sizes[0]}" for s in run.stages)
             lines.append(f"  {mode:<12} {run.total_steps:>6} steps  [{stages}]")
         run = build_run(cfg.replace(mode="single"), data)
-    x = torch.rand(cfg.batch_size, run.task.in_channels(run.train_set.channels), cfg.crop, cfg.crop, device=run.device)
+    x = torch.rand(cfg.batch_size, run.task.in_channels(run.train_set.channels), *(cfg.crop,) * dims, device=run.device)
     times = []
     for _ in range(4):
         t0 = time.perf_counter()
@@ -293,10 +298,10 @@ def plan_summary(cfg: TrainConfig, modes, data) -> str:
         times.append(time.perf_counter() - t0)
     per_unit = sorted(times[1:])[1] / cfg.batch_size  # the first step warms up
     total = per_unit * cfg.budget * len(modes)
-    head = (f"plan: {len(modes)} modes x {cfg.budget:g} work units ({cfg.crop}² crops, batch {cfg.batch_size}) on "
+    head = (f"plan: {len(modes)} modes x {cfg.budget:g} work units ({cfg.crop}{power} crops, batch {cfg.batch_size}) on "
             f"{run.device}, {torch.get_num_threads()} thread(s); estimated {f'{total / 60:.0f} min' if total > 120 else f'{total:.0f} s'} of training "
             f"({per_unit * 1e3:.1f} ms per work unit measured now; validation adds a little). Stages: "
-            "sample side² in the grid's own pixels @ the grid's resolution:steps×batch")
+            f"sample side{power} in the grid's own pixels @ the grid's resolution:steps×batch")
     return "\n".join([head, *lines])
 
 

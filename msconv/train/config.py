@@ -20,7 +20,7 @@ from msconv.multilevel.schedule import MODES as MULTILEVEL_MODES
 from msconv.reference import RESTRICT_KINDS
 from msconv.tasks import TASKS, Denoise
 
-__all__ = ["TrainConfig", "load_yaml", "options_of_run", "options_before", "RUN_RECORD_KEYS", "ConfigError", "MODES", "OPTIMIZERS", "DEFAULT_LR", "LR_BATCH_POWERS", "CLI_MODEL_SIZES", "PRECISIONS"]
+__all__ = ["TrainConfig", "VOLUME_DEFAULTS", "VOLUME_MODEL_SIZES", "load_yaml", "options_of_run", "options_before", "RUN_RECORD_KEYS", "ConfigError", "MODES", "OPTIMIZERS", "DEFAULT_LR", "LR_BATCH_POWERS", "CLI_MODEL_SIZES", "PRECISIONS"]
 
 # Every mode a run can have: the multilevel ones (single-scale is their one-level case) and the
 # single-scale schedules a practitioner would use instead (msconv.multilevel.baselines).
@@ -36,6 +36,13 @@ LR_BATCH_POWERS = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
 # lets `msconv compare` (three modes at the default budget) finish in minutes on a 2-core CPU.
 # The classes' own defaults stay the published sizes (DnCNN-S: 17 layers x 64 channels).
 CLI_MODEL_SIZES = {"dncnn": {"depth": 8, "width": 32}}
+# The same for volumes: a 3-D DnCNN of 6 layers x 16 channels (a 3x3x3 layer costs 3x a 3x3 one per voxel).
+VOLUME_MODEL_SIZES = {"dncnn": {"depth": 6, "width": 16}}
+# Options whose default differs when --data holds volumes (3-D crops cost crop**3 voxels): a 64^3 reference
+# crop (Full-Multiscale's coarsest stage sees a whole 64^3 block as 16^3 voxels), two coarser levels, a
+# budget of 150 such crops (the compute of 1200 crops of 32^3), and validation on the centre 96^3 of the
+# held-out region.
+VOLUME_DEFAULTS = {"crop": 64, "levels": 2, "budget": 150.0, "val_crop": 96}
 # The optimizers apply --lr and --weight-decay to float32 weights: larger values cannot be represented.
 FLOAT32_MAX = 3.4028234663852886e38
 # More validation points than this only repeat validation passes (each is a pass over the validation set).
@@ -68,8 +75,9 @@ class TrainConfig:
     # --- task
     task: str = _f("denoise", _alts(TASKS) + " | package.module:TaskClass (your msconv.tasks.Task subclass)",
                    choices=tuple(TASKS), open_choices=True)
-    noise_sigma: float = _f(None, "noise std on the 0-255 scale (default: 25 for denoise, 2.55 for deblur)")
-    noise_restriction: str = _f("preserve", "denoise: how the noise reaches coarse grids: preserve (the same draw rescaled "
+    noise_sigma: float = _f(None, "noise std on the 0-255 scale (default: 25 for denoise and rician, 2.55 for deblur, "
+                                  "0 for slice_sr)")
+    noise_restriction: str = _f("preserve", "denoise, rician: how the noise reaches coarse grids: preserve (the same draw rescaled "
                                 "to the fine grid's std, so every grid poses the same problem) | average (restricted with "
                                 "the image, std halves per level: coarse training then does not transfer)",
                                 choices=Denoise.NOISE_RESTRICTIONS)
@@ -81,7 +89,8 @@ class TrainConfig:
     blur_sigma: float = _f(1.6, "deblur: Gaussian blur std in reference (finest-grid) pixels")
     mask_fraction: float = _f(0.25, "inpaint: fraction of pixels missing")
     mask_kind: str = _f("mixed", f"inpaint: {_alts(MASK_KINDS)}", choices=MASK_KINDS)
-    sr_scale: int = _f(2, f"sr: upscaling factor {_alts(SR_SCALES)}", choices=SR_SCALES)
+    sr_scale: int = _f(2, f"sr: upscaling factor {_alts(SR_SCALES)}; slice_sr: thin slices per thick slice",
+                       choices=SR_SCALES)
     sr_kernel: str = _f("bicubic", f"sr: downsampling kernel {_alts(SR_KERNELS)}", choices=SR_KERNELS)
     # --- model
     model: str = _f("dncnn", _alts(MODELS) + " | package.module:factory (your factory(in_channels, out_channels) -> "
@@ -134,7 +143,10 @@ class TrainConfig:
     fmg_validate_every: int = _f(20, "fmg --fmg-adaptive: validate every this many steps of a stage")
     fmg_patience: int = _f(3, "fmg --fmg-adaptive: validations without improvement before moving to the next stage")
     # --- data
-    data: str = _f("bundled", "'bundled' (scikit-image's photographs) or a folder of PNG/JPEG/BMP/TIFF images")
+    data: str = _f("bundled", "'bundled' (scikit-image's photographs), a folder of PNG/JPEG/BMP/TIFF images, or volumes: "
+                              "a folder of (or one) NIfTI/.npy/TIFF-stack file(s), trained in 3-D (one volume is split "
+                              "by region; crop, levels, budget, val-crop then default to "
+                              + ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in VOLUME_DEFAULTS.items()) + ")")
     val_data: str = _f(None, "validation folder (default: a split of --data by image)")
     val_fraction: float = _f(0.2, "fraction of the images held out for validation when --val-data is not given")
     gray: bool = _f(True, "train on grayscale (else RGB)")
@@ -200,7 +212,10 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"{source}: unknown option(s) {unknown}; valid options: {sorted(names)}")
-        return cls(**{k: _coerce(k, v, source) for k, v in d.items()}).validated()
+        d = {k: _coerce(k, v, source) for k, v in d.items()}
+        if _is_volume_data(d.get("data")):
+            d = {**VOLUME_DEFAULTS, **d}
+        return cls(**d).validated()
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw).validated()
@@ -227,7 +242,7 @@ class TrainConfig:
     def resolved_noise_sigma(self) -> float:
         if self.noise_sigma is not None:
             return self.noise_sigma
-        return 2.55 if self.task == "deblur" else (25.0 if self.task == "denoise" else 0.0)
+        return 2.55 if self.task == "deblur" else (25.0 if self.task in ("denoise", "rician") else 0.0)
 
     def validated(self) -> "TrainConfig":
         for f in self.fields():
@@ -291,11 +306,12 @@ class TrainConfig:
                     f"--batch-size{'s' if self.batch_sizes else ''} gives a level {smallest}: with fewer the "
                     f"variances are never measured and the sizes never adapt. Use --batch-size {MLMC_MIN_BATCH} or more"
                     f"{' (and every --batch-sizes entry >= ' + str(MLMC_MIN_BATCH) + ')' if self.batch_sizes else ''}")
-        mult = 2 ** self.coarse_levels * (self.sr_scale if self.task == "sr" else 1)
+        scaled = self.task in ("sr", "slice_sr")
+        mult = 2 ** self.coarse_levels * (self.sr_scale if scaled else 1)
         if self.crop % mult:
             raise ConfigError(
                 f"--crop {self.crop} must be a multiple of {mult} (2**levels"
-                f"{' x sr_scale' if self.task == 'sr' else ''}) so every level has whole pixels; e.g. --crop {self.crop // mult * mult or mult}"
+                f"{' x sr_scale' if scaled else ''}) so every level has whole pixels; e.g. --crop {self.crop // mult * mult or mult}"
             )
         if not (self.device in ("auto", "cpu") or str(self.device).startswith("cuda")):
             raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
@@ -315,10 +331,11 @@ class TrainConfig:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
         if self.warmup < 0 or self.warmup >= 1:
             raise ConfigError(f"--warmup is a fraction of all steps in [0, 1), got {self.warmup}")
-        if self.data != "bundled" and not os.path.isdir(self.data):
-            raise ConfigError(f"--data {self.data!r} is neither 'bundled' nor a folder of images")
-        if self.val_data not in (None, "bundled") and not os.path.isdir(self.val_data):
-            raise ConfigError(f"--val-data {self.val_data!r} is not a folder of images")
+        if self.data != "bundled" and not os.path.isdir(self.data) and not _is_volume_file(self.data):
+            raise ConfigError(f"--data {self.data!r} is neither 'bundled', a folder of images or volumes, nor a volume "
+                              "file (NIfTI, .npy, TIFF stack)")
+        if self.val_data not in (None, "bundled") and not os.path.isdir(self.val_data) and not _is_volume_file(self.val_data):
+            raise ConfigError(f"--val-data {self.val_data!r} is not a folder of images or volumes, nor a volume file")
         if self.test_data is not None and not os.path.isdir(self.test_data):
             raise ConfigError(f"--test-data {self.test_data!r} is not a folder of images")
         if self.mf_sigma is not None and (not isinstance(self.mf_sigma, (int, float)) or not self.mf_sigma > 0):
@@ -331,6 +348,18 @@ class TrainConfig:
         if not isinstance(self.mf_order, int) or isinstance(self.mf_order, bool) or self.mf_order < 0:
             raise ConfigError(f"--mf-order must be an int >= 0, got {self.mf_order!r}")
         return self
+
+
+def _is_volume_file(path) -> bool:
+    from msconv.data.volumes import is_volume_file
+
+    return isinstance(path, str) and is_volume_file(path)
+
+
+def _is_volume_data(data) -> bool:
+    from msconv.data.volumes import is_volume_data
+
+    return is_volume_data(data)
 
 
 def _user_model_check(path: str) -> None:

@@ -18,13 +18,14 @@ VAL_SPAN = 256.0
 
 
 def centre_crop(im: torch.Tensor, side: int, multiple: int) -> torch.Tensor:
-    """The centre ``side × side`` of a (C, H, W) image (0: whole), each side a multiple of ``multiple``."""
-    h, w = im.shape[1:]
-    th = min(h, side) if side else h
-    tw = min(w, side) if side else w
-    th, tw = th - th % multiple, tw - tw % multiple
-    top, left = (h - th) // 2, (w - tw) // 2
-    return im[:, top:top + th, left:left + tw]
+    """The centre ``side × side`` of a (C, H, W) image (0: whole), each side a multiple of ``multiple``;
+    of a (C, D, H, W) volume the centre ``side``³."""
+    index = [slice(None)]
+    for n in im.shape[1:]:
+        t = min(n, side) if side else n
+        t -= t % multiple
+        index.append(slice((n - t) // 2, (n - t) // 2 + t))
+    return im[tuple(index)]
 
 
 def val_threshold(j: int, points: int, planned_work: float) -> float:
@@ -58,8 +59,8 @@ class Evaluator:
             if min(y.shape[2:]) < SSIM_MIN_SIDE:
                 raise ConfigError(
                     f"{option}: image {name!r} is {tuple(im.shape[1:])} pixels, {tuple(y.shape[2:])} after cropping to "
-                    f"a multiple of {self.task.size_multiple}; scoring (SSIM) needs at least {SSIM_MIN_SIDE}x"
-                    f"{SSIM_MIN_SIDE}. Remove it from {option}"
+                    f"a multiple of {self.task.size_multiple}; scoring (SSIM) needs at least {SSIM_MIN_SIDE} on every "
+                    f"side. Remove it from {option}"
                     + (", or give --val-crop 0 or a larger one" if side and side < SSIM_MIN_SIDE else ""))
             x, y = self.task.corrupt(y, g)
             pairs.append((x.to(self.device), y.to(self.device)))
@@ -79,7 +80,7 @@ class Evaluator:
 
     def sample(self, side: int = 128) -> torch.Tensor:
         """The first validation image as input | restored | clean side by side, (C, h, 3w) in [0, 1],
-        each at most ``side`` pixels square (for TensorBoard)."""
+        each at most ``side`` pixels square (for TensorBoard); of a volume, its middle slice."""
         x, y = self.pairs[0]
         self.model.eval()
         with torch.no_grad(), grid_scale(1.0):
@@ -88,6 +89,8 @@ class Evaluator:
         seen = self.task.input_for_metrics(x).clamp(0, 1)
         if seen.shape[2:] != y.shape[2:]:  # a low-resolution input, shown at the target's size
             seen = F.interpolate(seen, size=y.shape[2:], mode="nearest")
+        if y.dim() == 5:
+            seen, pred, y = (t[:, :, t.shape[2] // 2] for t in (seen, pred, y))
         h, w = min(side, y.shape[2]), min(side, y.shape[3])
         return torch.cat([t[0, :, :h, :w] for t in (seen, pred, y)], dim=2).cpu()
 

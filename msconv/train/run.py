@@ -14,13 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
+from msconv._imports import is_import_path
 from msconv.data import CropSampler, ImageSet, load_dataset
 from msconv.models import MODELS, build_model
 from msconv.multilevel.baselines import (BASELINES, plan_progressive_patches, plan_progressive_resizing, plan_small_patches,
                                          receptive_field)
 from msconv.multilevel.schedule import Stage, plan
 from msconv.tasks import Task, build_task, task_class
-from msconv.train.config import CLI_MODEL_SIZES, LR_BATCH_POWERS, TrainConfig
+from msconv.train.config import CLI_MODEL_SIZES, LR_BATCH_POWERS, VOLUME_MODEL_SIZES, TrainConfig
 from msconv.train.lr import LearningRate
 
 __all__ = ["Run", "build_run", "architecture", "plan_stages", "resolve_device", "task_options", "model_options", "work_driven",
@@ -53,35 +54,35 @@ def task_options(cfg: TrainConfig) -> dict:
     })
 
 
-def model_options(cfg: TrainConfig) -> dict:
+def model_options(cfg: TrainConfig, dims: int = 2) -> dict:
     """Size keyword arguments of ``cfg.model``'s class that apply to it: those set, else the CLI's default size
-    (``CLI_MODEL_SIZES``)."""
+    (``CLI_MODEL_SIZES``; for volumes, ``dims=3``, ``VOLUME_MODEL_SIZES``)."""
     sizes = {"depth": cfg.depth, "width": cfg.width, "blocks": cfg.blocks}
-    for k, v in CLI_MODEL_SIZES.get(cfg.model, {}).items():
+    for k, v in (CLI_MODEL_SIZES if dims == 2 else VOLUME_MODEL_SIZES).get(cfg.model, {}).items():
         if sizes[k] is None:
             sizes[k] = v
     return {} if cfg.model not in MODELS else _accepted(MODELS[cfg.model], sizes)
 
 
-def architecture(cfg: TrainConfig, channels: int) -> dict:
+def architecture(cfg: TrainConfig, channels: int, dims: int = 2) -> dict:
     """The keyword arguments of :func:`msconv.models.build_model` for ``cfg`` on images of ``channels``
-    channels, every size resolved: recorded in a run's config.json so the model can be rebuilt from the
-    run folder alone, whatever the CLI's defaults become."""
+    channels (``dims=3``: volumes), every size resolved: recorded in a run's config.json so the model can
+    be rebuilt from the run folder alone, whatever the CLI's defaults become."""
     t = build_task(cfg.task, **task_options(cfg))
     return {"name": cfg.model, "in_channels": t.in_channels(channels), "out_channels": t.out_channels(channels),
             "conv": cfg.conv, "upscale": cfg.sr_scale if (cfg.task == "sr" and cfg.model == "espcn") else 1,
             "mf_sigma": cfg.mf_sigma, "mf_order": cfg.mf_order, "mf_sigma_floor": cfg.mf_sigma_floor,  # 0: off
-            **model_options(cfg)}
+            **({"dims": dims} if dims != 2 else {}), **model_options(cfg, dims)}
 
 
-def base_batch_sizes(cfg: TrainConfig) -> list[int]:
+def base_batch_sizes(cfg: TrainConfig, dims: int = 2) -> list[int]:
     """The finest stage's per-level batch sizes, finest first."""
     if not cfg.coarse_levels:
         return [cfg.batch_size]
     if cfg.batch_sizes:
         return list(cfg.batch_sizes)
     if cfg.resolved_allocation == "paper":
-        return [cfg.batch_size * 4 ** l for l in range(cfg.levels + 1)]
+        return [cfg.batch_size * (2 ** dims) ** l for l in range(cfg.levels + 1)]
     return [cfg.batch_size] * (cfg.levels + 1)
 
 
@@ -118,38 +119,39 @@ def small_patch_rule(rf: int, crop: int, multiple: int = 1) -> int:
     return min(crop, max(lo, min(hi, side)))
 
 
-def _baseline_stages(cfg: TrainConfig, model: torch.nn.Module | None, in_channels: int, multiple: int) -> list[Stage]:
+def _baseline_stages(cfg: TrainConfig, model: torch.nn.Module | None, in_channels: int, multiple: int,
+                     dims: int = 2) -> list[Stage]:
     from msconv.train.config import ConfigError
 
     budget = cfg.budget if cfg.iterations is None else cfg.iterations * cfg.batch_size
     if cfg.mode == "progressive":
         return plan_progressive_resizing(cfg.crop, cfg.batch_size, budget, cfg.progressive_initial_scale,
                                          cfg.progressive_delay, cfg.progressive_finetune,
-                                         increment=math.lcm(4, multiple))
+                                         increment=math.lcm(4, multiple), dims=dims)
     if cfg.mode == "patches":
-        return plan_progressive_patches(cfg.crop, cfg.batch_size, budget, multiple=math.lcm(8, multiple))
+        return plan_progressive_patches(cfg.crop, cfg.batch_size, budget, multiple=math.lcm(8, multiple), dims=dims)
     side = cfg.small_crop
     if side is None:
         if model is None:
             raise ConfigError("--mode small without --small-crop needs the model to measure its receptive field")
-        side = small_patch_rule(receptive_field(model, in_channels), cfg.crop, multiple)
+        side = small_patch_rule(receptive_field(model, in_channels, dims=dims), cfg.crop, multiple)
     if side % multiple:
         raise ConfigError(f"--small-crop {side} must be a multiple of {multiple} for this task; e.g. --small-crop "
                           f"{max(multiple, side // multiple * multiple)}")
-    return plan_small_patches(cfg.crop, side, cfg.small_batch or cfg.batch_size, budget)
+    return plan_small_patches(cfg.crop, side, cfg.small_batch or cfg.batch_size, budget, dims)
 
 
 def plan_stages(cfg: TrainConfig, model: torch.nn.Module | None = None, in_channels: int = 1,
-                multiple: int = 1) -> list[Stage]:
+                multiple: int = 1, dims: int = 2) -> list[Stage]:
     """The stages of ``cfg.mode``, with iterations scaled so the run spends ``cfg.budget``
     work units (or runs ``cfg.iterations`` steps in all); see :func:`msconv.multilevel.plan` and,
     for the baselines, :mod:`msconv.multilevel.baselines` (``--iterations`` then means the work of
     that many single-scale steps). ``model`` (with ``in_channels``) sizes the small-patch
-    baseline's default patch; ``multiple``: the task's size multiple."""
+    baseline's default patch; ``multiple``: the task's size multiple; ``dims``: 3 for volumes."""
     from msconv.train.config import ConfigError
 
     if cfg.mode in BASELINES:
-        return _baseline_stages(cfg, model, in_channels, multiple)
+        return _baseline_stages(cfg, model, in_channels, multiple, dims)
     iterations = cfg.iterations
     if iterations is None and work_driven(cfg):
         # Matched MGE adapts its batch sizes as it goes, so its steps cost less than single-scale's
@@ -160,22 +162,45 @@ def plan_stages(cfg: TrainConfig, model: torch.nn.Module | None = None, in_chann
     if cfg.mode == "fmg" and fine_crop is None:
         if model is None:
             raise ConfigError("--mode fmg without --fmg-crop needs the model to measure its receptive field")
-        fine_crop = small_patch_rule(receptive_field(model, in_channels), cfg.crop, math.lcm(2 ** cfg.levels, multiple))
-    stages = plan(cfg.mode, cfg.levels, base_batch_sizes(cfg),
+        fine_crop = small_patch_rule(receptive_field(model, in_channels, dims=dims), cfg.crop,
+                                     math.lcm(2 ** cfg.levels, multiple))
+    stages = plan(cfg.mode, cfg.levels, base_batch_sizes(cfg, dims),
                   budget=None if iterations is not None else cfg.budget, iterations=iterations,
                   iteration_ratio=cfg.fmg_iteration_ratio, batch_ratio=cfg.fmg_batch_ratio,
                   lr_batch_power=LR_BATCH_POWERS[cfg.lr_batch_scaling],
                   crop=cfg.crop, fine_crop=fine_crop if cfg.mode == "fmg" else None,
-                  plain_stages=cfg.fmg_plain_stages and cfg.mode == "fmg")
+                  plain_stages=cfg.fmg_plain_stages and cfg.mode == "fmg", dims=dims)
     if sum(s.iterations for s in stages) < 1:
         raise ConfigError("--budget is too small for a single step; raise --budget")
-    if cfg.iterations is None and cfg.budget / cfg.batch_size < MIN_STEPS_TO_LEARN:
+    # The threshold was measured on the 2-D zoo; a volume's crop holds 64x the voxels of its 16^3 patches.
+    if cfg.iterations is None and cfg.budget / cfg.batch_size < MIN_STEPS_TO_LEARN and dims == 2:
         warnings.warn(
             f"--budget {cfg.budget:g} gives single-scale training only {cfg.budget / cfg.batch_size:.0f} steps of "
             f"--batch-size {cfg.batch_size}; models need about {MIN_STEPS_TO_LEARN} steps to learn visibly (every zoo "
             f"model gained 4.5-6.3 dB on sigma-25 denoising in 150 steps, nothing in 25), so savings measured now "
             f"mean little. Use --budget {MIN_STEPS_TO_LEARN * cfg.batch_size} or more", UserWarning, stacklevel=3)
     return stages
+
+
+def check_data_kind(cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet) -> None:
+    """ConfigError when the options do not fit the data: images and volumes mixed, a 2-D-only task or
+    model on volumes, slice super-resolution on images."""
+    from msconv.tasks import VOLUME_TASKS
+    from msconv.train.config import ConfigError
+
+    if train_set.dims != val_set.dims:
+        kinds = {2: "images", 3: "volumes"}
+        raise ConfigError(f"--data holds {kinds[train_set.dims]} but the validation data holds {kinds[val_set.dims]}; "
+                          "give --val-data of the same kind")
+    if train_set.dims == 3:
+        if cfg.task not in VOLUME_TASKS and not is_import_path(cfg.task):
+            raise ConfigError(f"--task {cfg.task} is defined for images; for volumes use one of {', '.join(VOLUME_TASKS)}")
+        params = inspect.signature(MODELS[cfg.model].__init__).parameters if cfg.model in MODELS else {"dims": None}
+        if "dims" not in params:
+            raise ConfigError(f"--model {cfg.model} is 2-D only; for volumes use one of "
+                              f"{sorted(n for n, m in MODELS.items() if 'dims' in inspect.signature(m.__init__).parameters)}")
+    elif cfg.task == "slice_sr":
+        raise ConfigError("--task slice_sr needs volumes (NIfTI, .npy, TIFF stacks) in --data; for images use --task sr")
 
 
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -245,13 +270,14 @@ def build_run(cfg: TrainConfig, data: tuple[ImageSet, ImageSet] | None = None) -
     train_set, val_set = data or load_dataset(cfg.data, cfg.val_data, cfg.gray, cfg.val_fraction, cfg.split_seed,
                                               on_bad, cfg.max_megapixels, cfg.data_memory_mb)
     task = build_task(cfg.task, **task_options(cfg))
-    c = train_set.channels
+    c, dims = train_set.channels, train_set.dims
+    check_data_kind(cfg, train_set, val_set)
     torch.manual_seed(cfg.seed)
-    model = build_model(**architecture(cfg, c))
+    model = build_model(**architecture(cfg, c, dims))
     device = resolve_device(cfg.device)
     model.to(device)
     warn_unresolved_mf(cfg)
-    stages = plan_stages(cfg, model, task.in_channels(c), task.size_multiple)
+    stages = plan_stages(cfg, model, task.in_channels(c), task.size_multiple, dims)
     optimizer = build_optimizer(cfg, model.parameters())
     # The LR's time axis: the planned steps, or (work-driven runs) the budget in single-scale steps.
     total = sum(s.iterations for s in stages) if not work_driven(cfg) else max(1, round(cfg.budget / cfg.batch_size))

@@ -112,7 +112,7 @@ class Trainer:
             # FLOPs are counted by the loop, once per distinct step shape: the counter's per-op
             # overhead would otherwise inflate every step's wall-clock.
             estimator_kwargs={"count_flops": False, "pyramid_fn": self.task.pyramid_pair,
-                              "unit_pixels": cfg.crop * cfg.crop})
+                              "unit_pixels": cfg.crop ** self.train_set.dims, "dims": self.train_set.dims})
         self.stages, self.total_steps = self.schedule.stages, self.schedule.total_steps
         self.estimators = [st.estimator for st in self.stages]
         self.planned_work = run.work_target or self.schedule.planned_work()
@@ -238,7 +238,7 @@ class Trainer:
                 # max_steps are not part of it.
                 options = {**cfg.to_dict(), "resume": False, "overwrite": False, "max_steps": None}
                 json.dump({**options, "engine": ENGINE, "stages": [st.as_dict() for st in self.stages],
-                           "architecture": architecture(cfg, self.train_set.channels)}, fh, indent=2)
+                           "architecture": architecture(cfg, self.train_set.channels, self.train_set.dims)}, fh, indent=2)
         sinks = self._sinks()
         try:
             if s.step == 0 and not s.val_history:
