@@ -31,10 +31,12 @@ __all__ = ["MFConv3d", "mf_multi_indices_3d", "mf_stencil_3d", "METHODS_3D"]
 
 METHODS_3D = ("auto", "dense", "separable")
 
-# Relative time per multiply-add, 1 = the dense stencil conv (mkldnn). The separable jets run as
-# depthwise 1-D convs, which PyTorch's CPU backend computes far below GEMM speed; fitted to paired
-# single-thread timings of both paths (bench/bench_mfconv3d.py, float32, forward + backward).
-_EFF = {"dense": 1.0, "jets": 120.0, "mix": 3.0}
+# Relative time per multiply-add, 1 = the float32 dense stencil conv (mkldnn). The separable jets run
+# as depthwise 1-D convs, which PyTorch's CPU backend computes far below GEMM speed; other dtypes
+# (float64) take the dense conv off mkldnn onto an unfolding path that is slower still per
+# multiply-add and holds C_in·K³ values per output voxel. Fitted to paired single-thread timings of
+# both paths (bench/bench_mfconv3d.py).
+_EFF = {"dense": 1.0, "dense_unfolded": 40.0, "jets": 120.0, "mix": 3.0}
 
 
 def mf_multi_indices_3d(order: int) -> list[tuple[int, int, int]]:
@@ -248,7 +250,7 @@ class MFConv3d(nn.Module):
         padded = [s * (o - 1) + k for s, o, k in zip(self.stride, out, ks)]
         jets = n * c_in * ((self.order + 1) * ks[0] * out[0] * padded[1] * padded[2]
                            + pairs * ks[1] * out[0] * out[1] * padded[2] + m * ks[2] * vox // n)
-        dense = mix * ks[0] * ks[1] * ks[2] * _EFF["dense"]
+        dense = mix * ks[0] * ks[1] * ks[2] * _EFF["dense" if x.dtype == torch.float32 else "dense_unfolded"]
         return "dense" if dense <= jets * _EFF["jets"] + mix * m * _EFF["mix"] else "separable"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
