@@ -52,6 +52,9 @@ _FILTER_CACHE: dict = {}
 def _axis_filters(order: int, sigma: float, scale: float, stride: int) -> tuple[torch.Tensor, int]:
     """(float64 CPU correlation filters ``[order + 1, K]``, kmin) of one axis: ``mf_taps`` flipped, so that
     after the padding of :func:`msconv.reference.mf_padding` output cell I reads padded entries S·I … S·I+K−1."""
+    if torch.compiler.is_compiling():  # dynamo traces the computation instead of a dict lookup
+        taps, kmin = reference.mf_taps(order, sigma, scale, stride)
+        return taps.flip(-1), kmin
     key = (order, float(sigma), float(scale), int(stride))
     hit = _FILTER_CACHE.get(key)
     if hit is None:
