@@ -1,11 +1,11 @@
-"""msconv.nn.bake: MFConv2d layers frozen into exact nn.Conv2d at one grid scale."""
+"""msconv.nn.bake: MFConv2d (MFConv3d) layers frozen into exact nn.Conv2d (nn.Conv3d) at one grid scale."""
 import pytest
 import torch
 import torch.nn as nn
 
 import msconv
 from conftest import TOL
-from msconv.nn import MFConv2d, bake
+from msconv.nn import MFConv2d, MFConv3d, bake
 
 pytestmark = pytest.mark.filterwarnings("ignore::msconv.nn.UnresolvedSigmaWarning")
 
@@ -94,3 +94,18 @@ def test_baked_model_exports_to_onnx(scale, tmp_path):
     with msconv.grid_scale(scale):
         want = model(x)
     torch.testing.assert_close(torch.from_numpy(y), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2, (1, 2, 2), 3])
+@pytest.mark.parametrize("scale", [1.0, 0.5, 2.0])
+def test_baked_mfconv3d_is_the_exact_conv3d(stride, scale):
+    torch.manual_seed(0)
+    net = nn.Sequential(MFConv3d(2, 3, 3, stride, spacing=(2.0, 1.0, 1.0)), nn.ReLU(), MFConv3d(3, 1, 3, groups=1))
+    baked = bake(net, grid_scale=scale)
+    assert [type(m) for m in baked] == [nn.Conv3d, nn.ReLU, nn.Conv3d]
+    assert baked[0].stride == net[0].stride and baked[0].dilation == (1, 1, 1)
+    for size in ((8, 8, 8), (9, 10, 11)):  # odd sizes: the strided output cells ceil(n/S)
+        x = torch.rand(1, 2, *size)
+        with torch.no_grad(), msconv.grid_scale(scale):
+            want = net(x)
+        torch.testing.assert_close(baked(x), want, atol=1e-5, rtol=1e-5)

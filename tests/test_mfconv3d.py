@@ -1,5 +1,5 @@
 """MFConv3d against its definition, against MFConv2d (a volume constant along depth), on anisotropic
-voxels and coarse grids (σ floor), with gradients; and the same operator on every grid."""
+voxels and coarse grids (σ floor), with gradients, strided, by both paths; and the same operator on every grid."""
 import math
 
 import pytest
@@ -34,10 +34,11 @@ def test_the_stencil_is_the_sum_of_separable_jets():
     torch.testing.assert_close(st, expect)
 
 
-def test_a_volume_constant_along_depth_gives_the_2d_layer():
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_volume_constant_along_depth_gives_the_2d_layer(stride):
     torch.manual_seed(0)
-    conv3 = MFConv3d(2, 3, 3, sigma_floor=None).double()
-    conv2 = msconv.MFConv2d(2, 3, 3, sigma_floor=None).double()
+    conv3 = MFConv3d(2, 3, 3, (1, stride, stride), sigma_floor=None).double()
+    conv2 = msconv.MFConv2d(2, 3, 3, stride, sigma_floor=None).double()
     with torch.no_grad():
         conv3.weight.zero_()
         conv3.bias.copy_(conv2.bias)
@@ -62,7 +63,7 @@ def test_anisotropic_voxels_and_the_sigma_floor():
     off = MFConv3d(1, 2, 3, sigma_floor=None)
     off.load_state_dict({k: v for k, v in conv.state_dict().items()})
     def spread(st):  # the share of the stencil's mass off its centre tap
-        c = tuple(k // 2 for k in st.shape[2:])
+        st, c = st.detach(), tuple(k // 2 for k in st.shape[2:])
         return float(1 - st[:, :, c[0], c[1], c[2]].abs().sum() / st.abs().sum())
 
     with msconv.grid_scale(8.0):  # without the floor the derivative taps vanish: a 1x1x1 mix is left
@@ -80,9 +81,10 @@ def test_the_same_operator_on_a_coarser_grid():
     for k in (3.0, 1.5):
         u = (torch.sin(2 * math.pi * k * g)[:, None, None] * torch.cos(2 * math.pi * k * g)[None, :, None]
              * torch.sin(2 * math.pi * k * g + 1)[None, None, :])[None, None]
-        fine = restrict3d(conv(u))
-        with msconv.grid_scale(2.0):
-            coarse = conv(restrict3d(u))
+        with torch.no_grad():
+            fine = restrict3d(conv(u))
+            with msconv.grid_scale(2.0):
+                coarse = conv(restrict3d(u))
         inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
         errors.append(float((fine - coarse)[inner].norm() / fine[inner].norm()))
     assert errors[1] < errors[0] / 2 and errors[1] < 0.05, errors
@@ -93,7 +95,9 @@ def test_gradients_and_bad_arguments():
     x = torch.rand(1, 1, 5, 5, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t, w: F.conv3d(t, mf_stencil_3d(w, (0.5,) * 3, (1.0,) * 3), padding=3),
                                     (x, conv.weight.detach().clone().requires_grad_(True)))
-    for kw, match in (({"stride": 2}, "stride=1"), ({"order": 9}, "order"), ({"spacing": (1, 0, 1)}, "spacing"),
+    for kw, match in (({"stride": 0}, "stride"), ({"stride": (2, 2)}, "stride"), ({"padding": 2}, "padding"),
+                      ({"dilation": 2}, "dilation"), ({"padding_mode": "reflect"}, "padding_mode"),
+                      ({"method": "fft"}, "method"), ({"order": 9}, "order"), ({"spacing": (1, 0, 1)}, "spacing"),
                       ({"groups": 3}, "divisible")):
         with pytest.raises(ValueError, match=match):
             MFConv3d(2, 4, 3, **kw)
@@ -108,23 +112,80 @@ def test_convert_fits_conv3d_layers_and_leaves_the_rest():
     with torch.no_grad():
         blur.weight.copy_((g[:, None, None] * g[None, :, None] * g[None, None, :])[None, None])
     blur.weight.requires_grad_(False)
-    net = torch.nn.Sequential(blur, torch.nn.Conv3d(1, 2, 1), torch.nn.Conv3d(2, 2, 3, stride=2, padding=1))
+    net = torch.nn.Sequential(blur, torch.nn.Conv3d(1, 2, 1), torch.nn.Conv3d(2, 2, 3, stride=2, padding=1),
+                              torch.nn.Conv3d(2, 2, 3, stride=(1, 2, 2), padding=1), torch.nn.Conv3d(2, 2, 3))
     mf, report = msconv.convert(net, warn_above=None)
-    assert [r["converted"] for r in report] == [True, False, False]
+    assert [r["converted"] for r in report] == [True, False, True, True, False]
     assert isinstance(mf[0], MFConv3d) and not mf[0].weight.requires_grad  # frozen stays frozen
-    assert report[0]["rel_error"] < 0.2 and "channel mix" in report[1]["reason"] and "stride" in report[2]["reason"]
+    assert report[0]["rel_error"] < 0.2 and "channel mix" in report[1]["reason"] and "padding" in report[4]["reason"]
+    assert (mf[2].stride, mf[3].stride) == ((2, 2, 2), (1, 2, 2))
+    x = torch.rand(1, 2, 9, 10, 11)
+    with torch.no_grad():
+        assert mf[2](x).shape == net[2](x).shape and mf[3](x).shape == net[3](x).shape
     x = torch.rand(1, 1, 12, 12, 12)
     with torch.no_grad():
         err = (mf[0](x) - blur(x))[..., 2:-2, 2:-2, 2:-2].norm() / blur(x)[..., 2:-2, 2:-2, 2:-2].norm()
     assert err < 0.1  # a 2nd-order Gaussian basis represents a binomial blur closely, not exactly
 
 
-def test_bake_lowers_mfconv3d_to_an_exact_conv3d():
+@pytest.mark.parametrize("stride", [2, 3, (1, 2, 2), (2, 1, 3)])
+def test_strided_output_has_conv3d_shape_and_cell_centred_samples(stride):
+    conv = MFConv3d(1, 1, 3, stride, padding=1, order=1, sigma=1.0, sigma_floor=None, bias=False).double()
+    for size in ((8, 8, 8), (9, 10, 11)):
+        want = torch.nn.Conv3d(1, 1, 3, stride, padding=1)(torch.rand(1, 1, *size)).shape
+        assert conv(torch.rand(1, 1, *size, dtype=torch.float64)).shape == want
+    # Smoothing a linear field returns it at output cell I's centre, S·I + (S − 1)/2 input cells (to the
+    # 4σ truncation): the cells of the grid restrict3d makes for S = 2.
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 0] = 1
+    n = 30
+    d, h, w = torch.meshgrid(*[torch.arange(n, dtype=torch.float64)] * 3, indexing="ij")
+    y = conv((d + 2 * h + 3 * w)[None, None])[0, 0]
+    sd, sh, sw = conv.stride
+    cd, ch, cw = torch.meshgrid(*[s * torch.arange(-(-n // s), dtype=torch.float64) + (s - 1) / 2 for s in conv.stride],
+                                indexing="ij")
+    inner = tuple(slice(6 // s + 1, -(6 // s) - 1) for s in conv.stride)
+    torch.testing.assert_close(y[inner], (cd + 2 * ch + 3 * cw)[inner], atol=0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2, (2, 1, 1)])
+def test_dense_and_separable_paths_agree_with_gradients(stride):
     torch.manual_seed(0)
-    net = torch.nn.Sequential(MFConv3d(1, 3, 3, spacing=(2.0, 1.0, 1.0)), torch.nn.ReLU(), MFConv3d(3, 1, 3))
-    x = torch.rand(1, 1, 10, 12, 12)
-    for scale in (1.0, 2.0):
-        baked = msconv.bake(net, grid_scale=scale)
-        assert not any(isinstance(m, MFConv3d) for m in baked.modules())
-        with torch.no_grad(), msconv.grid_scale(scale):
-            torch.testing.assert_close(baked(x), net(x), atol=1e-5, rtol=1e-5)
+    dense = MFConv3d(4, 6, 3, stride, groups=2, spacing=(2.0, 1.0, 1.0), method="dense").double()
+    sep = MFConv3d(4, 6, 3, stride, groups=2, spacing=(2.0, 1.0, 1.0), method="separable").double()
+    sep.load_state_dict(dense.state_dict())
+    x = torch.rand(2, 4, 7, 8, 9, dtype=torch.float64)
+    for scale in (1.0, 0.5, 4.0):  # s = 4: the σ floor rescales θ per axis
+        got = []
+        for layer in (dense, sep):
+            layer.zero_grad()
+            xg = x.clone().requires_grad_()
+            with msconv.grid_scale(scale):
+                y = layer(xg)
+            (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+            got.append((y, xg.grad, layer.weight.grad, layer.bias.grad))
+        for a, b in zip(*got):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_auto_takes_dense_for_small_stencils_and_separable_for_wide_ones():
+    conv = MFConv3d(16, 16, 3)
+    x = torch.empty(2, 16, 32, 32, 32, device="meta")
+    assert conv._pick(x, [7, 7, 7]) == "dense" and conv._pick(x, [35, 35, 35]) == "separable"
+
+
+def test_in_place_parameter_updates_are_seen_on_every_call():
+    # The per-axis filters are cached; the stencil is built from θ at each call.
+    torch.manual_seed(0)
+    conv = MFConv3d(2, 2, 3, method="dense")
+    x = torch.rand(1, 2, 6, 6, 6)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
+    for method in ("dense", "separable"):
+        conv.method = method
+        conv(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        fresh = MFConv3d(2, 2, 3, method=method)
+        fresh.load_state_dict(conv.state_dict())
+        torch.testing.assert_close(conv(x), fresh(x))

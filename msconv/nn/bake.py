@@ -1,4 +1,4 @@
-"""``bake``: freeze a model's MFConv2d layers into plain nn.Conv2d at one grid scale."""
+"""``bake``: freeze a model's MFConv2d (MFConv3d) layers into plain nn.Conv2d (nn.Conv3d) at one grid scale."""
 from __future__ import annotations
 
 import copy
@@ -55,7 +55,8 @@ def bake(model: nn.Module, grid_scale: float = 1.0) -> nn.Module:
     several names stays one (shared) nn.Conv2d. The padding modes reflect and circular of the
     baked conv need images wider than its padding (about 4σ/s pixels), as nn.Conv2d does.
 
-    Shapes: an MFConv2d's input ``[N, C_in, H, W]`` → ``[N, C_out, ceil(H/S), ceil(W/S)]``, as before.
+    Shapes: an MFConv2d's input ``[N, C_in, H, W]`` → ``[N, C_out, ceil(H/S), ceil(W/S)]``, as before;
+    an MFConv3d becomes the nn.Conv3d (stride kept) of ``[N, C_in, D, H, W]`` → ``[N, C_out, ceil(D/S_d), …]``.
 
     Example::
 
@@ -93,17 +94,20 @@ def bake(model: nn.Module, grid_scale: float = 1.0) -> nn.Module:
 
 
 def _bake_any(layer: nn.Module, grid_scale: float) -> nn.Module:
-    """bake_layer for an MFConv2d; for an MFConv3d the nn.Conv3d with its sampled stencil at ``grid_scale``."""
+    """bake_layer for an MFConv2d; for an MFConv3d the nn.Conv3d with its sampled stencil at ``grid_scale``,
+    shifted per axis for a stride as bake_layer shifts it (leading zeros, symmetric padding ``−kmin``)."""
     from msconv.grid import grid_scale as scale_context
     from msconv.nn.mfconv3d import MFConv3d
 
     if not isinstance(layer, MFConv3d):
         return bake_layer(layer, grid_scale)
     with torch.no_grad(), scale_context(grid_scale):
-        stencil = layer.stencil()
-    conv = nn.Conv3d(layer.in_channels, layer.out_channels, tuple(stencil.shape[2:]),
-                     padding=tuple(k // 2 for k in stencil.shape[2:]), groups=layer.groups, bias=layer.bias is not None,
+        stencil = layer.stencil()  # [C_out, C_in/g, K_d, K_h, K_w]
+        _, filts, kmins = layer._filters()
+    leads = [-(2 * kmin + f.shape[1] - 1) for f, kmin in zip(filts, kmins)]  # −(kmin + kmax) per axis (D, H, W)
+    stencil = nn.functional.pad(stencil, (leads[2], 0, leads[1], 0, leads[0], 0))
+    conv = nn.Conv3d(layer.in_channels, layer.out_channels, tuple(stencil.shape[2:]), stride=layer.stride,
+                     padding=tuple(-kmin for kmin in kmins), groups=layer.groups, bias=layer.bias is not None,
                      device=stencil.device, dtype=layer.weight.dtype)
     take_over(conv, layer, stencil.to(layer.weight.dtype))
     return conv
-

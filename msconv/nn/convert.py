@@ -105,31 +105,38 @@ def _why_not_3d(conv: nn.Conv3d) -> str | None:
         return "a 1×1×1 conv is a pure channel mix with no spatial extent: nothing mesh-free to fit; left as is"
     if len(set(k)) != 1 or k[0] % 2 == 0:
         return f"kernel_size={k}: MFConv3d fits odd cubic kernels"
-    if conv.stride != (1, 1, 1) or conv.dilation != (1, 1, 1) or conv.padding_mode != "zeros":
-        return (f"stride={conv.stride}, dilation={conv.dilation}, padding_mode={conv.padding_mode!r}: MFConv3d runs "
-                "at stride 1 with zero padding")
+    if conv.dilation != (1, 1, 1) or conv.padding_mode != "zeros":
+        return f"dilation={conv.dilation}, padding_mode={conv.padding_mode!r}: MFConv3d runs with zero padding, undilated"
     if conv.padding not in ("same", (k[0] // 2,) * 3):
-        return f"padding={conv.padding} changes the output size; MFConv3d keeps the 'same' grid"
+        return f"padding={conv.padding} changes the output size; MFConv3d keeps the 'same' grid (ceil(n/stride) cells)"
     return None
 
 
-def fit_mf3d_weight(weight: torch.Tensor, order: int, sigma: float):
-    """Least-squares θ ``[C_out, C_in/g, M]`` whose s = 1 MFConv3d stencil best matches a centred k×k×k conv
-    weight ``[C_out, C_in/g, k, k, k]``; returns (θ float64, relative error on the union of both windows)."""
-    from msconv.nn.mfconv3d import mf_multi_indices_3d, mf_stencil_3d
+def fit_mf3d_weight(weight: torch.Tensor, order: int, sigma: float, stride=(1, 1, 1)):
+    """Least-squares θ ``[C_out, C_in/g, M]`` whose s = 1 MFConv3d stencil (at ``stride`` per axis (D, H, W))
+    best matches a k×k×k conv weight ``[C_out, C_in/g, k, k, k]`` padded by k//2, whose tap t multiplies the
+    input at offset ``t − k//2`` from ``S·I``; returns (θ float64, relative error on the union of both windows).
+    At stride S the mesh-free window is centred (S − 1)/2 voxels later than the conv's, which the fit sees."""
+    from msconv.nn.mfconv3d import _axis_filters, _jet_basis, mf_multi_indices_3d
 
     m = len(mf_multi_indices_3d(order))
-    basis = mf_stencil_3d(torch.eye(m, dtype=torch.float64)[None], (sigma,) * 3, (1.0,) * 3)[0]  # [M, K, K, K]
-    k, kk = weight.shape[-1], basis.shape[-1]
-    n = max(k, kk)
-    A = torch.zeros(m, n, n, n, dtype=torch.float64)
-    o = (n - kk) // 2
-    A[:, o:o + kk, o:o + kk, o:o + kk] = basis
-    target = torch.zeros(*weight.shape[:2], n, n, n, dtype=torch.float64)
-    o = (n - k) // 2
-    target[..., o:o + k, o:o + k, o:o + k] = weight.detach().to("cpu", torch.float64)
+    k = weight.shape[-1]
+    filts, conv_at = [], []
+    for st in stride:
+        filt, kmin = _axis_filters(order, sigma, 1.0, st)  # entry t ↔ offset t − kmax
+        kk = filt.shape[1]
+        kmax = kmin + kk - 1
+        lo, hi = min(-kmax, -(k // 2)), max(kk - 1 - kmax, k // 2)
+        padded = torch.zeros(order + 1, hi - lo + 1, dtype=torch.float64)
+        padded[:, -kmax - lo:-kmax - lo + kk] = filt
+        filts.append(padded)
+        conv_at.append(-(k // 2) - lo)
+    A = _jet_basis(order, filts)  # [M, n_d, n_h, n_w]
+    target = torch.zeros(*weight.shape[:2], *A.shape[1:], dtype=torch.float64)
+    (d, h, w) = conv_at
+    target[..., d:d + k, h:h + k, w:w + k] = weight.detach().to("cpu", torch.float64)
     A = A.reshape(m, -1).T
-    rhs = target.reshape(-1, n ** 3).T
+    rhs = target.reshape(-1, A.shape[0]).T
     theta = torch.linalg.lstsq(A, rhs).solution
     err = torch.linalg.norm(A @ theta - rhs) / torch.linalg.norm(rhs).clamp_min(1e-300)
     return theta.T.reshape(*weight.shape[:2], -1), float(err)
@@ -140,7 +147,7 @@ def convert(
     warn_above: float | None = FIT_WARN_THRESHOLD, sigma_floor: float | None = DEFAULT_SIGMA_FLOOR,
 ):
     """Replace every nn.Conv2d in ``model`` by an MFConv2d fitted by least squares (at s = 1), and every
-    nn.Conv3d (odd cubic kernel, stride 1, 'same' zero padding) by an MFConv3d fitted the same way.
+    nn.Conv3d (odd cubic kernel, any stride, padding 'same' or k//2, zeros) by an MFConv3d fitted the same way.
 
     Each layer keeps its channels, stride, groups, bias and padding_mode; θ minimises the
     Frobenius distance between the sampled s = 1 stencil and the conv's weights. ``sigma``
@@ -214,10 +221,10 @@ def convert(
         if isinstance(mod, nn.Conv3d):
             from msconv.nn.mfconv3d import MFConv3d
 
-            theta, err = fit_mf3d_weight(mod.weight, order, sig)
-            new = MFConv3d(mod.in_channels, mod.out_channels, k, groups=mod.groups, bias=mod.bias is not None,
-                           order=order, sigma=sig, sigma_floor=sigma_floor, device=mod.weight.device,
-                           dtype=mod.weight.dtype)
+            theta, err = fit_mf3d_weight(mod.weight, order, sig, mod.stride)
+            new = MFConv3d(mod.in_channels, mod.out_channels, k, mod.stride, groups=mod.groups,
+                           bias=mod.bias is not None, device=mod.weight.device, dtype=mod.weight.dtype, order=order,
+                           sigma=sig, sigma_floor=sigma_floor)
         else:
             theta, err = fit_mf_weight(mod.weight, _window_offsets(mod), order, sig, mod.stride[0])
             new = MFConv2d(
