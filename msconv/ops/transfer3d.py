@@ -312,7 +312,7 @@ def prolong3d(x: torch.Tensor, kind: str = "linear", levels: int = 1, size=None,
     levels = _levels(levels, "prolong3d")
     coarse = tuple(x.shape[2:])
     if size is not None and not (isinstance(size, (tuple, list, torch.Size)) and len(size) == 3
-                                 and all(isinstance(s, int) and s > 0 for s in size)):
+                                 and all(isinstance(s, (int, torch.SymInt)) and s > 0 for s in size)):
         raise ValueError(f"prolong3d: size must be three positive ints (D, H, W), got size={size!r}")
     sizes = _prolong_sizes(coarse, levels, size, f)
     if size is not None:
@@ -323,8 +323,9 @@ def prolong3d(x: torch.Tensor, kind: str = "linear", levels: int = 1, size=None,
     if levels == 0:
         return x
     d, h, w = sizes[-1]
-    check_fits(x.shape[0] * x.shape[1] * d * h * w * x.element_size(), x.device, "prolong3d",
-               f"levels={levels} on x.shape={tuple(x.shape)} (output {d}×{h}×{w})", "use fewer levels")
+    if not torch.compiler.is_compiling():  # formatting the sizes would specialise them in a graph
+        check_fits(x.shape[0] * x.shape[1] * d * h * w * x.element_size(), x.device, "prolong3d",
+                   f"levels={levels} on x.shape={tuple(x.shape)} (output {d}×{h}×{w})", "use fewer levels")
     b = _backend.resolve("prolong3d", x.device, backend)
     if b == "reference":
         return prolong3d_ref(x, kind, levels, size, f)
