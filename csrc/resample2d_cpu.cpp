@@ -66,28 +66,7 @@ void chain_nchw(const at::Tensor& x, const std::vector<Taps1d>& ty, const std::v
       plane_row<scalar_t, acc_t>(in, in_sh, in_w, out + I * tx[l].n, ty[l], tx[l], I, buf);
   };
 
-  if (planes >= at::get_num_threads()) {
-    // Fused: one plane through every level while its data is cache resident.
-    at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1) {
-      std::vector<acc_t> buf(max_w);
-      for (int64_t p = p0; p < p1; ++p)
-        for (int64_t l = 0; l < L; ++l) level_plane_rows(l, p, 0, ty[l].n, buf.data());
-    });
-  } else {
-    // Few planes: split each level by rows so every thread has work.
-    for (int64_t l = 0; l < L; ++l) {
-      const int64_t rows = ty[l].n;
-      at::parallel_for(0, planes * rows, 16, [&](int64_t b, int64_t e) {
-        std::vector<acc_t> buf(max_w);
-        while (b < e) {
-          const int64_t p = b / rows, r0 = b % rows;
-          const int64_t r1 = std::min(rows, r0 + (e - b));
-          level_plane_rows(l, p, r0, r1, buf.data());
-          b += r1 - r0;
-        }
-      });
-    }
-  }
+  resample_cpu::run_levels<acc_t>(planes, L, max_w, [&](int64_t l) { return ty[l].n; }, level_plane_rows);
 }
 
 template <typename scalar_t>

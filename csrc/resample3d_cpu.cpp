@@ -76,28 +76,7 @@ void chain_ncdhw(const at::Tensor& x, const std::vector<Level3d>& lv, std::vecto
     }
   };
 
-  if (volumes >= at::get_num_threads()) {
-    // Fused: one volume through every level while its data is cache resident.
-    at::parallel_for(0, volumes, 1, [&](int64_t v0, int64_t v1) {
-      std::vector<acc_t> buf(max_w);
-      for (int64_t v = v0; v < v1; ++v)
-        for (int64_t l = 0; l < L; ++l) level_rows(l, v, 0, lv[l].z.n * lv[l].y.n, buf.data());
-    });
-  } else {
-    // Few volumes: split each level by output rows so every thread has work.
-    for (int64_t l = 0; l < L; ++l) {
-      const int64_t rows = lv[l].z.n * lv[l].y.n;
-      at::parallel_for(0, volumes * rows, 16, [&](int64_t b, int64_t e) {
-        std::vector<acc_t> buf(max_w);
-        while (b < e) {
-          const int64_t v = b / rows, r0 = b % rows;
-          const int64_t r1 = std::min(rows, r0 + (e - b));
-          level_rows(l, v, r0, r1, buf.data());
-          b += r1 - r0;
-        }
-      });
-    }
-  }
+  resample_cpu::run_levels<acc_t>(volumes, L, max_w, [&](int64_t l) { return lv[l].z.n * lv[l].y.n; }, level_rows);
 }
 
 template <typename scalar_t>

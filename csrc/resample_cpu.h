@@ -4,8 +4,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace msconv {
 namespace resample_cpu {
@@ -69,6 +72,35 @@ inline void gather_row(const acc_t* buf, scalar_t* out_row, const Taps1d& tx) {
     case 3: return gather_row_k<3>(buf, out_row, tx);
     case 4: return gather_row_k<4>(buf, out_row, tx);
     default: return gather_row_k<0>(buf, out_row, tx);
+  }
+}
+
+// Calls level_rows(l, v, r0, r1, buf) for every level l < L, plane or volume v < volumes and
+// output row r < rows(l) of it, with `buf` a scratch row of `buf_len` accumulators per thread.
+// Enough volumes: each goes through every level on one thread while its data is cache resident
+// (so the input is read once). Few: each level is split by rows so every thread has work.
+template <typename acc_t, typename Rows, typename LevelRows>
+void run_levels(int64_t volumes, int64_t L, int64_t buf_len, const Rows& rows,
+                const LevelRows& level_rows) {
+  if (volumes >= at::get_num_threads()) {
+    at::parallel_for(0, volumes, 1, [&](int64_t v0, int64_t v1) {
+      std::vector<acc_t> buf(buf_len);
+      for (int64_t v = v0; v < v1; ++v)
+        for (int64_t l = 0; l < L; ++l) level_rows(l, v, 0, rows(l), buf.data());
+    });
+    return;
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t n = rows(l);
+    at::parallel_for(0, volumes * n, 16, [&](int64_t b, int64_t e) {
+      std::vector<acc_t> buf(buf_len);
+      while (b < e) {
+        const int64_t v = b / n, r0 = b % n;
+        const int64_t r1 = std::min(n, r0 + (e - b));
+        level_rows(l, v, r0, r1, buf.data());
+        b += r1 - r0;
+      }
+    });
   }
 }
 

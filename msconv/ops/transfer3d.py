@@ -243,13 +243,19 @@ def _levels(levels, op: str) -> int:
     return levels
 
 
-def _check_coarsenable(x: torch.Tensor, levels: int, f, op: str) -> None:
+def _check_restrict(x, kind, levels, factors, op: str) -> tuple[tuple[int, int, int], int]:
+    """(factors, levels) of a restriction or pyramid, checked."""
+    f = _check(x, op, factors)
+    if kind not in RESTRICT3D_KINDS:
+        raise ValueError(f"{op}: unknown kind={kind!r}; use one of {RESTRICT3D_KINDS}")
+    levels = _levels(levels, op)
     size = tuple(x.shape[2:])
     for _ in range(levels):
         if any(size[a] < 2 for a in range(3) if f[a] == 2):
             raise ValueError(f"{op}: x.shape={tuple(x.shape)} cannot be coarsened {levels} time(s) along the "
                              f"axes of factors={f} (each needs >= 2 cells); use fewer levels")
         size = tuple((n + 1) // 2 if f[a] == 2 else n for a, n in enumerate(size))
+    return f, levels
 
 
 def restrict3d(x: torch.Tensor, kind: str = "average", levels: int = 1, factors=(2, 2, 2), *,
@@ -262,11 +268,7 @@ def restrict3d(x: torch.Tensor, kind: str = "average", levels: int = 1, factors=
     >>> restrict3d(torch.ones(1, 1, 5, 8, 8)).shape
     torch.Size([1, 1, 3, 4, 4])
     """
-    f = _check(x, "restrict3d", factors)
-    if kind not in RESTRICT3D_KINDS:
-        raise ValueError(f"restrict3d: unknown kind={kind!r}; use one of {RESTRICT3D_KINDS}")
-    levels = _levels(levels, "restrict3d")
-    _check_coarsenable(x, levels, f, "restrict3d")
+    f, levels = _check_restrict(x, kind, levels, factors, "restrict3d")
     if levels == 0:
         return x
     b = _backend.resolve("restrict3d", x.device, backend)
@@ -285,11 +287,7 @@ def pyramid3d(x: torch.Tensor, levels: int, kind: str = "average", factors=(2, 2
     >>> [t.shape[2:] for t in pyramid3d(torch.ones(1, 1, 5, 8, 8), 2, factors=(1, 2, 2))]
     [torch.Size([5, 8, 8]), torch.Size([5, 4, 4]), torch.Size([5, 2, 2])]
     """
-    f = _check(x, "pyramid3d", factors)
-    if kind not in RESTRICT3D_KINDS:
-        raise ValueError(f"pyramid3d: unknown kind={kind!r}; use one of {RESTRICT3D_KINDS}")
-    levels = _levels(levels, "pyramid3d")
-    _check_coarsenable(x, levels, f, "pyramid3d")
+    f, levels = _check_restrict(x, kind, levels, factors, "pyramid3d")
     if levels == 0:
         return [x]
     b = _backend.resolve("pyramid3d", x.device, backend)
