@@ -13,8 +13,10 @@ step does not stop the others, and one call gives the whole picture. Steps:
     build          pip install --no-build-isolation --no-deps --no-index -e .  (the machine's python,
                    never the network; TORCH_CUDA_ARCH_LIST = this GPU's capability only)
     ext            the build has CUDA kernels: msconv.info()['cuda_ops'], backend per op on cuda
-    pytest-gpu     pytest -m gpu (TRITON_INTERPRET unset: Triton compiles for the GPU)
+    pytest-gpu     pytest -m gpu (TRITON_INTERPRET unset: Triton compiles for the GPU), 3-D tests aside
+    pytest-gpu-3d  pytest -m gpu tests/test_transfer3d.py: the 3-D CUDA and Triton kernels
     bench-transfer bench/bench_transfer.py --quick --device cuda   restrict/prolong/pyramid vs torch
+    bench-transfer3d bench/bench_transfer3d.py --quick --device cuda  the 3-D ops vs avg_pool3d/interpolate
     bench-mf_jets  bench/bench_mf_jets.py  --quick --device cuda   jets kernels vs reference/dense
     bench-mfconv   bench/bench_mfconv.py   --quick --device cuda   MFConv2d vs dense stencil / 3x3 conv
     train          msconv compare --modes single,fmg --device cuda  (a short budget)
@@ -128,10 +130,17 @@ def plan(py: str, out: str, args, env: dict) -> list[Step]:
     build_env = {"MAX_JOBS": str(os.cpu_count() or 4), "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
     if cap:
         build_env["TORCH_CUDA_ARCH_LIST"] = cap  # this GPU only: a fraction of the default build time
-    pytest_cmd = [py, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "--durations=15", "-p", "no:cacheprovider",
-                  "--junitxml", os.path.join(out, "pytest_gpu.xml"), "tests"]
-    if env.get("modules", {}).get("pytest_timeout"):
-        pytest_cmd[5:5] = ["--timeout", "120"]
+
+    def pytest_cmd(xml, *where):
+        cmd = [py, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "--durations=15", "-p", "no:cacheprovider",
+               "--junitxml", os.path.join(out, xml), *where]
+        if env.get("modules", {}).get("pytest_timeout"):
+            cmd[5:5] = ["--timeout", "120"]
+        return cmd
+
+    # The 3-D kernel tests are a step of their own (Triton compiles a kernel per tap count and
+    # layout there), so that they neither crowd out nor wait on the 2-D ones.
+    transfer3d_tests = os.path.join("tests", "test_transfer3d.py")
     bench = lambda name, t: Step(  # noqa: E731
         f"bench-{name}", [py, os.path.join("bench", f"bench_{name}.py"), "--quick", "--device", "cuda",
                           "--out", os.path.join(out, f"{name}.csv")], t,
@@ -145,8 +154,13 @@ def plan(py: str, out: str, args, env: dict) -> list[Step]:
         Step("build", [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."],
              180, "pip install -e . (CUDA kernels for this GPU, no network)", build_env),
         Step("ext", [py, "-c", EXT_PROBE], 60, "msconv imports with its CUDA kernels"),
-        Step("pytest-gpu", pytest_cmd, 150, "pytest -m gpu", {"TRITON_INTERPRET": None}, needs=("pytest",)),
+        Step("pytest-gpu", pytest_cmd("pytest_gpu.xml", "tests", f"--ignore={transfer3d_tests}"), 150,
+             "pytest -m gpu (3-D transfer tests aside)", {"TRITON_INTERPRET": None}, needs=("pytest",)),
+        Step("pytest-gpu-3d", pytest_cmd("pytest_gpu_3d.xml", transfer3d_tests), 90,
+             "pytest -m gpu tests/test_transfer3d.py (3-D CUDA and Triton kernels)", {"TRITON_INTERPRET": None},
+             needs=("pytest",)),
         bench("transfer", 50),
+        bench("transfer3d", 45),
         bench("mf_jets", 40),
         bench("mfconv", 50),
         compare("train", "compare", [], 75,
@@ -216,7 +230,7 @@ def describe(name: str, text: str, status: str, timeout: float) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if status == "TIMEOUT":
         return f"timed out after {timeout:.0f} s"
-    if name == "pytest-gpu":
+    if name.startswith("pytest-gpu"):
         m = [ln for ln in lines if re.search(r"\d+ (passed|failed|error|skipped|deselected)", ln)]
         if m:
             return m[-1].strip("= ")
@@ -334,7 +348,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(f"gpu_check --dry-run: {len(steps)} steps, budget {args.budget:g} s, results in {out}")
         for s in steps:
-            print(f"  {s.name:<15} timeout {s.timeout * args.timeout_scale:>4.0f} s  {s.what}")
+            print(f"  {s.name:<16} timeout {s.timeout * args.timeout_scale:>4.0f} s  {s.what}")
         steps = simulate(steps, set(filter(None, args.simulate_fail.split(","))),
                          set(filter(None, args.simulate_timeout.split(","))))
     modules = env.get("modules", {})

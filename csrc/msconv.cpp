@@ -26,6 +26,9 @@ TORCH_LIBRARY(msconv, m) {
   // level after the input. Restriction, prolongation and their adjoints are all instances.
   //   x: (N, C, H, W); iy[l], wy[l]: (H_{l+1}, Ky) int32 / float32; ix[l], wx[l]: (W_{l+1}, Kx)
   m.def("resample2d_chain(Tensor x, Tensor[] iy, Tensor[] wy, Tensor[] ix, Tensor[] wx) -> Tensor[]");
+  // The same for volumes: level l+1 = A_z[l] ⊗ A_y[l] ⊗ A_x[l] applied to level l (a factor-1
+  // axis is an identity table). x: (N, C, D, H, W); iz[l], wz[l]: (D_{l+1}, Kz), and so on.
+  m.def("resample3d_chain(Tensor x, Tensor[] iz, Tensor[] wz, Tensor[] iy, Tensor[] wy, Tensor[] ix, Tensor[] wx) -> Tensor[]");
   // Mesh-free convolution jets of a pre-padded field (msconv/reference.py:mf_jets_ref) and their
   // adjoint. xp: (N, C, Hp, Wp); filt: (order+1, K); out: (N, C*M, Ho, Wo), Ho = (Hp-K)//stride+1.
   // mf_jets_adj maps a gradient of that shape back to (N, C, hp, wp). Autograd, fake kernels and

@@ -13,32 +13,13 @@
 
 #include <vector>
 
+#include "resample_cpu.h"
+
 namespace msconv {
 namespace {
 
-struct Taps1d {
-  const int32_t* idx;
-  const float* w;
-  int64_t n;  // output length
-  int64_t k;  // taps per output (padded with weight 0)
-};
-
-Taps1d taps_of(const at::Tensor& idx, const at::Tensor& w) {
-  return {idx.data_ptr<int32_t>(), w.data_ptr<float>(), idx.size(0), idx.size(1)};
-}
-
-// Horizontal pass: out_row[J] = sum_b wx[J,b] * buf[ix[J,b]]; K = 0 means "read tx.k".
-template <int K, typename scalar_t, typename acc_t>
-inline void gather_row(const acc_t* buf, scalar_t* out_row, const Taps1d& tx) {
-  const int64_t k = K > 0 ? K : tx.k;
-  const int32_t* idx = tx.idx;
-  const float* w = tx.w;
-  for (int64_t J = 0; J < tx.n; ++J, idx += k, w += k) {
-    acc_t s = acc_t(0);
-    for (int64_t b = 0; b < k; ++b) s += static_cast<acc_t>(w[b]) * buf[idx[b]];
-    out_row[J] = static_cast<scalar_t>(s);
-  }
-}
+using resample_cpu::Taps1d;
+using resample_cpu::taps_of;
 
 // One output row of an NCHW plane. `in` points at the plane, rows `in_sh` apart, unit
 // stride along W. `buf` holds W accumulators.
@@ -49,16 +30,9 @@ inline void plane_row(const scalar_t* in, int64_t in_sh, int64_t W, scalar_t* ou
   for (int64_t a = 0; a < ty.k; ++a) {
     const acc_t wa = static_cast<acc_t>(ty.w[I * ty.k + a]);
     if (wa == acc_t(0)) continue;
-    const scalar_t* r = in + static_cast<int64_t>(ty.idx[I * ty.k + a]) * in_sh;
-    for (int64_t j = 0; j < W; ++j) buf[j] += wa * static_cast<acc_t>(r[j]);
+    resample_cpu::accumulate_row(buf, in + static_cast<int64_t>(ty.idx[I * ty.k + a]) * in_sh, wa, W);
   }
-  switch (tx.k) {  // a compile-time tap count lets the compiler unroll the gather
-    case 1: return gather_row<1>(buf, out_row, tx);
-    case 2: return gather_row<2>(buf, out_row, tx);
-    case 3: return gather_row<3>(buf, out_row, tx);
-    case 4: return gather_row<4>(buf, out_row, tx);
-    default: return gather_row<0>(buf, out_row, tx);
-  }
+  resample_cpu::gather_row(buf, out_row, tx);
 }
 
 template <typename scalar_t>
@@ -92,28 +66,7 @@ void chain_nchw(const at::Tensor& x, const std::vector<Taps1d>& ty, const std::v
       plane_row<scalar_t, acc_t>(in, in_sh, in_w, out + I * tx[l].n, ty[l], tx[l], I, buf);
   };
 
-  if (planes >= at::get_num_threads()) {
-    // Fused: one plane through every level while its data is cache resident.
-    at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1) {
-      std::vector<acc_t> buf(max_w);
-      for (int64_t p = p0; p < p1; ++p)
-        for (int64_t l = 0; l < L; ++l) level_plane_rows(l, p, 0, ty[l].n, buf.data());
-    });
-  } else {
-    // Few planes: split each level by rows so every thread has work.
-    for (int64_t l = 0; l < L; ++l) {
-      const int64_t rows = ty[l].n;
-      at::parallel_for(0, planes * rows, 16, [&](int64_t b, int64_t e) {
-        std::vector<acc_t> buf(max_w);
-        while (b < e) {
-          const int64_t p = b / rows, r0 = b % rows;
-          const int64_t r1 = std::min(rows, r0 + (e - b));
-          level_plane_rows(l, p, r0, r1, buf.data());
-          b += r1 - r0;
-        }
-      });
-    }
-  }
+  resample_cpu::run_levels<acc_t>(planes, L, max_w, [&](int64_t l) { return ty[l].n; }, level_plane_rows);
 }
 
 template <typename scalar_t>
@@ -154,25 +107,6 @@ void chain_nhwc(const at::Tensor& x, const std::vector<Taps1d>& ty, const std::v
   }
 }
 
-void check_taps(const at::Tensor& idx, const at::Tensor& w, const char* name, int64_t l,
-                int64_t in_len, const at::Tensor& x) {
-  TORCH_CHECK(idx.device() == x.device() && w.device() == x.device(),
-              "resample2d_chain: tap tables ", name, "[", l, "] are on ", idx.device(),
-              " but x is on ", x.device(), "; move them to x.device");
-  TORCH_CHECK(idx.dim() == 2 && w.sizes() == idx.sizes(), "resample2d_chain: ", name, "[", l,
-              "] must be 2-D index/weight tables of equal shape, got ", idx.sizes(), " and ",
-              w.sizes());
-  TORCH_CHECK(idx.scalar_type() == at::kInt && w.scalar_type() == at::kFloat,
-              "resample2d_chain: ", name, "[", l, "] tables must be int32 / float32");
-  TORCH_CHECK(idx.is_contiguous() && w.is_contiguous(), "resample2d_chain: ", name,
-              " tables must be contiguous");
-  if (idx.numel() > 0) {
-    const auto mn = idx.min().item<int32_t>(), mx = idx.max().item<int32_t>();
-    TORCH_CHECK(mn >= 0 && mx < in_len, "resample2d_chain: ", name, "[", l,
-                "] indexes [", mn, ", ", mx, "] outside an input of length ", in_len);
-  }
-}
-
 std::vector<at::Tensor> resample2d_chain_cpu(const at::Tensor& x_in, at::TensorList iy,
                                              at::TensorList wy, at::TensorList ix,
                                              at::TensorList wx) {
@@ -193,8 +127,8 @@ std::vector<at::Tensor> resample2d_chain_cpu(const at::Tensor& x_in, at::TensorL
   std::vector<at::Tensor> outs;
   int64_t h = x.size(2), w = x.size(3);
   for (int64_t l = 0; l < L; ++l) {
-    check_taps(iy[l], wy[l], "iy/wy", l, h, x);
-    check_taps(ix[l], wx[l], "ix/wx", l, w, x);
+    resample_cpu::check_taps("resample2d_chain", iy[l], wy[l], "iy/wy", l, h, x);
+    resample_cpu::check_taps("resample2d_chain", ix[l], wx[l], "ix/wx", l, w, x);
     ty.push_back(taps_of(iy[l], wy[l]));
     tx.push_back(taps_of(ix[l], wx[l]));
     h = iy[l].size(0);

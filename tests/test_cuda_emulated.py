@@ -1,6 +1,6 @@
 """The CUDA kernels run on the CPU: csrc/cuda/*_kernel.cu compiled as host C++ (g++, with
 csrc/cuda/host_shim.h standing in for the CUDA built-ins: one thread per block, blocks in turn)
-and called through their real launchers (launch_resample2d, launch_mf_jets_fwd/adj) from ctypes,
+and called through their real launchers (launch_resample2d/3d, launch_mf_jets_fwd/adj) from ctypes,
 with the outputs allocated and strided as the torch-facing glue (csrc/cuda/*_cuda.cpp) does.
 Every kernel's output and adjoint is compared with msconv.reference in float64, float32 and the
 half types, on odd sizes, channels_last, strided and expanded (stride-0) inputs, and with grids
@@ -20,6 +20,7 @@ import torch
 
 from conftest import TOL
 from msconv import reference
+from msconv.ops import transfer3d
 from msconv.ops.transfer import _level_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no host C++ 
 # dtype codes of ResampleDtype / MfDtype (the same numbering in both headers)
 CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 I64x4 = ctypes.c_int64 * 4
+I64x5 = ctypes.c_int64 * 5
 
 
 # ------------------------------------------------------------------------------ build the kernels
@@ -77,6 +79,20 @@ extern "C" int emu_resample2d(int dtype, const void* in, void* out, const int64_
   for (int d = 0; d < 4; ++d) { g.in_stride[d] = in_stride[d]; g.out_stride[d] = out_stride[d]; }
   g.channels_last = channels_last != 0;
   return launch_resample2d(static_cast<ResampleDtype>(dtype), in, out, g, iy, wy, ky, ix, wx, kx, nullptr);
+}
+""",
+    "resample3d_kernel.cu": r"""
+extern "C" int emu_resample3d(int dtype, const void* in, void* out, const int64_t* size8, const int64_t* in_stride,
+                              const int64_t* out_stride, int channels_last, const int32_t* const* idx,
+                              const float* const* w, const int* k) {
+  using namespace msconv::cuda_kernels;
+  Resample3dGeometry g{};
+  g.n = size8[0]; g.c = size8[1]; g.d = size8[2]; g.h = size8[3]; g.w = size8[4];
+  g.od = size8[5]; g.oh = size8[6]; g.ow = size8[7];
+  for (int d = 0; d < 5; ++d) { g.in_stride[d] = in_stride[d]; g.out_stride[d] = out_stride[d]; }
+  g.channels_last = channels_last != 0;
+  return launch_resample3d(static_cast<ResampleDtype>(dtype), in, out, g, idx[0], w[0], k[0], idx[1], w[1], k[1],
+                           idx[2], w[2], k[2], nullptr);
 }
 """,
     "mf_jets_kernel.cu": r"""
@@ -429,3 +445,107 @@ def test_jets_large_footprint_and_launch_config(libs, sms):
     out = mf_jets(lib, xp, filt, order, stride)
     assert lib.emu_last(0) == 32 and lib.emu_last(1) == 256 and lib.emu_last(2) == 3 * k * 4
     close(out, reference.mf_jets_ref(xp.double(), filt.float().double(), order, stride), torch.float32, "wide jets")
+
+
+# ---------------------------------------------------------------------------- resample3d kernel
+
+
+def resample3d_chain(lib, x, tables):
+    """resample3d_chain_cuda's loop: one launch per level, output memory format from x."""
+    ndhwc = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    fmt = torch.channels_last_3d if ndhwc else torch.contiguous_format
+    outs, src = [], x
+    for t in tables:
+        idx = [torch.as_tensor(i, dtype=torch.int32).contiguous() for i in t[0::2]]
+        w = [torch.as_tensor(v, dtype=torch.float32).contiguous() for v in t[1::2]]
+        out, check = guarded_empty((x.shape[0], x.shape[1], *(i.shape[0] for i in idx)), x.dtype, fmt)
+        if out.numel():
+            rc = lib.emu_resample3d(CODE[x.dtype], _ptr(src), _ptr(out), (ctypes.c_int64 * 8)(*src.shape, *out.shape[2:]),
+                                    I64x5(*src.stride()), I64x5(*out.stride()), int(ndhwc),
+                                    (ctypes.c_void_p * 3)(*(i.data_ptr() for i in idx)),
+                                    (ctypes.c_void_p * 3)(*(v.data_ptr() for v in w)),
+                                    (ctypes.c_int * 3)(*(i.shape[1] for i in idx)))
+            assert rc == 0, f"launch_resample3d returned cudaError {rc}"
+            check(f"resample3d level {len(outs)}")
+        outs.append(out)
+        src = out
+    return outs
+
+
+def make3d(shape, dtype, layout, seed=0):
+    """As make(), for (N, C, D, H, W) volumes; channels_last is channels_last_3d, expanded has stride 0 along D."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, d, h, w = shape
+    if layout == "sliced":
+        big = torch.randn(n + 1, c + 2, d + 2, 2 * h + 1, w + 3, generator=g, dtype=torch.float64)
+        return big[1:, 1 : c + 1, 2:, 1::2, 2 : w + 2][:, :, :, :h].to(dtype)
+    if layout == "expanded":
+        return torch.randn(n, c, 1, h, w, generator=g, dtype=torch.float64).to(dtype).expand(n, c, d, h, w)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last_3d) if layout == "channels_last" else x
+
+
+def tables3d(direction, kind, size_in, size_out, adjoint):
+    """The six tap tables (iz, wz, iy, wy, ix, wx) the 3-D op layer hands the kernel, on the CPU."""
+    return transfer3d._level_tables(direction, kind, size_in, size_out, adjoint, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,factors", [("average", (2, 2, 2)), ("nearest", (1, 2, 2)), ("average", (2, 1, 2))])
+def test_restrict3d_and_adjoint(libs, kind, factors, dtype, layout):
+    lib = libs["resample3d_kernel.cu"]
+    fine = (7, 6, 9)
+    x = make3d((2, 3, *fine), dtype, layout, seed=1)
+    coarse = tuple(-(-n // f) for n, f in zip(fine, factors))
+    (y,) = resample3d_chain(lib, x, [tables3d("restrict", kind, fine, coarse, False)])
+    ref = lambda t: transfer3d.restrict3d_ref(t, kind, 1, factors)  # noqa: E731
+    close(y, ref(x.double()), dtype, f"restrict3d {kind} {factors}")
+    g = make3d((2, 3, *coarse), dtype, layout, seed=2)
+    (gx,) = resample3d_chain(lib, g, [tables3d("restrict", kind, coarse, fine, True)])
+    close(gx, vjp(ref, x, g), dtype, f"restrict3d {kind} {factors} adjoint")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,factors", [("linear", (2, 2, 2)), ("nearest", (2, 2, 2)), ("linear", (1, 2, 2))])
+def test_prolong3d_and_adjoint(libs, kind, factors, dtype, layout):
+    lib = libs["resample3d_kernel.cu"]
+    fine = (7, 5, 8) if factors[0] == 2 else (3, 5, 8)
+    coarse = tuple(-(-n // f) for n, f in zip(fine, factors))
+    x = make3d((2, 3, *coarse), dtype, layout, seed=3)
+    (y,) = resample3d_chain(lib, x, [tables3d("prolong", kind, coarse, fine, False)])
+    ref = lambda t: transfer3d.prolong3d_ref(t, kind, 1, fine, factors)  # noqa: E731
+    close(y, ref(x.double()), dtype, f"prolong3d {kind} {factors}")
+    g = make3d((2, 3, *fine), dtype, layout, seed=4)
+    (gx,) = resample3d_chain(lib, g, [tables3d("prolong", kind, fine, coarse, True)])
+    close(gx, vjp(ref, x, g), dtype, f"prolong3d {kind} {factors} adjoint")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("n_sms", [1, 1000])
+def test_pyramid3d_chain_and_any_grid(libs, sms, layout, n_sms):
+    """Three levels, odd sizes; 32 blocks (1 SM) or one block per 256 outputs: the loop covers the rest."""
+    lib = libs["resample3d_kernel.cu"]
+    sms(n_sms)
+    x = make3d((2, 5, 13, 16, 11), torch.float32, layout, seed=5)
+    sizes = [(13, 16, 11), (7, 8, 6), (4, 4, 3), (2, 2, 2)]
+    lib.emu_reset()
+    outs = resample3d_chain(lib, x, [tables3d("restrict", "average", a, b, False) for a, b in zip(sizes, sizes[1:])])
+    total = 2 * 5 * 2 * 2 * 2
+    assert (lib.emu_last(0), lib.emu_last(1)) == (min(-(-total // 256), 32 * n_sms), 256) and lib.emu_last(3) == 3
+    for level, (o, r) in enumerate(zip(outs, transfer3d.pyramid3d_ref(x.double(), 3)[1:])):
+        close(o, r, torch.float32, f"pyramid3d level {level + 1}")
+
+
+def test_launcher3d_rejects_bad_tables_and_skips_empty(libs):
+    lib = libs["resample3d_kernel.cu"]
+    x, out = torch.randn(1, 1, 4, 4, 4), torch.empty(1, 1, 2, 2, 2)
+    i9, w9 = torch.zeros(2, 9, dtype=torch.int32), torch.zeros(2, 9)
+    rc = lib.emu_resample3d(0, _ptr(x), _ptr(out), (ctypes.c_int64 * 8)(1, 1, 4, 4, 4, 2, 2, 2), I64x5(*x.stride()),
+                            I64x5(*out.stride()), 0, (ctypes.c_void_p * 3)(*[i9.data_ptr()] * 3),
+                            (ctypes.c_void_p * 3)(*[w9.data_ptr()] * 3), (ctypes.c_int * 3)(1, 9, 1))
+    assert rc == 1, "more than kMaxTaps = 8 taps must be cudaErrorInvalidValue"
+    lib.emu_reset()
+    outs = resample3d_chain(lib, torch.randn(0, 3, 4, 8, 6), [tables3d("restrict", "average", (4, 8, 6), (2, 4, 3), False)])
+    assert outs[0].shape == (0, 3, 2, 4, 3) and lib.emu_last(3) == 0, "an empty output launches nothing"

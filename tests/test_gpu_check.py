@@ -11,7 +11,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.py")
-STEPS = ["env", "build", "ext", "pytest-gpu", "bench-transfer", "bench-mf_jets", "bench-mfconv", "train", "train-fast"]
+STEPS = ["env", "build", "ext", "pytest-gpu", "pytest-gpu-3d", "bench-transfer", "bench-transfer3d", "bench-mf_jets",
+         "bench-mfconv", "train", "train-fast"]
 
 
 def _load():
@@ -93,12 +94,17 @@ def test_real_commands_match_their_parsers():
         assert flag in build  # never the network on a machine without a package registry
     assert steps["build"].env["TORCH_CUDA_ARCH_LIST"] == "9.0"
     assert steps["pytest-gpu"].cmd[3:5] == ["-m", "gpu"] and steps["pytest-gpu"].env == {"TRITON_INTERPRET": None}
+    # The 3-D kernel tests run once: in their own step, not again in the general one.
+    t3d = os.path.join("tests", "test_transfer3d.py")
+    assert steps["pytest-gpu-3d"].cmd[3:5] == ["-m", "gpu"] and steps["pytest-gpu-3d"].cmd[-1] == t3d
+    assert os.path.exists(os.path.join(ROOT, t3d)) and f"--ignore={t3d}" in steps["pytest-gpu"].cmd
+    assert steps["pytest-gpu-3d"].env == {"TRITON_INTERPRET": None}
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
         from _common import kernel_parser
     finally:
         sys.path.pop(0)
-    for name in ("transfer", "mf_jets", "mfconv"):
+    for name in ("transfer", "transfer3d", "mf_jets", "mfconv"):
         cmd = steps[f"bench-{name}"].cmd
         assert os.path.exists(os.path.join(ROOT, cmd[1])), cmd[1]
         a = kernel_parser("", name, "").parse_args(cmd[2:])

@@ -46,6 +46,29 @@ __device__ __forceinline__ void store_acc(__nv_bfloat16* p, float v) {
   *p = __float2bfloat16_rn(v);
 }
 
+// The taps of output row `r` of a (rows, k) tap table whose input axis has `len` cells `stride`
+// elements apart, as weights and element offsets. Padded (weight-0) and out-of-range taps come
+// out as weight 0 at offset 0 and are never read: the host does not range-check the tables (that
+// would synchronise the device), so a bad table cannot fault. k <= kMax.
+template <int kMax>
+__device__ __forceinline__ void load_taps(const int32_t* __restrict__ idx, const float* __restrict__ w,
+                                          int64_t r, int k, int64_t len, int64_t stride,
+                                          float (&w_out)[kMax], int64_t (&off_out)[kMax]) {
+#pragma unroll
+  for (int a = 0; a < kMax; ++a) {
+    w_out[a] = 0.f;
+    off_out[a] = 0;
+    if (a < k) {
+      const int32_t t = __ldg(idx + r * k + a);
+      const float v = __ldg(w + r * k + a);
+      if (t >= 0 && t < len) {
+        w_out[a] = v;
+        off_out[a] = static_cast<int64_t>(t) * stride;
+      }
+    }
+  }
+}
+
 // Blocks of `threads` for `total` elements of a grid-stride loop: enough for every element, at
 // most 32 per SM (a few waves of resident blocks; the loop covers the rest). total > 0.
 inline cudaError_t grid_blocks(int64_t total, int threads, int* blocks) {

@@ -14,49 +14,13 @@
 #include <vector>
 
 #include "resample2d_kernel.h"
+#include "resample_cuda.h"
 
 namespace msconv {
 
 namespace {
 
 using cuda_kernels::ResampleDtype;
-
-ResampleDtype dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return ResampleDtype::kFloat32;
-    case at::kDouble:
-      return ResampleDtype::kFloat64;
-    case at::kHalf:
-      return ResampleDtype::kFloat16;
-    case at::kBFloat16:
-      return ResampleDtype::kBFloat16;
-    default:
-      TORCH_CHECK(false, "resample2d_chain: x must be float16, bfloat16, float32 or float64 on "
-                         "CUDA, got ",
-                  t);
-  }
-}
-
-// Same checks as the CPU kernel except the index range: that needs the tables' min/max on the
-// host, i.e. a device synchronisation per level. The kernel never reads an out-of-range tap.
-void check_taps_cuda(const at::Tensor& idx, const at::Tensor& w, const char* name, int64_t l,
-                     const at::Tensor& x) {
-  TORCH_CHECK(idx.device() == x.device() && w.device() == x.device(),
-              "resample2d_chain: tap tables ", name, "[", l, "] are on ", idx.device(), " and ",
-              w.device(), " but x is on ", x.device(), "; move them to x.device");
-  TORCH_CHECK(idx.dim() == 2 && w.sizes() == idx.sizes(), "resample2d_chain: ", name, "[", l,
-              "] must be 2-D index/weight tables of equal shape, got ", idx.sizes(), " and ",
-              w.sizes());
-  TORCH_CHECK(idx.scalar_type() == at::kInt && w.scalar_type() == at::kFloat,
-              "resample2d_chain: ", name, "[", l, "] tables must be int32 / float32, got ",
-              idx.scalar_type(), " / ", w.scalar_type());
-  TORCH_CHECK(idx.is_contiguous() && w.is_contiguous(), "resample2d_chain: ", name, "[", l,
-              "] tables must be contiguous");
-  TORCH_CHECK(idx.size(1) <= cuda_kernels::kMaxTaps, "resample2d_chain: ", name, "[", l,
-              "] has ", idx.size(1), " taps per row; the CUDA kernel supports at most ",
-              cuda_kernels::kMaxTaps);
-}
 
 std::vector<at::Tensor> resample2d_chain_cuda(const at::Tensor& x, at::TensorList iy,
                                               at::TensorList wy, at::TensorList ix,
@@ -67,14 +31,14 @@ std::vector<at::Tensor> resample2d_chain_cuda(const at::Tensor& x, at::TensorLis
               x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()),
               "resample2d_chain: x must be a floating tensor, got ", x.scalar_type());
-  const ResampleDtype code = dtype_code(x.scalar_type());
+  const ResampleDtype code = resample_cuda::dtype_code("resample2d_chain", x.scalar_type());
   const int64_t L = static_cast<int64_t>(iy.size());
   TORCH_CHECK(wy.size() == iy.size() && ix.size() == iy.size() && wx.size() == iy.size(),
               "resample2d_chain: iy, wy, ix, wx must have one table per level, got ", iy.size(),
               ", ", wy.size(), ", ", ix.size(), ", ", wx.size());
   for (int64_t l = 0; l < L; ++l) {
-    check_taps_cuda(iy[l], wy[l], "iy/wy", l, x);
-    check_taps_cuda(ix[l], wx[l], "ix/wx", l, x);
+    resample_cuda::check_taps("resample2d_chain", iy[l], wy[l], "iy/wy", l, x);
+    resample_cuda::check_taps("resample2d_chain", ix[l], wx[l], "ix/wx", l, x);
   }
 
   const c10::cuda::CUDAGuard device_guard(x.device());

@@ -52,24 +52,10 @@ __global__ void __launch_bounds__(kThreads)
       n = r / C;
     }
 
-    // Row taps once per element. Padded (weight-0) taps are not read, as on CPU, and an
-    // out-of-range tap is never read either (the host does not range-check: that would
-    // synchronise the device), so a bad table cannot fault.
+    // Row taps once per element (weight 0 for padded and out-of-range taps: never read).
     float w_a[kMaxTaps];
     int64_t off_a[kMaxTaps];
-#pragma unroll
-    for (int a = 0; a < kMaxTaps; ++a) {
-      w_a[a] = 0.f;
-      off_a[a] = 0;
-      if (a < ky) {
-        const int32_t t = __ldg(iy + static_cast<int64_t>(I) * ky + a);
-        const float w = __ldg(wy + static_cast<int64_t>(I) * ky + a);
-        if (t >= 0 && t < g.h) {
-          w_a[a] = w;
-          off_a[a] = static_cast<int64_t>(t) * g.in_stride[2];
-        }
-      }
-    }
+    load_taps<kMaxTaps>(iy, wy, static_cast<int64_t>(I), ky, g.h, g.in_stride[2], w_a, off_a);
 
     const T* plane = in + static_cast<int64_t>(n) * g.in_stride[0] +
                      static_cast<int64_t>(c) * g.in_stride[1];
