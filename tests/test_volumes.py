@@ -224,7 +224,8 @@ def test_cli_trains_on_volumes_resumes_exactly_and_applies_by_sliding_window(vol
     pytest.importorskip("nibabel")
     data = volume_dir / "v0.npy"
     args = _vol_args(data, tmp_path / "run", "--mode", "fmg", "--budget", "4", "--ckpt-every", "5")
-    assert main(["train", *args]) == 0
+    assert main(["train", *args, "--test-data", str(volume_dir)]) == 0
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["test_psnr"] > 0  # volumes as test data
     whole = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert main(["train", *_vol_args(data, tmp_path / "cut", "--mode", "fmg", "--budget", "4", "--ckpt-every", "5",
                                      "--max-steps", "7")]) == 0
@@ -253,11 +254,11 @@ def test_cli_trains_on_volumes_resumes_exactly_and_applies_by_sliding_window(vol
 
 def test_cli_compare_on_volumes_runs_every_mode(volume_dir, tmp_path, capsys):
     assert main(["compare", *_vol_args(volume_dir / "v0.npy", tmp_path / "cmp", "--budget", "2",
-                                       "--modes", "single,small,progressive,patches,fmg")]) == 0
+                                       "--modes", "single,small,progressive,patches,mge,fmg")]) == 0
     text = capsys.readouterr().out
     assert "8³@1/2" in text and "(crops 16³)" in (tmp_path / "cmp" / "summary.md").read_text()
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
-    assert {r["mode"] for r in summary["runs"]} == {"single", "small", "progressive", "patches", "fmg"}
+    assert {r["mode"] for r in summary["runs"]} == {"single", "small", "progressive", "patches", "mge", "fmg"}
 
 
 def test_volume_options_that_do_not_fit_are_clear_errors(volume_dir, tmp_path, capsys):

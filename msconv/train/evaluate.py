@@ -106,8 +106,10 @@ class Evaluator:
         return total / len(self.pairs)
 
     def test_pairs(self, folder: str, gray: bool, on_bad: str, seed: int, max_megapixels: float) -> list:
-        """The corrupted full-size pairs of the images in ``folder`` (``--test-data``), for :meth:`validate`."""
+        """The corrupted full-size pairs of the images (or volumes) in ``folder`` (``--test-data``), for :meth:`validate`."""
         from msconv.data import load_folder
+        from msconv.data.volumes import is_volume_data, load_volume_folder
 
-        ds = load_folder(folder, gray, on_bad, max_megapixels=max_megapixels)
+        ds = (load_volume_folder(folder, on_bad) if is_volume_data(folder)
+              else load_folder(folder, gray, on_bad, max_megapixels=max_megapixels))
         return self.corrupted_pairs(ds, 0, seed, "--test-data")
