@@ -17,13 +17,9 @@ import numpy as np
 import torch
 
 from msconv.data import IMAGE_EXTENSIONS, ImageReadError
-from msconv.restore import LoadedRun
+from msconv.restore import DEFAULT_TILE, LoadedRun
 
-__all__ = ["read_photo", "write_photo", "apply_run", "input_files", "DEFAULT_TILE"]
-
-# Default tile side: pixels of an image, voxels of a volume (a 96³ tile of a 16-channel 3-D model holds
-# 57 MB per activation, as a 512² tile of a 64-channel 2-D one does 67 MB).
-DEFAULT_TILE = {2: 512, 3: 96}
+__all__ = ["read_photo", "write_photo", "apply_run", "input_files"]
 
 
 def read_photo(path: str) -> tuple[torch.Tensor, int]:
@@ -117,8 +113,15 @@ def apply_run(run: LoadedRun, inputs: str, out: str, *, reference: str | None = 
         raise ValueError("--reference and --degrade: give one (degrade scores against the inputs themselves)")
     tile = DEFAULT_TILE[run.dims] if tile is None else tile
     if run.dims == 3:
+        files = volume_inputs(inputs)
+        stems = [os.path.basename(f).split(".")[0] for f in files]
+        twice = sorted({s for s in stems if stems.count(s) > 1})
+        if twice:
+            raise ValueError(f"--input {inputs!r} holds several volumes named {twice[0]!r} (in subfolders or with "
+                             "other extensions); their results would overwrite each other in --out. Restore them "
+                             "folder by folder")
         rows = [_apply_volume(run, f, out, reference, degrade, tile, grid_scale, seed)
-                for f in tqdm(volume_inputs(inputs), desc="restore", unit="volume", disable=not progress)]
+                for f in tqdm(files, desc="restore", unit="volume", disable=not progress)]
         return _write_rows(rows, out)
     files = input_files(inputs)
     os.makedirs(out, exist_ok=True)
@@ -187,13 +190,13 @@ def _apply_volume(run: LoadedRun, f: str, out: str, reference: str | None, degra
     stem = os.path.join(out, name[: -len(ext)] if ext else name)
     suffix = ext if ext in (".nii", ".nii.gz") else ".npy"
     os.makedirs(out, exist_ok=True)
-    vol = load_volume(f)
+    vol, info = load_volume(f, with_info=True)
     clean = None
     if degrade:
         clean = _crop_to_multiple(vol, getattr(run.task, "size_multiple", 1))
         observed, _ = run.task.corrupt(clean.unsqueeze(0), torch.Generator().manual_seed(seed))
         seen = run.task.input_for_metrics(observed)[0].clamp(0, 1)
-        save_volume(seen, stem + "_input" + suffix, like=f)
+        save_volume(seen, stem + "_input" + suffix, like=f, info=info)
         restored = restore_tiled(run.model, observed.to(run.device), tile, run.halo, run.upscale, grid_scale)[0]
         restored = restored.clamp(0, 1).cpu()
     else:
@@ -202,12 +205,16 @@ def _apply_volume(run: LoadedRun, f: str, out: str, reference: str | None, degra
             ref = [p for p in volume_inputs(reference) if os.path.basename(p) == name]
             if not ref:
                 raise FileNotFoundError(f"--reference {reference!r} has no volume named {name!r}")
-            clean = load_volume(ref[0])
-    path = save_volume(restored, stem + ("_restored" if degrade else "") + suffix, like=f)
+            clean, ref_info = load_volume(ref[0], with_info=True)
+            # Each file is scaled by its own range (noise widens the input's): score the result on the
+            # reference's scale, in the same intensity units.
+            span = (ref_info.hi - ref_info.lo) or 1.0
+            restored_on_ref = ((info.lo + restored * (info.hi - info.lo)) - ref_info.lo) / span
+    path = save_volume(restored, stem + ("_restored" if degrade else "") + suffix, like=f, info=info)
     row = {"image": name, "output": os.path.basename(path), "depth": restored.shape[1], "height": restored.shape[2],
            "width": restored.shape[3], "channels": restored.shape[0]}
     if clean is not None:
-        row["psnr"], row["ssim"] = _score(restored, clean, name)
+        row["psnr"], row["ssim"] = _score(restored if degrade else restored_on_ref.clamp(0, 1), clean, name)
         if degrade and seen.shape == clean.shape:
             row["input_psnr"], row["input_ssim"] = _score(seen, clean, name)
     return row

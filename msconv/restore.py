@@ -23,6 +23,10 @@ from msconv.grid import grid_scale as grid_scale_context
 
 __all__ = ["LoadedRun", "load_run", "restore_tiled", "export_run", "RunFolderError", "EXPORT_FORMATS"]
 
+# Default tile side: pixels of an image, voxels of a volume (a 96³ tile of a 16-channel 3-D model holds
+# 57 MB per activation, as a 512² tile of a 64-channel 2-D one does 67 MB).
+DEFAULT_TILE = {2: 512, 3: 96}
+
 # Tile origins and halos are multiples of this, so the pooling cells of a UNet (up to 4 poolings) fall on
 # the same pixels in a tile as in the whole image.
 TILE_ALIGN = 16
@@ -50,9 +54,10 @@ class LoadedRun:
     dims: int = 2
 
     def model_input(self, observed: torch.Tensor) -> torch.Tensor:
-        """The model's input for degraded images as a camera gives them, (N, channels, h, w): the image
-        itself (denoise, deblur), or for super-resolution the low-resolution image, bicubic-upsampled
-        first when the model expects that."""
+        """The model's input for degraded images as a camera (scanner) gives them, (N, channels, h, w) or
+        (N, channels, d, h, w): the image itself (denoise, deblur, rician), for super-resolution the
+        low-resolution image, bicubic-upsampled first when the model expects that, and for slice
+        super-resolution the thick-slice scan resampled to thin slices."""
         task = self.task
         if task.name == "inpaint":
             raise ValueError("restore: an inpainting model needs the mask of the missing pixels, which a photo does not "
@@ -65,11 +70,12 @@ class LoadedRun:
             return F.interpolate(observed, size=(d * task.scale, h, w), mode="trilinear", align_corners=False)
         return observed
 
-    def restore(self, observed: torch.Tensor, tile: int = 512, grid_scale: float = 1.0) -> torch.Tensor:
+    def restore(self, observed: torch.Tensor, tile: int | None = None, grid_scale: float = 1.0) -> torch.Tensor:
         """Restored images (N, C, H', W') from degraded ones (N, C, h, w) in [0, 1], clipped to [0, 1]
         (a volume model: (N, C, D, H, W) volumes, ``tile`` voxels a side).
         ``C`` may differ from the model's channels: a grayscale model restores each colour channel
         on its own; a colour model gets a gray image as three equal channels (and returns their mean)."""
+        tile = DEFAULT_TILE[self.dims] if tile is None else tile
         if observed.dim() != self.dims + 2:
             want = "(N, C, H, W)" if self.dims == 2 else "(N, C, D, H, W) volumes"
             raise ValueError(f"restore: observed must be {want} for this run's model, got shape {tuple(observed.shape)}")

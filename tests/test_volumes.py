@@ -272,3 +272,70 @@ def test_slice_sr_on_images_is_a_clear_error(photo_dir, tmp_path, capsys):
     assert main(["train", "--data", str(photo_dir), "--task", "slice_sr", "--crop", "32", "--iterations", "2",
                  "--val-crop", "32", "--no-progress", "--out", str(tmp_path / "o")]) == 2
     assert "slice_sr needs volumes" in capsys.readouterr().err
+
+
+def test_allocations_count_volume_work():
+    from msconv.multilevel import MGE
+
+    assert MGE(2, [4, 4, 4], "average", "matched", dims=3).allocation._fine_sample_work == pytest.approx(1.0)
+    assert MGE(1, [1, 1], "average", "paper", dims=3).batch_sizes == [1, 8]
+    assert MGE(1, [1, 1], "average", "paper").batch_sizes == [1, 4]
+
+
+def test_nifti_slice_axis_comes_first_and_results_go_back_in_the_files_axes_and_units(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    a = np.random.default_rng(0).uniform(-1000, 3000, (6, 7, 5)).astype(np.float32)  # CT-like units
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])                                            # 3 mm slices on axis 2
+    nib.save(nib.Nifti1Image(a, affine), tmp_path / "ct.nii.gz")
+    vol, info = load_volume(str(tmp_path / "ct.nii.gz"), with_info=True)
+    assert vol.shape == (1, 5, 6, 7) and info.axes == (2, 0, 1)  # the thick axis is D
+    save_volume(vol, str(tmp_path / "back.nii.gz"), like=str(tmp_path / "ct.nii.gz"), info=info)
+    back = nib.load(tmp_path / "back.nii.gz")
+    assert np.allclose(back.get_fdata(), a, atol=1e-3 * 4000) and np.allclose(back.affine, affine)
+    # Twice the slices (slice super-resolution): voxels half as thick over the same field of view.
+    thin = torch.nn.functional.interpolate(vol[None], size=(10, 6, 7), mode="trilinear")[0]
+    save_volume(thin, str(tmp_path / "thin.nii.gz"), like=str(tmp_path / "ct.nii.gz"), info=info)
+    out = nib.load(tmp_path / "thin.nii.gz")
+    assert out.shape == (6, 7, 10) and out.affine[2, 2] == pytest.approx(1.5) and out.affine[2, 3] == pytest.approx(-0.75)
+
+
+def test_apply_scores_against_a_reference_on_one_scale(volume_dir, tmp_path):
+    data = volume_dir / "v0.npy"
+    assert main(["train", *_vol_args(data, tmp_path / "run", "--mode", "single", "--iterations", "2")]) == 0
+    ct = (np.load(data) * 4000 - 1000).astype(np.float32)  # a scan in its own units
+    (tmp_path / "in").mkdir()
+    (tmp_path / "ref").mkdir()
+    np.save(tmp_path / "ref" / "s.npy", ct)
+    noisy = ct.copy()
+    noisy[0, 0, 0] = 9000  # one outlier widens the input's range, not the reference's
+    np.save(tmp_path / "in" / "s.npy", noisy)
+    rows = msconv.apply.apply_run(msconv.load_run(str(tmp_path / "run")), str(tmp_path / "in"), str(tmp_path / "out"),
+                                  reference=str(tmp_path / "ref"), progress=False)
+    out = np.load(tmp_path / "out" / "s.npy")
+    assert out.min() > -1100 and out.max() < 9100  # written back in the input's units
+    assert rows[0]["psnr"] > 25  # a near-identity model scores near the truth, not skewed by the ranges
+
+
+def test_volume_data_refuses_what_does_not_apply(volume_dir, tmp_path, capsys):
+    data = volume_dir / "v0.npy"
+    for opt, msg in (("--no-gray", "volumes are gray"), ("--channels-last", "layout for images")):
+        assert main(["train", *_vol_args(data, tmp_path / opt, opt, "--iterations", "2")]) == 2
+        assert msg in capsys.readouterr().err
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    np.save(mixed / "v.npy", np.zeros((20, 20, 20), np.float32))
+    from PIL import Image
+
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(mixed / "img.png")
+    assert main(["train", *_vol_args(mixed, tmp_path / "m", "--iterations", "2")]) == 2
+    assert "holds volumes" in capsys.readouterr().err
+
+
+def test_apply_refuses_volumes_whose_results_would_overwrite_each_other(volume_dir, tmp_path):
+    assert main(["train", *_vol_args(volume_dir / "v0.npy", tmp_path / "run", "--mode", "single", "--iterations", "2")]) == 0
+    for sub in ("a", "b"):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        np.save(tmp_path / "in" / sub / "s.npy", np.zeros((20, 20, 20), np.float32))
+    with pytest.raises(ValueError, match="several volumes named 's'"):
+        msconv.apply.apply_run(msconv.load_run(str(tmp_path / "run")), str(tmp_path / "in"), str(tmp_path / "o"),
+                               progress=False)

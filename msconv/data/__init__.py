@@ -340,7 +340,8 @@ PREFETCH_IMAGES = 8
 
 
 class CropSampler:
-    """Random crops (crop × crop) with random flips and 90° rotations, drawn from its own
+    """Random crops (crop × crop; of volumes crop³) with random flips and 90° rotations (of volumes:
+    in the H-W plane only, as the slice axis may have another spacing), drawn from its own
     generator. Images are visited in a fresh random order every epoch, so every image is used
     once per epoch and successive draws (e.g. the levels of one MGE step) get different
     images as far as the data allows.

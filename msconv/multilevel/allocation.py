@@ -1,7 +1,7 @@
 """Batch sizes per level: allocation rules as strategy objects.
 
 * :class:`Fixed` — as given.
-* :class:`Paper` — ``N_l = N_0 · 4**l``: every coarser level has a quarter of the pixels, so each
+* :class:`Paper` — ``N_l = N_0 · 4**l`` (volumes: ``8**l``): every coarser level has a quarter of the pixels, so each
   level costs the same (the paper's choice).
 * :class:`MLMC` — Giles' optimum for a multilevel Monte Carlo estimator: minimising the variance
   ``Σ V_l / N_l`` at a fixed cost ``Σ N_l C_l = budget`` gives
@@ -56,9 +56,9 @@ def round_batch(n: float, multiple_of: int = 1, minimum: int = 1) -> int:
     return max(int(round(n / m)) * m, -(-minimum // m) * m)
 
 
-def paper_batch_sizes(n0: int, levels: int, multiple_of: int = 1) -> list[int]:
-    """``[n0, 4 n0, 16 n0, …]`` for levels 0..``levels``."""
-    return [round_batch(n0 * 4**l, multiple_of) for l in range(levels + 1)]
+def paper_batch_sizes(n0: int, levels: int, multiple_of: int = 1, dims: int = 2) -> list[int]:
+    """``[n0, 4 n0, 16 n0, …]`` for levels 0..``levels`` (volumes, ``dims=3``: ``[n0, 8 n0, 64 n0, …]``)."""
+    return [round_batch(n0 * (2 ** dims) ** l, multiple_of) for l in range(levels + 1)]
 
 
 def mlmc_batch_sizes(
@@ -248,10 +248,12 @@ class Allocation:
     name = "fixed"
     levels: int = 0
     multiple_of: int = 1
+    dims: int = 2
 
     def bind(self, levels: int, level_work: Sequence[float], multiple_of: int, count_flops: bool) -> "Allocation":
         """A copy of this rule for an estimator with ``levels`` coarser levels, the per-sample work
-        ``level_work`` of each level and batch sizes rounded to multiples of ``multiple_of``."""
+        ``level_work`` of each level and batch sizes rounded to multiples of ``multiple_of``. The
+        estimator then sets ``dims`` (2, or 3 for volumes: a coarser grid holds 2**-dims of the cells)."""
         bound = copy.deepcopy(self)
         bound.levels, bound.multiple_of = levels, multiple_of
         bound.level_work = list(level_work)
@@ -301,13 +303,13 @@ class Fixed(Allocation):
 
 
 class Paper(Allocation):
-    """``N_l = N_0 · 4**l`` from the finest level's size (further sizes given are ignored)."""
+    """``N_l = N_0 · 4**l`` (volumes: ``8**l``) from the finest level's size (further sizes given are ignored)."""
 
     name = "paper"
 
     def initial_sizes(self, sizes: list) -> list[int]:
         check_sizes(sizes[:1], self.levels)
-        return paper_batch_sizes(sizes[0], self.levels, self.multiple_of)
+        return paper_batch_sizes(sizes[0], self.levels, self.multiple_of, self.dims)
 
 
 class MLMC(Allocation):
@@ -508,7 +510,7 @@ class Matched(MLMC):
     @property
     def _fine_sample_work(self) -> float:
         """Work of one sample on the estimator's finest grid alone: single-scale's sample."""
-        return self.level_work[-1] * 4.0 ** self.levels
+        return self.level_work[-1] * float(2 ** self.dims) ** self.levels
 
     def _scheduled(self, step: int) -> bool:
         return step < self.warmup_steps or step % self.variance_every == 0 or self._retry
@@ -568,7 +570,7 @@ class Matched(MLMC):
 
         The cap holds on average over a measurement period of k steps: k − 1 plain steps and one
         that raises every level to two per rank and adds its extra backward pass (2/3 of its work)."""
-        fine = costs[-1] * 4.0 ** self.levels  # single-scale's sample: the finest grid alone
+        fine = costs[-1] * float(2 ** self.dims) ** self.levels  # single-scale's sample: the finest grid alone
         cap, k = self.max_work * self.batch * fine, self.variance_every
         work = lambda sizes: sum(n * c for n, c in zip(sizes, costs))  # noqa: E731
         normal = matched_batch_sizes(v, costs, target, multiple_of=self.multiple_of, minimum=self.min_batch,
@@ -618,7 +620,7 @@ class Matched(MLMC):
                 f"{'' if self.max_work is None else f' (steps are capped at {self.max_work:g}x its work, so MGE is noisier than it)'}. "
                 f"Measured V_l / V_single = [{ratios}] (finest first; the last is the coarsest level's own "
                 f"gradient){': ' + '; '.join(why) if why else ''}. Causes: gradient noise that does not correlate "
-                f"across grids (white noise: a coarse sample has 4x fewer pixels per level to average it over), "
+                f"across grids (white noise: a coarse sample has {2 ** self.dims}x fewer pixels per level to average it over), "
                 f"mesh-free layers unresolved on the coarse grids, or too many --levels; single-scale (--mode single) "
                 f"or Full-Multiscale (--mode fmg) then train better", UserWarning, stacklevel=4)
 

@@ -158,8 +158,14 @@ def receptive_field(model: nn.Module, in_channels: int, probe: int | None = None
     ``probe``), on a copy of the model with random weights (a zero-initialised head, as residual
     denoisers have, would hide every path but the skip connection). ``model`` is not touched.
     ``dims=3``: a volume model, probed with a ``probe``³ input (the widest axis's extent). Default probe: 96
-    pixels, 64 voxels (a 96³ probe would cost seconds of CPU; the 3-D zoo's fields stay below 64)."""
-    probe = (96 if dims == 2 else 64) if probe is None else probe
+    pixels or 64 voxels, doubled while the field fills it (up to 384 pixels, 128 voxels)."""
+    if probe is None:
+        probe, cap = (96, 384) if dims == 2 else (64, 128)
+        while True:
+            extent = receptive_field(model, in_channels, probe, dims)
+            if extent < probe or probe >= cap:
+                return extent
+            probe *= 2
     extent = _gradient_extent(model, in_channels, probe, dims, positive=False)
     if extent == 1 and any(p.numel() > 1 for p in model.parameters()):
         # Every ReLU on the paths to the centre pixel was off for this draw (likely in narrow models): all

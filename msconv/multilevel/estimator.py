@@ -258,6 +258,7 @@ class MGE:
         self.count_flops = count_flops
         self.multiple_of = _check_int(multiple_of if multiple_of is not None else _default_multiple_of(), "multiple_of", 1)
         self.allocation = make_allocation(allocation).bind(self.levels, self.level_work(), self.multiple_of, count_flops)
+        self.allocation.dims = self.dims
         self.batch_sizes = self.allocation.initial_sizes(
             list(batch_sizes) if isinstance(batch_sizes, (list, tuple)) else [batch_sizes])
         self.steps = 0

@@ -67,7 +67,7 @@ class Task:
     """Base class. Subclasses implement :meth:`corrupt`; ``restrict_pair`` is shared."""
 
     name = "task"
-    #: H and W of the finest-grid target must be a multiple of this (times 2**levels).
+    #: Every side (H, W; D of volumes) of the finest-grid target must be a multiple of this (times 2**levels).
     size_multiple = 1
 
     def in_channels(self, c: int) -> int:
@@ -98,7 +98,8 @@ class Task:
         :meth:`corrupt` then :meth:`restrict_pair` give (the pair MGE would evaluate there).
 
         Tasks whose corruption has a direct coarse-grid form override this to skip the fine-grid
-        work (a coarse Full-Multiscale stage draws 4**level times more samples per work unit)."""
+        work (a coarse Full-Multiscale stage draws 4**level times more samples per work unit, 8**level on
+        volumes)."""
         x, y = self.corrupt(y, generator)
         return self.restrict_pair(x, y, level, kind)
 
@@ -155,7 +156,7 @@ class Denoise(Task):
         """The clean crop restricted to ``level``, plus white noise drawn on that grid: std σ with
         ``preserve``, σ/2**level with ``average`` — the distribution the fine-grid route gives
         (a 2**level × 2**level cell average of i.i.d. N(0, σ²) is N(0, σ²/4**level), independent
-        across cells), at 4**level times fewer random numbers. Other restriction kinds correlate
+        across cells; on volumes 8**level), at 4**level (8**level) times fewer random numbers. Other restriction kinds correlate
         neighbouring cells, so they take the fine-grid route."""
         if level == 0 or kind != "average":
             return super().corrupt_on_grid(y, generator, level, kind)

@@ -147,12 +147,14 @@ class TrainConfig:
                               "a folder of (or one) NIfTI/.npy/TIFF-stack file(s), trained in 3-D (one volume is split "
                               "by region; crop, levels, budget, val-crop then default to "
                               + ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in VOLUME_DEFAULTS.items()) + ")")
-    val_data: str = _f(None, "validation folder (default: a split of --data by image)")
-    val_fraction: float = _f(0.2, "fraction of the images held out for validation when --val-data is not given")
+    val_data: str = _f(None, "validation folder, or volume file (default: a split of --data by image; one volume: by "
+                             "region)")
+    val_fraction: float = _f(0.2, "fraction of the images held out for validation when --val-data is not given (one "
+                                  "volume: of its slices)")
     gray: bool = _f(True, "train on grayscale (else RGB)")
-    crop: int = _f(128, "training crop size in pixels (finest grid)")
+    crop: int = _f(128, "training crop side in pixels (volumes: voxels, a crop³ cube) on the finest grid")
     test_data: str = _f(None, "test folder evaluated once at the end on full images (e.g. ../shared/data/BSD68)")
-    val_crop: int = _f(256, "validation images are centre-cropped to at most this side (0: full images)")
+    val_crop: int = _f(256, "validation images (volumes) are centre-cropped to at most this side (0: whole)")
     skip_bad_files: bool = _f(False, "skip unreadable image files with a warning instead of stopping")
     data_memory_mb: float = _f(4096.0, "a data folder whose decoded images (float32) take more than this many MB is "
                                        "not read up front: its images are decoded from disk when drawn (prefetched in "
@@ -336,8 +338,8 @@ class TrainConfig:
                               "file (NIfTI, .npy, TIFF stack)")
         if self.val_data not in (None, "bundled") and not os.path.isdir(self.val_data) and not _is_volume_file(self.val_data):
             raise ConfigError(f"--val-data {self.val_data!r} is not a folder of images or volumes, nor a volume file")
-        if self.test_data is not None and not os.path.isdir(self.test_data):
-            raise ConfigError(f"--test-data {self.test_data!r} is not a folder of images")
+        if self.test_data is not None and not os.path.isdir(self.test_data) and not _is_volume_file(self.test_data):
+            raise ConfigError(f"--test-data {self.test_data!r} is not a folder of images or volumes, nor a volume file")
         if self.mf_sigma is not None and (not isinstance(self.mf_sigma, (int, float)) or not self.mf_sigma > 0):
             raise ConfigError(f"--mf-sigma must be > 0 reference pixels (e.g. {2 ** self.levels / 2:g} for --levels "
                               f"{self.levels}), got {self.mf_sigma!r}")

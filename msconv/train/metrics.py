@@ -42,7 +42,7 @@ def _ssim_volume(p: torch.Tensor, t: torch.Tensor) -> float:
 
 def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
     """PSNR (dB, peak 1) and SSIM of one image (C, H, W) against its clean original, on the full
-    image (H, W >= 7); the prediction is clipped to [0, 1]. Computed in float64 on the tensors'
+    image (every side >= 7); the prediction is clipped to [0, 1]. Computed in float64 on the tensors'
     device. A prediction with any NaN/inf value gives (nan, nan); an exact one PSNR_CAP_DB.
     A volume (C, D, H, W) is scored in 3-D: SSIM with a 7×7×7 window, its border cropped on every axis."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure

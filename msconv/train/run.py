@@ -193,6 +193,10 @@ def check_data_kind(cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet) ->
         raise ConfigError(f"--data holds {kinds[train_set.dims]} but the validation data holds {kinds[val_set.dims]}; "
                           "give --val-data of the same kind")
     if train_set.dims == 3:
+        if not cfg.gray:
+            raise ConfigError("--no-gray: volumes are gray (one channel); leave --gray on for volume data")
+        if cfg.channels_last:
+            raise ConfigError("--channels-last is a layout for images (N, C, H, W); leave it off for volumes")
         if cfg.task not in VOLUME_TASKS and not is_import_path(cfg.task):
             raise ConfigError(f"--task {cfg.task} is defined for images; for volumes use one of {', '.join(VOLUME_TASKS)}")
         params = inspect.signature(MODELS[cfg.model].__init__).parameters if cfg.model in MODELS else {"dims": None}
