@@ -108,6 +108,7 @@ def test_crop_sampler_draws_cubes_and_resumes_exactly():
 def test_transfer_ops_take_volumes_as_their_3d_versions():
     x = torch.rand(2, 3, 9, 8, 6, dtype=torch.float64)
     assert torch.equal(restrict(x, levels=2), restrict3d(x, levels=2))
+    assert torch.allclose(restrict(x, levels=2, backend="reference"), restrict3d(x, levels=2))  # backend= reaches it
     assert all(torch.equal(a, b) for a, b in zip(pyramid(x, 2), pyramid3d(x, 2)))
     c = restrict(x)
     assert torch.equal(prolong(c, size=(9, 8, 6)), prolong3d(c, "linear", size=(9, 8, 6)))  # bilinear is linear

@@ -158,7 +158,7 @@ def restrict(x: torch.Tensor, kind: str = "average", levels: int = 1, *, backend
     if _is_volume(x):
         from msconv.ops.transfer3d import RESTRICT3D_KINDS, restrict3d
 
-        return restrict3d(x, _volume_kind(kind, "restrict", RESTRICT3D_KINDS), levels)
+        return restrict3d(x, _volume_kind(kind, "restrict", RESTRICT3D_KINDS), levels, backend=backend)
     check_image(x, "x", "restrict")
     check_choice(kind, "kind", "restrict", RESTRICT_KINDS)
     check_int(levels, "levels", "restrict")
@@ -217,7 +217,7 @@ def prolong(
     if _is_volume(x):
         from msconv.ops.transfer3d import PROLONG3D_KINDS, prolong3d
 
-        return prolong3d(x, _volume_kind(kind, "prolong", PROLONG3D_KINDS), levels, size)
+        return prolong3d(x, _volume_kind(kind, "prolong", PROLONG3D_KINDS), levels, size, backend=backend)
     check_image(x, "x", "prolong")
     check_choice(kind, "kind", "prolong", PROLONG_KINDS)
     check_int(levels, "levels", "prolong")
@@ -244,7 +244,7 @@ def pyramid(x: torch.Tensor, levels: int, kind: str = "average", *, backend: str
     if _is_volume(x):
         from msconv.ops.transfer3d import RESTRICT3D_KINDS, pyramid3d
 
-        return pyramid3d(x, levels, _volume_kind(kind, "pyramid", RESTRICT3D_KINDS))
+        return pyramid3d(x, levels, _volume_kind(kind, "pyramid", RESTRICT3D_KINDS), backend=backend)
     check_image(x, "x", "pyramid")
     check_choice(kind, "kind", "pyramid", RESTRICT_KINDS)
     check_int(levels, "levels", "pyramid")
