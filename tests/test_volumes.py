@@ -340,3 +340,23 @@ def test_apply_refuses_volumes_whose_results_would_overwrite_each_other(volume_d
     with pytest.raises(ValueError, match="several volumes named 's'"):
         msconv.apply.apply_run(msconv.load_run(str(tmp_path / "run")), str(tmp_path / "in"), str(tmp_path / "o"),
                                progress=False)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_an_onnx_unet_takes_sizes_that_are_not_a_multiple_of_its_pooling(dims, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = build_model("unet", 1, 1, width=4, depth=2, dims=dims).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    names = ("height", "width") if dims == 2 else ("depth", "height", "width")
+    axes = {0: "batch", **{2 + i: n for i, n in enumerate(names)}}
+    example = torch.rand(2, 1, *((64, 72) if dims == 2 else (32, 40, 36)))
+    torch.onnx.export(model, (example,), str(tmp_path / "u.onnx"), dynamo=False, input_names=["input"],
+                      output_names=["output"], dynamic_axes={"input": axes, "output": axes})
+    x = torch.rand(1, 1, *((33, 35) if dims == 2 else (19, 23, 29)))  # the padding branch must not be frozen
+    got = ort.InferenceSession(str(tmp_path / "u.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())

@@ -166,8 +166,9 @@ class UNet(nn.Module):
     def forward(self, x):
         size = x.shape[2:]
         m = 2 ** self.depth
-        pad = [p for n in reversed(size) for p in (0, (-n) % m)]
-        z = F.pad(x, pad, mode="replicate") if any(pad) else x
+        # Padded even when nothing is missing (a zero pad is a copy): a branch on the size would be frozen
+        # into exported graphs (ONNX, torch.export) at the example's size.
+        z = F.pad(x, [p for n in reversed(size) for p in (0, (-n) % m)], mode="replicate")
         pool = F.avg_pool2d if self.dims == 2 else F.avg_pool3d
         skips = []
         for k, block in enumerate(self.enc):
@@ -175,8 +176,12 @@ class UNet(nn.Module):
             skips.append(z)
         z = skips.pop()
         for k in reversed(range(self.depth)):
-            z = F.interpolate(z, scale_factor=2, mode="bilinear" if self.dims == 2 else "trilinear", align_corners=False)
-            z = self.dec[k](torch.cat([z, skips.pop()], dim=1))
+            skip = skips.pop()
+            # To the skip's size (twice z's, as the padding makes it): the same as scale_factor=2, and
+            # an exported graph then knows the two sizes agree.
+            z = F.interpolate(z, size=skip.shape[2:], mode="bilinear" if self.dims == 2 else "trilinear",
+                              align_corners=False)
+            z = self.dec[k](torch.cat([z, skip], dim=1))
         out = self.head(z)[(slice(None), slice(None)) + tuple(slice(0, n) for n in size)]
         return _residual_base(x, self.out_channels) + out
 
