@@ -1,4 +1,4 @@
-"""Input validation shared by every op: errors name the argument, the value and the fix."""
+"""Shared by every op: input validation (errors name the argument, the value and the fix), and the pyramid ops' backward."""
 from __future__ import annotations
 
 import torch
@@ -44,3 +44,25 @@ def is_channels_last(x: torch.Tensor) -> bool:
 def empty_like_format(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     return x.new_empty((x.shape[0], x.shape[1], h, w)).contiguous(memory_format=fmt)
+
+
+def save_pyramid_sizes(ctx, x, output, kind: str, backend: str) -> None:
+    """What a pyramid op's backward needs: the spatial size of every level (input first), kind, backend."""
+    ctx.sizes = [tuple(x.shape[2:])] + [tuple(o.shape[2:]) for o in output]
+    ctx.kind, ctx.backend = kind, backend
+
+
+def pyramid_adjoint(grads, sizes, adjoint):
+    """The gradient of ``[R x, …, R^L x]`` w.r.t. ``x`` from the levels' gradients ``grads``:
+    ``Σ_l (R^T)^l g_l`` in Horner form, one ``adjoint(acc, size)`` (R^T onto the finer grid of
+    ``size``) per level, coarse to fine. Past the first level ``acc`` is a fresh kernel output owned
+    here, so the level gradient is added in place: a new full-size tensor per level costs more in
+    page faults than the add itself (measured on CPU, bench/bench_transfer.py)."""
+    acc = None
+    for l in range(len(grads), 0, -1):
+        g = grads[l - 1]
+        if g is not None:
+            acc = g if acc is None else acc.add_(g)
+        if acc is not None:
+            acc = adjoint(acc, sizes[l - 1])
+    return acc

@@ -18,7 +18,8 @@ import torch
 from msconv import reference
 from msconv._memory import check_fits
 from msconv.ops import _backend
-from msconv.ops._common import check_choice, check_image, check_int, empty_like_format
+from msconv.ops._common import (check_choice, check_image, check_int, empty_like_format, pyramid_adjoint,
+                               save_pyramid_sizes)
 from msconv.ops._taps import taps
 from msconv.reference import PROLONG_KINDS, RESTRICT_KINDS, coarse_size, max_levels
 
@@ -97,24 +98,13 @@ def _(x, kind, levels, backend):
 
 
 def _pyramid_setup(ctx, inputs, output):
-    x, kind, levels, backend = inputs
-    ctx.sizes = [tuple(x.shape[2:])] + [tuple(o.shape[2:]) for o in output]
-    ctx.kind, ctx.backend = kind, backend
+    x, kind, _, backend = inputs
+    save_pyramid_sizes(ctx, x, output, kind, backend)
 
 
 def _pyramid_backward(ctx, grads):
-    # Horner form of Σ_l (R^T)^l g_l: one adjoint kernel per level, coarse to fine.
-    # Past the first level `acc` is a fresh kernel output owned by this function, so the
-    # level gradient is added in place: a new full-size tensor per level costs more in page
-    # faults than the add itself (measured on CPU, bench/bench_transfer.py).
-    acc = None
-    for l in range(len(grads), 0, -1):
-        g = grads[l - 1]
-        if g is not None:
-            acc = g if acc is None else acc.add_(g)
-        if acc is not None:
-            h, w = ctx.sizes[l - 1]
-            acc = _transfer2d(acc, "restrict", ctx.kind, h, w, True, ctx.backend)
+    acc = pyramid_adjoint(grads, ctx.sizes,
+                          lambda g, size: _transfer2d(g, "restrict", ctx.kind, *size, True, ctx.backend))
     return acc, None, None, None
 
 

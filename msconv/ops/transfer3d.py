@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from msconv._memory import check_fits
 from msconv.ops import _backend
-from msconv.ops._common import FLOAT_DTYPES
+from msconv.ops._common import FLOAT_DTYPES, pyramid_adjoint, save_pyramid_sizes
 from msconv.ops._taps import taps
 from msconv.reference import coarse_size
 
@@ -199,20 +199,12 @@ def _(x, kind, levels, factors, backend):
 
 def _pyramid3d_setup(ctx, inputs, output):
     x, kind, _, _, backend = inputs
-    ctx.sizes = [tuple(x.shape[2:])] + [tuple(o.shape[2:]) for o in output]
-    ctx.kind, ctx.backend = kind, backend
+    save_pyramid_sizes(ctx, x, output, kind, backend)
 
 
 def _pyramid3d_backward(ctx, grads):
-    # Horner form of Σ_l (R^T)^l g_l: one adjoint kernel per level, coarse to fine; past the
-    # first level `acc` is a fresh kernel output, so the level gradient is added in place.
-    acc = None
-    for l in range(len(grads), 0, -1):
-        g = grads[l - 1]
-        if g is not None:
-            acc = g if acc is None else acc.add_(g)
-        if acc is not None:
-            acc = _transfer3d(acc, "restrict", ctx.kind, *ctx.sizes[l - 1], True, ctx.backend)
+    acc = pyramid_adjoint(grads, ctx.sizes,
+                          lambda g, size: _transfer3d(g, "restrict", ctx.kind, *size, True, ctx.backend))
     return acc, None, None, None, None
 
 

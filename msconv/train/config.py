@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from msconv._imports import is_import_path
 from msconv.data import MAX_MEGAPIXELS
+from msconv.data.volumes import is_volume_data, is_volume_file
 from msconv.models import CONV_KINDS, MODELS
 from msconv.multilevel.allocation import ALLOCATIONS
 from msconv.multilevel.baselines import BASELINES
@@ -215,7 +216,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown option(s) {unknown}; valid options: {sorted(names)}")
         d = {k: _coerce(k, v, source) for k, v in d.items()}
-        if _is_volume_data(d.get("data")):
+        if is_volume_data(d.get("data")):
             d = {**VOLUME_DEFAULTS, **d}
         return cls(**d).validated()
 
@@ -333,12 +334,12 @@ class TrainConfig:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
         if self.warmup < 0 or self.warmup >= 1:
             raise ConfigError(f"--warmup is a fraction of all steps in [0, 1), got {self.warmup}")
-        if self.data != "bundled" and not os.path.isdir(self.data) and not _is_volume_file(self.data):
+        if self.data != "bundled" and not os.path.isdir(self.data) and not is_volume_file(self.data):
             raise ConfigError(f"--data {self.data!r} is neither 'bundled', a folder of images or volumes, nor a volume "
                               "file (NIfTI, .npy, TIFF stack)")
-        if self.val_data not in (None, "bundled") and not os.path.isdir(self.val_data) and not _is_volume_file(self.val_data):
+        if self.val_data not in (None, "bundled") and not os.path.isdir(self.val_data) and not is_volume_file(self.val_data):
             raise ConfigError(f"--val-data {self.val_data!r} is not a folder of images or volumes, nor a volume file")
-        if self.test_data is not None and not os.path.isdir(self.test_data) and not _is_volume_file(self.test_data):
+        if self.test_data is not None and not os.path.isdir(self.test_data) and not is_volume_file(self.test_data):
             raise ConfigError(f"--test-data {self.test_data!r} is not a folder of images or volumes, nor a volume file")
         if self.mf_sigma is not None and (not isinstance(self.mf_sigma, (int, float)) or not self.mf_sigma > 0):
             raise ConfigError(f"--mf-sigma must be > 0 reference pixels (e.g. {2 ** self.levels / 2:g} for --levels "
@@ -350,18 +351,6 @@ class TrainConfig:
         if not isinstance(self.mf_order, int) or isinstance(self.mf_order, bool) or self.mf_order < 0:
             raise ConfigError(f"--mf-order must be an int >= 0, got {self.mf_order!r}")
         return self
-
-
-def _is_volume_file(path) -> bool:
-    from msconv.data.volumes import is_volume_file
-
-    return isinstance(path, str) and is_volume_file(path)
-
-
-def _is_volume_data(data) -> bool:
-    from msconv.data.volumes import is_volume_data
-
-    return is_volume_data(data)
 
 
 def _user_model_check(path: str) -> None:
